@@ -1,0 +1,100 @@
+"""Devices: a bus device bound to a vfio driver (``struct vfio_device``), and its fds.
+
+A Device lives from ``Vfio.add_group_dev`` (the vfio driver's probe) until
+``Vfio.del_group_dev`` (its remove), which waits for every fd to be closed.
+Each device fd is a DeviceFile; the driver's ``open``/``release`` see the
+first open and the last close (``open_device``/``close_device`` of 6.1).
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+from ..errors import VfioError
+from .bus import BusDevice
+from .ops import DeviceOps, UserArg
+
+if TYPE_CHECKING:
+    from .group import Group
+
+
+class Device:
+    def __init__(self, group: "Group", dev: BusDevice, ops: DeviceOps):
+        self.group = group
+        self.dev = dev
+        self.ops = ops
+        self._refs = 1  # the vfio driver's reference, dropped by del_group_dev
+        self.open_count = 0
+
+    @property
+    def name(self) -> str:
+        return self.dev.name
+
+    def __repr__(self) -> str:
+        return f"Device({self.name!r}, group={self.group.id})"
+
+    # -- lifecycle (vfio.lock held) --------------------------------------
+    def get(self) -> None:
+        # A device reference always implies a group reference.
+        self.group.get()
+        self._refs += 1
+
+    def put(self) -> None:
+        group = self.group
+        self._refs -= 1
+        if self._refs == 0:
+            group.devices.remove(self)
+            # del_group_dev may be waiting for this device to go.
+            group.vfio.release_q.notify_all()
+        group.put()
+
+    def open_file(self) -> "DeviceFile":
+        if self.open_count == 0:
+            self.ops.open()
+        self.open_count += 1
+        self.get()
+        return DeviceFile(self)
+
+
+class DeviceFile:
+    """One device fd: what GET_DEVICE_FD hands to the client."""
+
+    def __init__(self, device: Device):
+        self.device = device
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"DeviceFile({self.device.name!r})"
+
+    def release(self) -> None:
+        device = self.device
+        with device.group.vfio.lock:
+            if self.closed:
+                return
+            self.closed = True
+            device.open_count -= 1
+            if device.open_count == 0:
+                device.ops.release()
+            device.group.try_dissolve_container()
+            device.put()
+
+    def _ops(self, name: str):
+        if self.closed:
+            raise VfioError(errno.EBADF, f"device fd of {self.device.name} is closed")
+        op = getattr(self.device.ops, name, None)
+        if op is None:
+            raise VfioError(errno.EINVAL, f"device {self.device.name} does not implement {name}")
+        return op
+
+    def ioctl(self, cmd: int, arg: UserArg) -> int:
+        return self._ops("ioctl")(cmd, arg)
+
+    def read(self, size: int, offset: int) -> bytes:
+        return self._ops("read")(size, offset)
+
+    def write(self, data: bytes, offset: int) -> int:
+        return self._ops("write")(data, offset)
+
+    def mmap(self, *args) -> object:
+        return self._ops("mmap")(*args)
