@@ -1,1 +1,79 @@
+"""``cuse-vfio``: serve | run | trace | doctor | demo."""
 
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List, Optional
+
+
+def _serving_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--transport", choices=("auto", "cuse", "fuse"), default="auto",
+                   help="CUSE character devices, or files on a FUSE mount (kernels without CUSE); "
+                        "auto picks CUSE when /dev/cuse works")
+    p.add_argument("--topology", metavar="FILE", help="a TOML topology (default: one edu at 0000:00:02.0, group 2)")
+    p.add_argument("--dev-dir", metavar="DIR",
+                   help="where the nodes appear (CUSE: a /dev subdirectory such as /dev/vfio; "
+                        "FUSE: a mount point); default /dev/vfio, or a private one when it is taken")
+    p.add_argument("--sysfs-dir", metavar="DIR", help="where the sysfs view is mounted")
+    p.add_argument("--trace", metavar="FILE", help="append every request, decoded, as JSON lines")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log (-vv: every request)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cuse-vfio", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the VFIO nodes until interrupted")
+    _serving_options(serve)
+
+    run = sub.add_parser("run", help="serve, run CMD in a private mount namespace that sees the nodes, then stop")
+    _serving_options(run)
+    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS]")
+
+    trace = sub.add_parser("trace", help="print a --trace file as a table")
+    trace.add_argument("file")
+
+    sub.add_parser("doctor", help="what this machine allows, and the fix for what is missing")
+
+    demo = sub.add_parser("demo", help="run the bundled edu client against the default topology")
+    demo.add_argument("--in-process", action="store_true",
+                      help="drive the core in-process instead of through real syscalls")
+    demo.add_argument("--transport", choices=("auto", "cuse", "fuse"), default="auto")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * getattr(args, "verbose", 0)
+    logging.basicConfig(level=max(level, logging.DEBUG), format="cuse-vfio: %(message)s")
+    if args.command == "trace":
+        from .trace import print_trace
+
+        return print_trace(args.file)
+    if args.command == "doctor":
+        from .doctor import run_doctor
+
+        return run_doctor()
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(args)
+    from .server import ServeError, run_command, serve_forever
+
+    try:
+        if args.command == "serve":
+            return serve_forever(args)
+        cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        if not cmd:
+            print("cuse-vfio run: nothing to run: give a command after --", file=sys.stderr)
+            return 2
+        return run_command(args, cmd)
+    except ServeError as e:
+        print(f"cuse-vfio: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
