@@ -1,1 +1,39 @@
+"""Emulated PCI devices: the PCI framework, the vfio-pci personality, and the models.
 
+* :mod:`.pci` -- one PCI function as hardware: config space, BARs, capabilities,
+  interrupts, DMA through a bus-master-checked port.  The model-writing API
+  is documented there.
+* :mod:`.vfio_pci` -- ``VfioPciDevice``: that function as a VFIO device
+  (``DeviceOps``), with vfio-pci's config virtualization, regions and IRQs.
+* :mod:`.registry` -- models by name for topology files.
+* :mod:`.edu` -- QEMU's educational device.
+"""
+
+from .pci import (
+    Bar,
+    Capability,
+    DmaFault,
+    ExpressCapability,
+    ExtendedCapability,
+    IoBar,
+    IrqIndex,
+    MmioBar,
+    MsiCapability,
+    MsixCapability,
+    PciDevice,
+    PmCapability,
+    RamBar,
+    Rom,
+    VendorCapability,
+    VendorExtCapability,
+)
+from .registry import create_model, load_model_file, model_names, register_model
+from .vfio_pci import HotResetBus, VfioPciDevice
+from . import edu  # noqa: E402,F401  (registers "edu")
+
+__all__ = [
+    "Bar", "Capability", "DmaFault", "ExpressCapability", "ExtendedCapability", "HotResetBus", "IoBar",
+    "IrqIndex", "MmioBar", "MsiCapability", "MsixCapability", "PciDevice", "PmCapability", "RamBar", "Rom",
+    "VendorCapability", "VendorExtCapability", "VfioPciDevice", "create_model", "load_model_file",
+    "model_names", "register_model",
+]
