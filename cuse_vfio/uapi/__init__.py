@@ -1,1 +1,13 @@
+"""The VFIO user ABI: ioctl numbers, ctypes layouts, capability chains, a decoder.
 
+Everything is named as in ``<linux/vfio.h>`` so kernel and QEMU sources read
+the same here: ``from cuse_vfio.uapi import VFIO_IOMMU_MAP_DMA,
+vfio_iommu_type1_dma_map``.  This package knows no file descriptor.
+"""
+
+from .caps import Cap, CapChain, parse_caps
+from .decode import decode
+from .ioctls import *  # noqa: F401,F403  (every C name)
+from .ioctls import EXTENSION_NAMES, IOCTL_ALIASES, IOCTLS, NodeKind, ioctl_name, ioctl_names
+from .structs import *  # noqa: F401,F403  (every struct, by its C name)
+from .structs import NEWER_THAN_6_1, STRUCTS, offsetofend

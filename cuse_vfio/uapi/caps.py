@@ -1,0 +1,111 @@
+"""Capability chains of the VFIO info ioctls, built and parsed.
+
+An info struct (``vfio_device_info``, ``vfio_region_info``,
+``vfio_iommu_type1_info``) may be followed by a chain of capabilities, each
+opening with ``vfio_info_cap_header``.  ``next`` and the info's ``cap_offset``
+are offsets from the start of the *info buffer*, not from the chain, and the
+last capability has ``next`` 0.
+
+When the caller's ``argsz`` leaves no room for the chain the kernel still
+succeeds: it sets the CAPS flag, leaves ``cap_offset`` 0 and reports in
+``argsz`` the size that would have fit everything, so the caller can retry.
+``CapChain.place`` applies exactly that rule.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import List, Tuple
+
+from .structs import vfio_info_cap_header
+
+_HEADER = ctypes.sizeof(vfio_info_cap_header)
+
+
+def _align8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+class CapChain:
+    """Capabilities in the order they were added (the order the client walks them)."""
+
+    def __init__(self) -> None:
+        self._caps: List[Tuple[int, int, bytes]] = []
+
+    def __len__(self) -> int:
+        return len(self._caps)
+
+    def add(self, cap_id: int, version: int, body: bytes) -> None:
+        """Append a capability; ``body`` is what follows its header."""
+        self._caps.append((cap_id, version, bytes(body)))
+
+    def add_struct(self, cap: ctypes.Structure, cap_id: int, version: int, trailing: bytes = b"") -> None:
+        """Append a capability struct that opens with a ``header`` field (header filled in here)."""
+        self.add(cap_id, version, bytes(cap)[_HEADER:] + trailing)
+
+    def size(self) -> int:
+        # vfio_info_cap_add keeps every capability 8-byte aligned.
+        return sum(_align8(_HEADER + len(body)) for _, _, body in self._caps)
+
+    def build(self, base: int) -> bytes:
+        """The chain as bytes, to be copied to ``base`` bytes past the start of the info buffer."""
+        out = bytearray()
+        for i, (cap_id, version, body) in enumerate(self._caps):
+            size = _align8(_HEADER + len(body))
+            last = i == len(self._caps) - 1
+            nxt = 0 if last else base + len(out) + size
+            header = vfio_info_cap_header(id=cap_id, version=version, next=nxt)
+            out += bytes(header) + body + bytes(size - _HEADER - len(body))
+        return bytes(out)
+
+    def place(self, info: ctypes.Structure, caps_flag: int) -> bytes:
+        """Fit the chain behind ``info`` (which has argsz, flags and cap_offset).
+
+        Returns the bytes to copy at ``sizeof(info)`` past the argument, or
+        b"" when argsz is too small, in which case ``info.argsz`` now says
+        how much the caller needs.  ``info`` is updated either way.
+        """
+        if not self._caps:
+            return b""
+        info.flags |= caps_flag
+        base = ctypes.sizeof(info)
+        needed = base + self.size()
+        if info.argsz < needed:
+            info.argsz = needed
+            info.cap_offset = 0
+            return b""
+        info.cap_offset = base
+        return self.build(base)
+
+
+@dataclass(frozen=True)
+class Cap:
+    """One capability found in an info buffer: where it is and its bytes after the header."""
+
+    id: int
+    version: int
+    offset: int
+    body: bytes
+
+
+def parse_caps(buf: bytes, cap_offset: int, limit: int = 64) -> List[Cap]:
+    """Walk a chain inside ``buf`` (the whole info buffer) starting at ``cap_offset``.
+
+    Raises ValueError on a chain that points outside the buffer, backwards,
+    or loops, since a client would walk into garbage there.
+    """
+    caps: List[Cap] = []
+    offset = cap_offset
+    while offset:
+        if len(caps) >= limit:
+            raise ValueError(f"capability chain longer than {limit} entries (a loop?)")
+        if offset + _HEADER > len(buf):
+            raise ValueError(f"capability at {offset} lies outside the {len(buf)}-byte buffer")
+        header = vfio_info_cap_header.from_buffer_copy(buf, offset)
+        end = header.next if header.next else len(buf)
+        if header.next and header.next <= offset:
+            raise ValueError(f"capability at {offset} points backwards to {header.next}")
+        caps.append(Cap(header.id, header.version, offset, bytes(buf[offset + _HEADER:end])))
+        offset = header.next
+    return caps

@@ -1,0 +1,113 @@
+"""The ctypes layouts and ioctl numbers against the C compiler and the system <linux/vfio.h>.
+
+A C program is generated from the Python tables, compiled against the
+installed header, and prints sizeof/offsetof of every struct and field and
+the value of every ioctl number and constant; each line must match Python.
+Structs newer than the installed header are compiled only when the header
+defines their ioctl.
+"""
+
+import ctypes
+import shutil
+import subprocess
+
+import pytest
+
+from cuse_vfio import uapi
+from cuse_vfio.uapi import ioctls
+
+pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is needed to compile the layout probe")
+
+
+def _struct_lines():
+    lines, expected = [], {}
+    for name, ctype in uapi.STRUCTS.items():
+        guard = uapi.NEWER_THAN_6_1.get(name)
+        body = [f'printf("sizeof {name} %zu\\n", sizeof(struct {name}));']
+        expected[f"sizeof {name}"] = ctypes.sizeof(ctype)
+        anonymous = getattr(ctype, "_anonymous_", ())
+        for field, ftype in ctype._fields_:
+            if field in anonymous:
+                # C's anonymous union: its members are fields of the struct itself
+                for member, _ in ftype._fields_:
+                    body.append(f'printf("offsetof {name}.{member} %zu\\n", offsetof(struct {name}, {member}));')
+                    expected[f"offsetof {name}.{member}"] = getattr(ctype, member).offset
+                continue
+            body.append(f'printf("offsetof {name}.{field} %zu\\n", offsetof(struct {name}, {field}));')
+            expected[f"offsetof {name}.{field}"] = getattr(ctype, field).offset
+        if guard:
+            lines.append(f"#ifdef {guard}")
+        lines.extend(body)
+        if guard:
+            lines.append("#endif")
+    return lines, expected
+
+
+def _constant_lines():
+    lines, expected = [], {}
+    for name, value in vars(ioctls).items():
+        if not name.startswith("VFIO_") or not isinstance(value, int) or isinstance(value, bool):
+            continue
+        # enum members are not macros: those are printed by _ENUMS below
+        lines += [f"#ifdef {name}", f'printf("const {name} %llu\\n", (unsigned long long)({name}));', "#endif"]
+        expected[f"const {name}"] = value
+    return lines, expected
+
+
+_ENUMS = [n for n in vars(ioctls) if n.startswith(("VFIO_PCI_", "VFIO_CCW_")) and n.endswith(("_INDEX", "_REGIONS", "_IRQS"))]
+_MIG_STATES = [n for n in vars(ioctls) if n.startswith("VFIO_DEVICE_STATE_") and "V1" not in n and n != "VFIO_DEVICE_STATE_MASK"]
+
+
+def _run_probe(tmp_path):
+    s_lines, s_expected = _struct_lines()
+    c_lines, c_expected = _constant_lines()
+    enum_lines = [f'printf("const {n} %lld\\n", (long long){n});' for n in _ENUMS + _MIG_STATES]
+    src = "\n".join(["#include <stddef.h>", "#include <stdio.h>", "#include <linux/vfio.h>",
+                     "int main(void) {", *s_lines, *c_lines, *enum_lines, "return 0; }"])
+    (tmp_path / "probe.c").write_text(src)
+    subprocess.run(["gcc", "-Wall", "-Werror", "-o", str(tmp_path / "probe"), str(tmp_path / "probe.c")],
+                   check=True, capture_output=True, text=True)
+    out = subprocess.run([str(tmp_path / "probe")], check=True, capture_output=True, text=True).stdout
+    got = {}
+    for line in out.splitlines():
+        key, value = line.rsplit(" ", 1)
+        got[key] = int(value)
+    expected = {**s_expected, **c_expected}
+    for n in _ENUMS + _MIG_STATES:
+        expected[f"const {n}"] = getattr(ioctls, n)
+    return got, expected
+
+
+def test_every_struct_size_and_offset_matches_the_c_compiler(tmp_path):
+    got, expected = _run_probe(tmp_path)
+    checked = [k for k in got if not k.startswith("const ")]
+    mismatches = {k: (expected[k], got[k]) for k in checked if expected[k] != got[k]}
+    assert not mismatches, f"python layout != C layout (python, C): {mismatches}"
+    # every struct of the 6.1 header was compiled, not skipped
+    for name in uapi.STRUCTS:
+        if name not in uapi.NEWER_THAN_6_1:
+            assert f"sizeof {name}" in got, name
+    assert len(checked) > 150
+
+
+def test_every_constant_the_header_defines_has_the_same_value(tmp_path):
+    got, expected = _run_probe(tmp_path)
+    consts = [k for k in got if k.startswith("const ")]
+    # (1 << 31) is a negative int in C, used as a __u32: compare 32-bit values as 32 bits
+    mismatches = {k: (expected[k], got[k]) for k in consts
+                  if expected[k] != (got[k] & 0xFFFFFFFF if expected[k] < 1 << 32 else got[k])}
+    assert not mismatches, f"python value != C value (python, C): {mismatches}"
+    # the ioctl numbers themselves are among what was compared
+    for name in ("VFIO_GET_API_VERSION", "VFIO_IOMMU_MAP_DMA", "VFIO_DEVICE_FEATURE", "VFIO_EEH_PE_OP"):
+        assert f"const {name}" in consts
+
+
+def test_container_and_device_numbers_overlap_and_lookup_is_by_kind():
+    assert uapi.VFIO_IOMMU_GET_INFO == uapi.VFIO_DEVICE_GET_PCI_HOT_RESET_INFO
+    assert uapi.ioctl_name(uapi.NodeKind.CONTAINER, uapi.VFIO_IOMMU_GET_INFO) == "VFIO_IOMMU_GET_INFO"
+    assert uapi.ioctl_name(uapi.NodeKind.DEVICE, uapi.VFIO_IOMMU_GET_INFO) == "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO"
+    assert uapi.ioctl_name(uapi.NodeKind.GROUP, uapi.VFIO_IOMMU_GET_INFO) is None
+    assert uapi.ioctl_names(uapi.NodeKind.CONTAINER, uapi.VFIO_IOMMU_DIRTY_PAGES) == (
+        "VFIO_IOMMU_DIRTY_PAGES", "VFIO_IOMMU_SPAPR_REGISTER_MEMORY")
+    # _IO(';', 100 + n): no size or direction bits
+    assert uapi.VFIO_GET_API_VERSION == (ord(";") << 8) | 100
