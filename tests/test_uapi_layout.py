@@ -111,3 +111,57 @@ def test_container_and_device_numbers_overlap_and_lookup_is_by_kind():
         "VFIO_IOMMU_DIRTY_PAGES", "VFIO_IOMMU_SPAPR_REGISTER_MEMORY")
     # _IO(';', 100 + n): no size or direction bits
     assert uapi.VFIO_GET_API_VERSION == (ord(";") << 8) | 100
+
+
+def test_every_struct_the_system_header_declares_has_a_layout():
+    import re
+
+    header = subprocess.run(["gcc", "-E", "-P", "-x", "c", "-", "-include", "linux/vfio.h"], input="",
+                            check=True, capture_output=True, text=True).stdout
+    declared = set(re.findall(r"\bstruct\s+(vfio_\w+)\s*\{", header))
+    assert len(declared) > 30
+    missing = declared - set(uapi.STRUCTS)
+    assert not missing, f"structs of <linux/vfio.h> with no ctypes layout: {sorted(missing)}"
+
+
+def test_capability_chain_offsets_are_from_the_info_start_and_argsz_grows_when_short():
+    chain = uapi.CapChain()
+    chain.add(uapi.VFIO_REGION_INFO_CAP_SPARSE_MMAP, 1, bytes(8) + bytes(uapi.vfio_region_sparse_mmap_area(0, 4096)))
+    chain.add(uapi.VFIO_REGION_INFO_CAP_TYPE, 1, bytes(uapi.vfio_region_info_cap_type())[8:])
+    info = uapi.vfio_region_info(argsz=ctypes.sizeof(uapi.vfio_region_info))
+    assert chain.place(info, uapi.VFIO_REGION_INFO_FLAG_CAPS) == b""
+    assert info.flags & uapi.VFIO_REGION_INFO_FLAG_CAPS and info.cap_offset == 0
+    assert info.argsz == 32 + 32 + 16
+    data = chain.place(info, uapi.VFIO_REGION_INFO_FLAG_CAPS)
+    assert info.cap_offset == 32 and len(data) == 48
+    caps = uapi.parse_caps(bytes(info) + data, info.cap_offset)
+    assert [(c.id, c.version, c.offset) for c in caps] == [(1, 1, 32), (2, 1, 64)]
+    assert uapi.vfio_region_sparse_mmap_area.from_buffer_copy(caps[0].body, 8).size == 4096
+    with pytest.raises(ValueError):
+        uapi.parse_caps(bytes(32), 40)  # a cap_offset past the end of the buffer
+    looping = bytearray(64)
+    looping[32:40] = bytes(uapi.vfio_info_cap_header(1, 1, 32))
+    with pytest.raises(ValueError):
+        uapi.parse_caps(bytes(looping), 32)
+
+
+def test_decoder_names_the_ioctl_fields_flags_and_errno():
+    dma = uapi.vfio_iommu_type1_dma_map(argsz=32, flags=3, vaddr=0x1000, iova=0x2000, size=0x1000)
+    rec = uapi.decode(uapi.NodeKind.CONTAINER, uapi.VFIO_IOMMU_MAP_DMA, bytes(dma), None, -17)
+    assert rec["ioctl"] == "VFIO_IOMMU_MAP_DMA" and rec["errno"] == "EEXIST"
+    assert rec["in"]["iova"] == 0x2000
+    assert rec["in"]["flags_names"] == ["VFIO_DMA_MAP_FLAG_READ", "VFIO_DMA_MAP_FLAG_WRITE"]
+    # the same number on a device fd is another ioctl
+    rec = uapi.decode(uapi.NodeKind.DEVICE, uapi.VFIO_IOMMU_MAP_DMA, None, None, -25)
+    assert rec["ioctl"] == "VFIO_DEVICE_PCI_HOT_RESET" and rec["errno"] == "ENOTTY"
+    rec = uapi.decode(uapi.NodeKind.CONTAINER, uapi.VFIO_SET_IOMMU, uapi.VFIO_TYPE1v2_IOMMU, None, 0)
+    assert rec["in"]["extension"] == "VFIO_TYPE1v2_IOMMU" and "errno" not in rec
+    rec = uapi.decode(uapi.NodeKind.GROUP, uapi.VFIO_GROUP_GET_DEVICE_FD, b"0000:00:02.0\0", None, 5)
+    assert rec["in"] == {"name": "0000:00:02.0"} and rec["result"] == 5
+    irq = bytes(uapi.vfio_irq_set(argsz=24, flags=uapi.VFIO_IRQ_SET_DATA_EVENTFD | uapi.VFIO_IRQ_SET_ACTION_TRIGGER,
+                                  index=1, count=1)) + (7).to_bytes(4, "little")
+    rec = uapi.decode(uapi.NodeKind.DEVICE, uapi.VFIO_DEVICE_SET_IRQS, irq, None, 0)
+    assert rec["in"]["fds"] == [7]
+    # a short copy says how much crossed and shows only the fields that did
+    rec = uapi.decode(uapi.NodeKind.GROUP, uapi.VFIO_GROUP_GET_STATUS, b"\x08\0\0\0", None, -22)
+    assert rec["in"] == {"argsz": 8, "truncated": 4}
