@@ -30,7 +30,9 @@ identity -> register table -> handlers -> reset::
 
 * Identity: class attributes (``vendor_id``, ``device_id``, ``subsystem_*``,
   ``revision``, ``class_code``, ``interrupt_pin``); ``can_reset = True`` offers
-  a function reset (VFIO_DEVICE_RESET), ``dma_capable`` the bus-master bit.
+  a device-specific function reset (VFIO_DEVICE_RESET; an
+  ``ExpressCapability(flr=True)`` or a ``PmCapability(no_soft_reset=False)``
+  offer one too), ``dma_capable`` the bus-master bit.
 * BARs: :class:`MmioBar` / :class:`IoBar` (register handlers), :class:`RamBar`
   (memory, offered for mmap), ``bits64`` / ``prefetchable``; :class:`Rom` for
   the expansion ROM.
@@ -56,7 +58,7 @@ import enum
 import errno
 import logging
 import threading
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Protocol
 
 from ..errors import VfioError
 from ..uapi import (
@@ -185,6 +187,23 @@ class IrqIndex(enum.IntEnum):
     REQ = VFIO_PCI_REQ_IRQ_INDEX
 
 
+class IrqSink(Protocol):
+    """Where a function's interrupts go: the interrupt controller, played by vfio-pci.
+
+    The function calls it with its lock held; a sink must not call back into
+    the model's register handlers.
+    """
+
+    def intx_line(self, asserted: bool) -> None:
+        """The INTx line changed level (after the function's INTx-disable bit)."""
+
+    def msi_message(self, index: "IrqIndex", vector: int) -> None:
+        """An MSI or MSI-X message for ``vector`` left the function (enabled and unmasked)."""
+
+    def error_signal(self) -> None:
+        """An uncorrectable error the host would learn about through AER."""
+
+
 class DmaFault(VfioError):
     """A DMA the device attempted did not happen (nothing was transferred)."""
 
@@ -212,11 +231,14 @@ class ConfigSpace:
         self.data = bytearray(size)
         self.wmask = bytearray(size)
         self.w1cmask = bytearray(size)
+        #: the power-on value of every byte (what a reset gives back to software-changeable bits)
+        self.default = bytearray(size)
         self._hooks: List[tuple] = []
 
     def init(self, offset: int, size: int, value: int, wmask: int = 0, w1c: int = 0) -> None:
         """Set a register's power-on value and which of its bits software may change."""
         self.data[offset:offset + size] = value.to_bytes(size, "little")
+        self.default[offset:offset + size] = value.to_bytes(size, "little")
         self.wmask[offset:offset + size] = wmask.to_bytes(size, "little")
         self.w1cmask[offset:offset + size] = w1c.to_bytes(size, "little")
 
@@ -226,6 +248,17 @@ class ConfigSpace:
 
     def get(self, offset: int, size: int) -> int:
         return int.from_bytes(self.data[offset:offset + size], "little")
+
+    def reset(self) -> None:
+        """A function reset: every bit software can change returns to its power-on value.
+
+        Read-only bits the device maintains itself (the interrupt status bit,
+        pending bits) are the device's to clear.
+        """
+        for o in range(self.size):
+            soft = self.wmask[o] | self.w1cmask[o]
+            if soft:
+                self.data[o] = (self.data[o] & ~soft) | (self.default[o] & soft)
 
     def on_write(self, offset: int, size: int, hook: Callable[[int, int], None]) -> None:
         self._hooks.append((offset, offset + size, hook))
@@ -624,7 +657,7 @@ class ExpressCapability(Capability):
         if ctl & PCI_EXP_DEVCTL_BCR_FLR:
             # Initiate FLR always reads 0; the reset returns config to power-on values.
             self._config.set(reg, 2, ctl & ~PCI_EXP_DEVCTL_BCR_FLR)
-            self.device.reset_function(config_too=True)
+            self.device.reset_function()
 
 
 class VendorCapability(Capability):
@@ -829,7 +862,7 @@ class PciDevice:
         self.config = ConfigSpace(PCI_CFG_SPACE_SIZE)
         self._intx_level = False
         self._intx_out = False
-        #: where interrupts go (vfio-pci sets it): intx(level), msi(index, vector), error()
+        #: where interrupts go (an :class:`IrqSink`; vfio-pci sets it)
         self.irq_sink = None
         self._next_addr = dict(_BAR_BASES)
         self._build_header()
@@ -938,7 +971,7 @@ class PciDevice:
     def _grow_config(self) -> None:
         old = self.config
         new = ConfigSpace(PCI_CFG_SPACE_EXP_SIZE)
-        for name in ("data", "wmask", "w1cmask"):
+        for name in ("data", "wmask", "w1cmask", "default"):
             getattr(new, name)[:old.size] = getattr(old, name)
         new._hooks = old._hooks
         self.config = new
@@ -1036,7 +1069,7 @@ class PciDevice:
     def signal_error(self) -> None:
         """An uncorrectable error the host would learn about through AER (the ERR index)."""
         if self.irq_sink is not None:
-            self.irq_sink.error()
+            self.irq_sink.error_signal()
 
     def _update_intx(self) -> None:
         status = self.config.get(PCI_STATUS, 2)
@@ -1046,7 +1079,7 @@ class PciDevice:
         if out != self._intx_out:
             self._intx_out = out
             if self.irq_sink is not None:
-                self.irq_sink.intx(out)
+                self.irq_sink.intx_line(out)
 
     def intx_asserted(self) -> bool:
         """The INTx line as the interrupt controller sees it."""
@@ -1054,7 +1087,7 @@ class PciDevice:
 
     def _send_msi(self, index: IrqIndex, vector: int) -> None:
         if self.irq_sink is not None:
-            self.irq_sink.msi(index, vector)
+            self.irq_sink.msi_message(index, vector)
 
     # -- time ------------------------------------------------------------------
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
@@ -1069,31 +1102,43 @@ class PciDevice:
     def reset(self) -> None:
         """The model's own state back to power-on; override it (the framework handles config space)."""
 
-    def reset_function(self, config_too: bool = False) -> None:
-        """A function reset: pending work dropped, the model reset, interrupts quiet.
+    def reset_methods(self) -> List[str]:
+        """How this function can be reset on its own, in the PCI core's order of preference.
 
-        The host saves and restores config space around a reset it initiates
-        (``pci_try_reset_function``), so by default config space is kept;
-        an FLR the function sees directly (``config_too``) returns the
-        writable header registers to their power-on values.
+        ``device_specific`` when the model says ``can_reset``; ``flr`` when its
+        PCI Express capability offers Function Level Reset; ``pm`` when its
+        power-management capability has No_Soft_Reset clear (D3hot -> D0
+        resets it).  Empty: the host cannot reset it alone, and vfio-pci
+        offers no VFIO_DEVICE_RESET (a reset of its bus may still be possible,
+        vfio-pci adds that).
+        """
+        methods = []
+        if self.can_reset:
+            methods.append("device_specific")
+        if self.express is not None and self.express.flr:
+            methods.append("flr")
+        if self.pm is not None and not self.pm.no_soft_reset:
+            methods.append("pm")
+        return methods
+
+    def reset_function(self) -> None:
+        """The function is reset (FLR, PM soft reset, or a reset of its bus).
+
+        Config space returns to its power-on values (the host saves and
+        restores it around a reset it initiates: ``pci_try_reset_function``),
+        pending deferred work is dropped, interrupts go quiet, and the model's
+        own :meth:`reset` runs.
         """
         with self.lock:
             self.deferred.cancel_all()
-            if config_too:
-                for reg, size in ((PCI_COMMAND, 2), (PCI_CACHE_LINE_SIZE, 1), (PCI_INTERRUPT_LINE, 1)):
-                    self.config.set(reg, size, 0)
-                if self.msi is not None:
-                    self.config.set(self.msi.offset + PCI_MSI_FLAGS, 2,
-                                    self.msi.flags() & ~(PCI_MSI_FLAGS_ENABLE | PCI_MSI_FLAGS_QSIZE))
-                if self.msix is not None:
-                    self.config.set(self.msix.offset + PCI_MSIX_FLAGS, 2, 0)
-                    self.msix.reset()
+            self.config.reset()
+            self.power_state = PCI_D0
             if self.msi is not None:
                 self.msi.reset()
             if self.msix is not None:
-                self.msix.pending = 0
-            self.reset()
+                self.msix.reset()
             self._intx_level = False
+            self.reset()
             self._update_intx()
 
     def shutdown(self) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from typing import Callable, Dict, List, Type
+from typing import Callable, Dict, List, Optional, Type
 
 from .pci import PciDevice
 
@@ -38,13 +38,19 @@ def register_model(name: str):
     return decorate
 
 
-def create_model(name: str, **options) -> PciDevice:
-    """A new device of model ``name``; ``options`` are the topology entry's extra keys."""
+def create_model(model_name: str, /, name: Optional[str] = None, **options) -> PciDevice:
+    """A new device of model ``model_name``, called ``name`` (a topology uses the BDF).
+
+    ``model_name`` is positional-only, so a model may itself take an option
+    called ``name`` or ``model_name`` without a clash; ``options`` are the
+    topology entry's extra keys, and a key the model does not know is a
+    TypeError naming it.
+    """
     try:
-        factory = _models[name]
+        factory = _models[model_name]
     except KeyError:
-        raise KeyError(f"unknown device model {name!r}: choose one of {', '.join(model_names())}") from None
-    return factory(**options)
+        raise KeyError(f"unknown device model {model_name!r}: choose one of {', '.join(model_names())}") from None
+    return factory(name=name, **options)
 
 
 def model_names() -> List[str]:

@@ -747,9 +747,9 @@ class VfioPciDevice:
         with self.lock:
             self._clear_master()
             self._enable_device()
-            if self.function.can_reset:
-                self.function.reset_function()
-            self.reset_works = self.function.can_reset
+            # pci_try_reset_function at enable: whether it works decides VFIO_DEVICE_FLAGS_RESET
+            self.reset_works = bool(self.reset_methods())
+            self._try_reset_function()
             self._saved_state = self._save_state()
             self.vconfig = VirtualConfig(self)
 
@@ -818,9 +818,22 @@ class VfioPciDevice:
             if fn.config_read(off, size) != value:
                 fn.config_write(off, size, value)
 
+    def reset_methods(self) -> List[str]:
+        """The function's own reset methods, then ``bus`` when it is alone on a bus that can be reset.
+
+        ``pci_parent_bus_reset`` refuses a root bus and a bus shared with
+        other functions; QEMU's edu on q35 sits on the root bus, so the kernel
+        finds no way to reset it.
+        """
+        methods = self.function.reset_methods()
+        bus = self.reset_bus
+        if bus is not None and bus.resettable and [m[2] for m in bus.members] == [self]:
+            methods.append("bus")
+        return methods
+
     def _try_reset_function(self) -> None:
         """pci_try_reset_function: config saved and restored around the function's reset."""
-        if not self.function.can_reset:
+        if not self.reset_methods():
             return
         saved = self._save_state()
         self.function.reset_function()
@@ -1219,17 +1232,17 @@ class VfioPciDevice:
         raise VfioError(errno.EINVAL, "nothing to trigger: no eventfd is set")
 
     # -- the function's interrupts arrive here (PciDevice.irq_sink) -----------------
-    def intx(self, level: bool) -> None:
-        if level:
+    def intx_line(self, asserted: bool) -> None:
+        if asserted:
             self.intx_fire()
 
-    def msi(self, index: int, vector: int) -> None:
+    def msi_message(self, index: int, vector: int) -> None:
         if self.irq_type == index:
             trigger = self.msi_ctx.get(vector)
             if trigger is not None:
                 trigger.signal()
 
-    def error(self) -> None:
+    def error_signal(self) -> None:
         if self.err_trigger is not None:
             self.err_trigger.signal()
 
