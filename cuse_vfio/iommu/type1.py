@@ -1,0 +1,845 @@
+"""The type1 IOMMU driver (``drivers/vfio/vfio_iommu_type1.c``, Linux 6.1.y as Debian ships it).
+
+``Type1Driver`` is what the core registers; SET_IOMMU opens a ``Type1Iommu``
+(``struct vfio_iommu``) per container, which owns the container's DMA
+mappings and answers MAP_DMA, UNMAP_DMA, GET_INFO and DIRTY_PAGES with the
+kernel's argument rules and errno.  Its ``Type1DmaSpace`` is what device
+models of the container's groups DMA through: an IOVA becomes (process,
+vaddr) of the client that mapped it, and the bytes move through that
+process's memory.
+
+Where this differs from the kernel, it is because user space cannot pin
+pages; each such place says so.  The hardware being emulated is QEMU's
+``-device intel-iommu`` on ``-machine q35`` (second-level translation,
+``aw-bits=39``), which is what ``Type1Driver``'s defaults report.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import threading
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from ..errors import VfioError
+from ..uapi import (
+    VFIO_CHECK_EXTENSION,
+    VFIO_DMA_CC_IOMMU,
+    VFIO_DMA_MAP_FLAG_READ,
+    VFIO_DMA_MAP_FLAG_VADDR,
+    VFIO_DMA_MAP_FLAG_WRITE,
+    VFIO_DMA_UNMAP_FLAG_ALL,
+    VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP,
+    VFIO_DMA_UNMAP_FLAG_VADDR,
+    VFIO_IOMMU_DIRTY_PAGES,
+    VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP,
+    VFIO_IOMMU_DIRTY_PAGES_FLAG_START,
+    VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP,
+    VFIO_IOMMU_GET_INFO,
+    VFIO_IOMMU_INFO_CAPS,
+    VFIO_IOMMU_INFO_PGSIZES,
+    VFIO_IOMMU_MAP_DMA,
+    VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE,
+    VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION,
+    VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL,
+    VFIO_IOMMU_UNMAP_DMA,
+    VFIO_TYPE1_IOMMU,
+    VFIO_TYPE1_NESTING_IOMMU,
+    VFIO_TYPE1v2_IOMMU,
+    VFIO_UNMAP_ALL,
+    VFIO_UPDATE_VADDR,
+    CapChain,
+    offsetofend,
+    vfio_bitmap,
+    vfio_iommu_type1_dirty_bitmap,
+    vfio_iommu_type1_dirty_bitmap_get,
+    vfio_iommu_type1_dma_map,
+    vfio_iommu_type1_dma_unmap,
+    vfio_iommu_type1_info,
+    vfio_iommu_type1_info_cap_iova_range,
+    vfio_iommu_type1_info_cap_migration,
+    vfio_iommu_type1_info_dma_avail,
+    vfio_iova_range,
+)
+from .dma import U64_MASK, DmaList, DmaMapping
+from .faults import (
+    CLIENT_MEMORY,
+    READ_NOT_PERMITTED,
+    UNMAPPED,
+    VADDR_INVALIDATED,
+    WRITE_NOT_PERMITTED,
+    Fault,
+    FaultLog,
+    IommuFault,
+)
+
+log = logging.getLogger(__name__)
+
+SZ_4K, SZ_2M, SZ_1G = 1 << 12, 1 << 21, 1 << 30
+
+#: what an intel-iommu domain allows under QEMU's VT-d: 4 KiB pages plus the
+#: 2 MiB and 1 GiB superpages of CAP.SLLPS (``domain_super_pgsize_bitmap``)
+INTEL_VTD_PGSIZES = SZ_4K | SZ_2M | SZ_1G
+#: the domain aperture for ``-device intel-iommu,aw-bits=39`` (QEMU's default
+#: before 9.0): ``__DOMAIN_MAX_ADDR(39)``.  aw-bits=48 gives (1 << 48) - 1.
+Q35_VTD_APERTURE = (0, (1 << 39) - 1)
+#: intel-iommu reserves the interrupt window for every device (IOAPIC_RANGE_START..END, IOMMU_RESV_MSI)
+X86_MSI_WINDOW = (0xFEE00000, 0xFEEFFFFF)
+
+#: ``dma_entry_limit`` module parameter default (U16_MAX)
+DMA_ENTRY_LIMIT = 0xFFFF
+#: ``DIRTY_BITMAP_PAGES_MAX`` (INT_MAX) and the bitmap bytes it needs, ``DIRTY_BITMAP_SIZE_MAX``
+DIRTY_BITMAP_PAGES_MAX = (1 << 31) - 1
+#: x86-64 ``TASK_SIZE_MAX``: ``access_ok`` refuses user pointers above it
+TASK_SIZE_MAX = (1 << 47) - SZ_4K
+
+_MAP_FLAGS = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE | VFIO_DMA_MAP_FLAG_VADDR
+_UNMAP_FLAGS = VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP | VFIO_DMA_UNMAP_FLAG_VADDR | VFIO_DMA_UNMAP_FLAG_ALL
+_DIRTY_FLAGS = (VFIO_IOMMU_DIRTY_PAGES_FLAG_START | VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP
+                | VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP)
+
+_INFO_MINSZ = offsetofend(vfio_iommu_type1_info, "iova_pgsizes")
+_INFO_CAPSZ = offsetofend(vfio_iommu_type1_info, "cap_offset")
+_MAP_MINSZ = offsetofend(vfio_iommu_type1_dma_map, "size")
+_UNMAP_MINSZ = offsetofend(vfio_iommu_type1_dma_unmap, "size")
+_DIRTY_MINSZ = offsetofend(vfio_iommu_type1_dirty_bitmap, "flags")
+
+
+def dirty_bitmap_bytes(npages: int) -> int:
+    """``DIRTY_BITMAP_BYTES``: bitmaps are arrays of u64."""
+    return (npages + 63) // 64 * 8
+
+
+DIRTY_BITMAP_SIZE_MAX = dirty_bitmap_bytes(DIRTY_BITMAP_PAGES_MAX)
+
+
+def _ffs(x: int) -> int:
+    """``__ffs``: the index of the lowest set bit (64 for 0, as TZCNT answers)."""
+    return (x & -x).bit_length() - 1 if x else 64
+
+
+def _fls(x: int) -> int:
+    """``__fls``: the index of the highest set bit."""
+    return x.bit_length() - 1
+
+
+def _access_ok(addr: int, size: int) -> bool:
+    """x86-64 ``access_ok``: the range lies below TASK_SIZE_MAX (says nothing of what is mapped)."""
+    return addr + size <= TASK_SIZE_MAX
+
+
+def _verify_bitmap_size(npages: int, bitmap_size: int) -> None:
+    if not npages or not bitmap_size or bitmap_size > DIRTY_BITMAP_SIZE_MAX \
+            or bitmap_size < dirty_bitmap_bytes(npages):
+        raise VfioError(errno.EINVAL, f"dirty bitmap of {bitmap_size} bytes does not fit {npages} pages "
+                                      f"(needs {dirty_bitmap_bytes(npages)}, at most {DIRTY_BITMAP_SIZE_MAX})")
+
+
+def _user_memory(arg):
+    """The memory behind ``arg``, for pointers found *inside* the argument (the dirty bitmaps).
+
+    ``UserArg.read/write`` are relative to the argument; a bitmap pointer is an
+    absolute address in the same process, reached through the same channel.
+    """
+    memory = getattr(arg, "memory", None)
+    return memory if memory is not None else arg.caller.memory
+
+
+def iova_ranges(aperture: Tuple[int, int], reserved: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    """The aperture minus the reserved regions (``vfio_iommu_resv_exclude``), inclusive bounds."""
+    ranges = [tuple(aperture)]
+    for rstart, rend in reserved:
+        out = []
+        for start, end in ranges:
+            if rstart > end or rend < start:
+                out.append((start, end))
+                continue
+            if rstart > start:
+                out.append((start, rstart - 1))
+            if rend < end:
+                out.append((rend + 1, end))
+        ranges = out
+    if not ranges:
+        # vfio_iommu_resv_exclude: an empty list fails the attach
+        raise VfioError(errno.EINVAL, "reserved regions cover the whole IOMMU aperture")
+    return ranges
+
+
+class Type1Driver:
+    """``vfio_iommu_driver_ops_type1``; the keyword arguments describe the emulated IOMMU.
+
+    * ``pgsize_bitmap``: the domain's page sizes (GET_INFO ``iova_pgsizes``);
+      the smallest is the granule every MAP/UNMAP must be aligned to.
+    * ``aperture``, ``reserved_regions``: inclusive IOVA bounds; what is left
+      is the IOVA range capability and where MAP_DMA may go.
+    * ``dma_entry_limit``: the module parameter of that name.
+    * ``enforce_cache_coherency``: the answer to VFIO_DMA_CC_IOMMU once a
+      group is attached (QEMU's VT-d has no snoop control unless
+      ``snoop-control=on``, so 0).
+    * ``nesting``: whether the IOMMU can nest; QEMU's VT-d cannot, so a
+      VFIO_TYPE1_NESTING_IOMMU container fails to attach with ENODEV.
+    * ``precise_dirty``: report as dirty only the pages devices wrote.  The
+      kernel cannot see writes through a hardware IOMMU and reports every
+      mapped page dirty while tracking; that is the default.
+    """
+
+    name = "vfio-iommu-type1"
+    noiommu = False
+
+    def __init__(self, *, pgsize_bitmap: int = INTEL_VTD_PGSIZES,
+                 aperture: Tuple[int, int] = Q35_VTD_APERTURE,
+                 reserved_regions: Sequence[Tuple[int, int]] = (X86_MSI_WINDOW,),
+                 dma_entry_limit: int = DMA_ENTRY_LIMIT,
+                 enforce_cache_coherency: bool = False,
+                 nesting: bool = False,
+                 precise_dirty: bool = False,
+                 fault_log: Optional[FaultLog] = None):
+        if not pgsize_bitmap:
+            raise ValueError("pgsize_bitmap needs at least one page size")
+        # vfio_update_pgsize_bitmap: sizes below PAGE_SIZE are hidden behind PAGE_SIZE
+        if pgsize_bitmap & (SZ_4K - 1):
+            pgsize_bitmap = (pgsize_bitmap & ~(SZ_4K - 1)) | SZ_4K
+        self.pgsize_bitmap = pgsize_bitmap
+        self.aperture = tuple(aperture)
+        self.reserved_regions = [tuple(r) for r in reserved_regions]
+        self.iova_ranges = iova_ranges(self.aperture, self.reserved_regions)
+        self.dma_entry_limit = dma_entry_limit
+        self.enforce_cache_coherency = enforce_cache_coherency
+        self.nesting = nesting
+        self.precise_dirty = precise_dirty
+        #: every fault of every container of this driver
+        self.fault_log = fault_log if fault_log is not None else FaultLog()
+
+    def __repr__(self) -> str:
+        return f"Type1Driver(pgsizes=0x{self.pgsize_bitmap:x}, aperture={self.aperture})"
+
+    # -- IommuDriverOps --------------------------------------------------
+    def check_extension(self, ext: int) -> int:
+        """CHECK_EXTENSION on a container without an IOMMU (``iommu == NULL``)."""
+        return self.extension(None, ext)
+
+    def extension(self, iommu: Optional["Type1Iommu"], ext: int) -> int:
+        """``vfio_iommu_type1_check_extension``."""
+        if ext in (VFIO_TYPE1_IOMMU, VFIO_TYPE1v2_IOMMU, VFIO_TYPE1_NESTING_IOMMU, VFIO_UNMAP_ALL):
+            return 1
+        if ext == VFIO_UPDATE_VADDR:
+            # 6.1.16+ (stable backport of "vfio/type1: exclude mdevs from
+            # VFIO_UPDATE_VADDR"): only a container can say, since mdev groups
+            # take the feature away.  This project has no mdev groups.
+            return int(iommu is not None)
+        if ext == VFIO_DMA_CC_IOMMU:
+            if iommu is None:
+                return 0
+            # vfio_domains_have_enforce_cache_coherency: 1 unless some domain cannot
+            return int(self.enforce_cache_coherency or not iommu.groups)
+        return 0
+
+    def open(self, arg: int) -> "Type1Iommu":
+        """``vfio_iommu_type1_open``: v1, v2, or v2 with nesting."""
+        if arg == VFIO_TYPE1_IOMMU:
+            return Type1Iommu(self, v2=False, nesting=False)
+        if arg == VFIO_TYPE1v2_IOMMU:
+            return Type1Iommu(self, v2=True, nesting=False)
+        if arg == VFIO_TYPE1_NESTING_IOMMU:
+            return Type1Iommu(self, v2=True, nesting=True)
+        raise VfioError(errno.EINVAL, f"{self.name} has no IOMMU type {arg}")
+
+
+class Type1Iommu:
+    """One container's type1 IOMMU (``struct vfio_iommu``): groups, mappings, dirty tracking.
+
+    Every ioctl arrives with the core's lock held; DMA arrives from device
+    threads that do not hold it.  ``lock`` serialises both, and is held while
+    bytes move, so once UNMAP_DMA returns no DMA touches the unmapped memory
+    (as the kernel's IOTLB flush before unpinning guarantees).
+    """
+
+    def __init__(self, driver: Type1Driver, v2: bool, nesting: bool):
+        self.driver = driver
+        self.v2 = v2
+        self.nesting = nesting
+        self.lock = threading.RLock()
+        self.dmas = DmaList()
+        self.dma_avail = driver.dma_entry_limit
+        self.pgsize_bitmap = driver.pgsize_bitmap
+        #: attached IOMMU groups (``core.IommuGroup``), in attach order
+        self.groups: List[object] = []
+        #: valid IOVA ranges; empty until a group (a domain) is attached
+        self.iova_ranges: List[Tuple[int, int]] = []
+        self.dirty_page_tracking = False
+        self.vaddr_invalid_count = 0
+        self.released = False
+        self.dma_space = Type1DmaSpace(self)
+        # device -> the ops we handed the DMA space to; group -> its notifier
+        self._handed: Dict[object, object] = {}
+        self._notifiers: Dict[object, object] = {}
+
+    def __repr__(self) -> str:
+        return (f"Type1Iommu({'v2' if self.v2 else 'v1'}, groups={[g.id for g in self.groups]}, "
+                f"mappings={len(self.dmas)})")
+
+    @property
+    def pgsize(self) -> int:
+        """The smallest page size: every IOVA, size and vaddr is aligned to it."""
+        return 1 << _ffs(self.pgsize_bitmap)
+
+    def mappings(self) -> List[DmaMapping]:
+        """A snapshot of the mappings in IOVA order (for tools and tests)."""
+        with self.lock:
+            return list(self.dmas)
+
+    # -- IommuData: groups -------------------------------------------------------
+    def attach_group(self, group) -> None:
+        """``vfio_iommu_type1_attach_group``, then the group's vfio devices get the DMA space."""
+        with self.lock:
+            if self.released:
+                raise VfioError(errno.EINVAL, "attach to a released type1 IOMMU")
+            if any(g is group for g in self.groups):
+                raise VfioError(errno.EINVAL, f"IOMMU group {group.id} is already attached to this container")
+            if getattr(group, "noiommu", False):
+                raise VfioError(errno.EINVAL, f"IOMMU group {group.id} is a noiommu group: it has no IOMMU "
+                                              "for type1 to program")
+            if self.vaddr_invalid_count:
+                # 6.1 blocks here (vfio_iommu_replay waits for every vaddr to be
+                # updated); a server cannot block its loop, so answer as 6.3+ does.
+                raise VfioError(errno.EBUSY, f"IOMMU group {group.id} cannot attach while "
+                                             f"{self.vaddr_invalid_count} mapping(s) have an invalidated vaddr")
+            if self.nesting and not self.driver.nesting:
+                # iommu_enable_nesting -> intel_iommu_enable_nesting: no nested mode support
+                raise VfioError(errno.ENODEV, "the emulated IOMMU cannot nest: use VFIO_TYPE1v2_IOMMU")
+            self.groups.append(group)
+            self.iova_ranges = list(self.driver.iova_ranges)
+        register = getattr(group, "register_notifier", None)
+        if register is not None:
+            notifier = self._group_notifier(group)
+            self._notifiers[group] = notifier
+            register(notifier)
+        for dev in list(getattr(group, "devices", ())):
+            self._hand_dma_space(dev)
+
+    def detach_group(self, group) -> None:
+        """``vfio_iommu_type1_detach_group``: the last domain going away takes every mapping with it."""
+        with self.lock:
+            if not any(g is group for g in self.groups):
+                return
+            self.groups = [g for g in self.groups if g is not group]
+            if not self.groups:
+                self._remove(0, len(self.dmas))
+                self.iova_ranges = []
+        self._forget_group(group)
+
+    def release(self) -> None:
+        """``vfio_iommu_type1_release``: every mapping and group goes."""
+        with self.lock:
+            self.released = True
+            groups, self.groups = self.groups, []
+            self._remove(0, len(self.dmas))
+            self.dirty_page_tracking = False
+        for group in groups:
+            self._forget_group(group)
+        for dev in list(self._handed):
+            self._withdraw_dma_space(dev)
+
+    def _group_notifier(self, group):
+        # The core's NotifyAction lives above this layer: match on its value.
+        def notifier(action, dev) -> None:
+            name = getattr(action, "value", action)
+            if name == "bound":
+                self._hand_dma_space(dev)
+            elif name == "unbound":
+                self._withdraw_dma_space(dev)
+        return notifier
+
+    def _forget_group(self, group) -> None:
+        notifier = self._notifiers.pop(group, None)
+        if notifier is not None:
+            group.unregister_notifier(notifier)
+        for dev in [d for d in self._handed if getattr(d, "iommu_group", None) is group]:
+            self._withdraw_dma_space(dev)
+        for dev in list(getattr(group, "devices", ())):
+            self._withdraw_dma_space(dev)
+
+    # Called without self.lock: a device's set_dma_space may take the device's
+    # lock, which a device thread holds while it waits for self.lock in DMA.
+    def _hand_dma_space(self, dev) -> None:
+        ops = getattr(getattr(dev, "drvdata", None), "ops", None)
+        setter = getattr(ops, "set_dma_space", None)
+        if setter is None or self.released:
+            return
+        setter(self.dma_space)
+        self._handed[dev] = ops
+
+    def _withdraw_dma_space(self, dev) -> None:
+        ops = self._handed.pop(dev, None)
+        if ops is not None:
+            ops.set_dma_space(None)
+
+    # -- IommuData: ioctls -------------------------------------------------------
+    def ioctl(self, cmd: int, arg) -> int:
+        """``vfio_iommu_type1_ioctl``."""
+        if cmd == VFIO_CHECK_EXTENSION:
+            return self.driver.extension(self, arg.value)
+        handler = {
+            VFIO_IOMMU_GET_INFO: self._get_info,
+            VFIO_IOMMU_MAP_DMA: self._map_dma,
+            VFIO_IOMMU_UNMAP_DMA: self._unmap_dma,
+            VFIO_IOMMU_DIRTY_PAGES: self._dirty_pages,
+        }.get(cmd)
+        if handler is None:
+            raise VfioError(errno.ENOTTY, f"{self.driver.name}: unknown container ioctl 0x{cmd:x}")
+        return handler(arg)
+
+    # GET_INFO ----------------------------------------------------------------
+    def _get_info(self, arg) -> int:
+        info = arg.fetch_struct(vfio_iommu_type1_info, _INFO_MINSZ)
+        # 6.1: cap_offset is copied back only when the caller's struct has it
+        # ("for backward compatibility, cannot require this"); 6.6 copies
+        # min(argsz, sizeof(info)) instead.
+        copy_out = _INFO_CAPSZ if info.argsz >= _INFO_CAPSZ else _INFO_MINSZ
+        info.cap_offset = 0
+        with self.lock:
+            info.flags = VFIO_IOMMU_INFO_PGSIZES
+            info.iova_pgsizes = self.pgsize_bitmap
+            caps = self._info_caps()
+        chain = caps.place(info, VFIO_IOMMU_INFO_CAPS)
+        if chain:
+            arg.write(ctypes.sizeof(info), chain)
+        arg.write(0, bytes(info)[:copy_out])
+        return 0
+
+    def _info_caps(self) -> CapChain:
+        # vfio_iommu_type1_get_info builds them in this order: migration,
+        # DMA avail, IOVA ranges (the last only when the list is not empty).
+        caps = CapChain()
+        migration = vfio_iommu_type1_info_cap_migration(
+            flags=0, pgsize_bitmap=self.pgsize, max_dirty_bitmap_size=DIRTY_BITMAP_SIZE_MAX)
+        caps.add_struct(migration, VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION, 1)
+        caps.add_struct(vfio_iommu_type1_info_dma_avail(avail=self.dma_avail), VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL, 1)
+        if self.iova_ranges:
+            ranges = b"".join(bytes(vfio_iova_range(start=s, end=e)) for s, e in self.iova_ranges)
+            cap = vfio_iommu_type1_info_cap_iova_range(nr_iovas=len(self.iova_ranges))
+            caps.add_struct(cap, VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE, 1, ranges)
+        return caps
+
+    # MAP_DMA -----------------------------------------------------------------
+    def _map_dma(self, arg) -> int:
+        dma_map = arg.fetch_struct(vfio_iommu_type1_dma_map, _MAP_MINSZ)
+        if dma_map.flags & ~_MAP_FLAGS:
+            raise VfioError(errno.EINVAL, f"MAP_DMA: unknown flags 0x{dma_map.flags & ~_MAP_FLAGS:x}")
+        self.map(dma_map.iova, dma_map.size, dma_map.vaddr, dma_map.flags, arg.caller)
+        return 0
+
+    def map(self, iova: int, size: int, vaddr: int, flags: int, owner) -> None:
+        """``vfio_dma_do_map``: map ``size`` bytes of ``owner``'s memory at ``vaddr`` to ``iova``.
+
+        With VFIO_DMA_MAP_FLAG_VADDR it instead gives an invalidated mapping
+        its new vaddr, and ``owner`` becomes the process whose memory backs it.
+        """
+        set_vaddr = bool(flags & VFIO_DMA_MAP_FLAG_VADDR)
+        # READ/WRITE from the device's point of view.  (The kernel first checks
+        # the u64 fields fit size_t/unsigned long: always so on x86-64.)
+        prot = flags & (VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE)
+        if prot and set_vaddr:
+            raise VfioError(errno.EINVAL, "MAP_DMA: VFIO_DMA_MAP_FLAG_VADDR updates a vaddr and takes no READ/WRITE")
+        if not prot and not set_vaddr:
+            raise VfioError(errno.EINVAL, "MAP_DMA: a mapping needs VFIO_DMA_MAP_FLAG_READ and/or _WRITE")
+        with self.lock:
+            pgsize = self.pgsize
+            if not size or (size | iova | vaddr) & (pgsize - 1):
+                raise VfioError(errno.EINVAL, f"MAP_DMA: iova 0x{iova:x}, vaddr 0x{vaddr:x} and size 0x{size:x} "
+                                              f"must be non-zero multiples of the 0x{pgsize:x} page size")
+            if iova + size - 1 > U64_MASK or vaddr + size - 1 > U64_MASK:
+                raise VfioError(errno.EINVAL, "MAP_DMA: the IOVA or vaddr range wraps around 2^64")
+            dma = self.dmas.find(iova, size)
+            if set_vaddr:
+                self._update_vaddr(dma, iova, size, vaddr, owner)
+                return
+            if dma is not None:
+                raise VfioError(errno.EEXIST, f"MAP_DMA: [0x{iova:x}, 0x{iova + size:x}) overlaps {dma!r}")
+            if not self.dma_avail:
+                raise VfioError(errno.ENOSPC, f"MAP_DMA: the container already has {len(self.dmas)} mappings, "
+                                              "the dma_entry_limit")
+            if not self._iova_valid(iova, iova + size - 1):
+                raise VfioError(errno.EINVAL, f"MAP_DMA: [0x{iova:x}, 0x{iova + size - 1:x}] is not inside one "
+                                              f"valid IOVA range {self._ranges_text()}")
+            self._pin(owner, vaddr, size)
+            dma = DmaMapping(iova, size, vaddr, prot, owner)
+            if self.dirty_page_tracking:
+                dma.dirty = self._new_bitmap(dma)
+            self.dmas.insert(dma)
+            self.dma_avail -= 1
+
+    def _update_vaddr(self, dma: Optional[DmaMapping], iova: int, size: int, vaddr: int, owner) -> None:
+        if dma is None:
+            raise VfioError(errno.ENOENT, f"MAP_DMA with VADDR: nothing is mapped at [0x{iova:x}, 0x{iova + size:x})")
+        if not dma.vaddr_invalid or dma.iova != iova or dma.size != size:
+            raise VfioError(errno.EINVAL, f"MAP_DMA with VADDR must name exactly one mapping whose vaddr was "
+                                          f"invalidated; found {dma!r}")
+        # vfio_change_dma_owner (6.1.16+): the caller (say, the process that
+        # exec'd) now owns the mapping; its memory backs the IOVA from now on.
+        dma.owner = owner
+        dma.vaddr = vaddr
+        dma.vaddr_invalid = False
+        self.vaddr_invalid_count -= 1
+
+    def _iova_valid(self, start: int, end: int) -> bool:
+        """``vfio_iommu_iova_dma_valid``."""
+        if not self.iova_ranges:
+            return True
+        return any(s <= start and end <= e for s, e in self.iova_ranges)
+
+    def _ranges_text(self) -> str:
+        return ", ".join(f"[0x{s:x}, 0x{e:x}]" for s, e in self.iova_ranges)
+
+    @staticmethod
+    def _pin(owner, vaddr: int, size: int) -> None:
+        """Stand-in for ``vfio_pin_map_dma``: the memory must exist now (EFAULT if not).
+
+        The kernel pins every page (FOLL_WRITE when the device may write).
+        User space cannot pin, and reading every page of a large mapping
+        would be slow, so the first and the last byte are read.  Pages
+        unmapped later, or mapped read-only, fault at DMA time instead.
+        """
+        memory = owner.memory
+        try:
+            memory.read(vaddr, 1)
+            if size > 1:
+                memory.read(vaddr + size - 1, 1)
+        except OSError as e:
+            raise VfioError(errno.EFAULT, f"MAP_DMA: pid {getattr(owner, 'pid', '?')} has no memory at "
+                                          f"vaddr [0x{vaddr:x}, 0x{vaddr + size:x}): {e.strerror}") from None
+
+    # UNMAP_DMA ---------------------------------------------------------------
+    def _unmap_dma(self, arg) -> int:
+        unmap = arg.fetch_struct(vfio_iommu_type1_dma_unmap, _UNMAP_MINSZ)
+        if unmap.flags & ~_UNMAP_FLAGS:
+            raise VfioError(errno.EINVAL, f"UNMAP_DMA: unknown flags 0x{unmap.flags & ~_UNMAP_FLAGS:x}")
+        get_bitmap = bool(unmap.flags & VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP)
+        if get_bitmap and unmap.flags & (VFIO_DMA_UNMAP_FLAG_ALL | VFIO_DMA_UNMAP_FLAG_VADDR):
+            raise VfioError(errno.EINVAL, "UNMAP_DMA: GET_DIRTY_BITMAP cannot be combined with ALL or VADDR")
+        bitmap = None
+        if get_bitmap:
+            if unmap.argsz < _UNMAP_MINSZ + ctypes.sizeof(vfio_bitmap):
+                raise VfioError(errno.EINVAL, f"UNMAP_DMA: argsz {unmap.argsz} leaves no room for struct vfio_bitmap")
+            bitmap = vfio_bitmap.from_buffer_copy(arg.read(_UNMAP_MINSZ, ctypes.sizeof(vfio_bitmap)))
+            if not _access_ok(bitmap.data, bitmap.size):
+                raise VfioError(errno.EINVAL, f"UNMAP_DMA: bitmap 0x{bitmap.data:x}+{bitmap.size} is not user memory")
+            _verify_bitmap_size(unmap.size >> _ffs(bitmap.pgsize), bitmap.size)
+        unmap.size = self.unmap(unmap.iova, unmap.size, unmap.flags, bitmap,
+                                _user_memory(arg) if bitmap is not None else None)
+        # Success only: on an error the kernel returns before copy_to_user.
+        arg.write(0, bytes(unmap)[:_UNMAP_MINSZ])
+        return 0
+
+    def unmap(self, iova: int, size: int, flags: int = 0, bitmap: Optional[vfio_bitmap] = None,
+              memory=None) -> int:
+        """``vfio_dma_do_unmap``: returns how many bytes were unmapped (or had their vaddr invalidated)."""
+        unmap_all = bool(flags & VFIO_DMA_UNMAP_FLAG_ALL)
+        invalidate_vaddr = bool(flags & VFIO_DMA_UNMAP_FLAG_VADDR)
+        with self.lock:
+            pgsize = self.pgsize
+            if iova & (pgsize - 1):
+                raise VfioError(errno.EINVAL, f"UNMAP_DMA: iova 0x{iova:x} is not aligned to 0x{pgsize:x}")
+            if unmap_all:
+                if iova or size:
+                    raise VfioError(errno.EINVAL, "UNMAP_DMA with VFIO_DMA_UNMAP_FLAG_ALL needs iova and size 0")
+                size = U64_MASK
+            elif not size or size & (pgsize - 1) or iova + size - 1 > U64_MASK:
+                raise VfioError(errno.EINVAL, f"UNMAP_DMA: size 0x{size:x} must be a non-zero multiple of "
+                                              f"0x{pgsize:x} that does not wrap")
+            if bitmap is not None and (not self.dirty_page_tracking or bitmap.pgsize != pgsize):
+                raise VfioError(errno.EINVAL, "UNMAP_DMA with GET_DIRTY_BITMAP needs dirty tracking started and "
+                                              f"bitmap pgsize 0x{pgsize:x}")
+            if self.v2 and not unmap_all:
+                # v2: the range may not cut a mapping at either end.
+                dma = self.dmas.find(iova, 1)
+                if dma is not None and dma.iova != iova:
+                    raise VfioError(errno.EINVAL, f"UNMAP_DMA: iova 0x{iova:x} is inside {dma!r}")
+                dma = self.dmas.find(iova + size - 1, 0)
+                if dma is not None and dma.end != iova + size:
+                    raise VfioError(errno.EINVAL, f"UNMAP_DMA: end 0x{iova + size:x} is inside {dma!r}")
+            first, last = self._victims(iova, size)
+            victims = [self.dmas[i] for i in range(first, last)]
+            if invalidate_vaddr:
+                return self._invalidate_vaddr(victims)
+            if bitmap is not None:
+                done = 0
+                try:
+                    for dma in victims:
+                        self._update_user_bitmap(memory, bitmap.data, dma, iova, pgsize)
+                        done += 1
+                except OSError:
+                    # An EFAULT on the bitmap stops the kernel's loop after the
+                    # mappings before it were removed; they stay removed.
+                    self._remove(first, first + done)
+                    raise
+            self._remove(first, last)
+            return sum(dma.size for dma in victims)
+
+    def _victims(self, iova: int, size: int) -> Tuple[int, int]:
+        """The index range the kernel's unmap loop walks (v1 stops at a mapping starting below iova)."""
+        first = self.dmas.first_index(iova, size)
+        end = (iova + size) & U64_MASK
+        last = first
+        while last < len(self.dmas):
+            dma = self.dmas[last]
+            if dma.iova >= end:
+                break
+            # v1: an unmap starting inside a mapping unmaps nothing (and succeeds);
+            # one covering a mapping's first byte unmaps all of it.
+            if not self.v2 and iova > dma.iova:
+                break
+            last += 1
+        return first, last
+
+    def _invalidate_vaddr(self, victims: List[DmaMapping]) -> int:
+        already = next((dma for dma in victims if dma.vaddr_invalid), None)
+        if already is not None:
+            # The kernel undoes what this call invalidated and fails.
+            raise VfioError(errno.EINVAL, f"UNMAP_DMA with VADDR: {already!r} is already invalidated")
+        for dma in victims:
+            dma.vaddr_invalid = True
+        self.vaddr_invalid_count += len(victims)
+        return sum(dma.size for dma in victims)
+
+    def _remove(self, first: int, last: int) -> None:
+        """``vfio_remove_dma`` for a run of mappings."""
+        for dma in self.dmas.delete(first, last):
+            if dma.vaddr_invalid:
+                self.vaddr_invalid_count -= 1
+            self.dma_avail += 1
+
+    # DIRTY_PAGES -------------------------------------------------------------
+    def _dirty_pages(self, arg) -> int:
+        if not self.v2:
+            raise VfioError(errno.EACCES, "DIRTY_PAGES needs a VFIO_TYPE1v2_IOMMU container")
+        dirty = arg.fetch_struct(vfio_iommu_type1_dirty_bitmap, _DIRTY_MINSZ)
+        if dirty.flags & ~_DIRTY_FLAGS:
+            raise VfioError(errno.EINVAL, f"DIRTY_PAGES: unknown flags 0x{dirty.flags & ~_DIRTY_FLAGS:x}")
+        if not dirty.flags or _ffs(dirty.flags) != _fls(dirty.flags):
+            raise VfioError(errno.EINVAL, "DIRTY_PAGES takes exactly one of START, STOP, GET_BITMAP")
+        if dirty.flags & VFIO_IOMMU_DIRTY_PAGES_FLAG_START:
+            self.start_dirty_tracking()
+        elif dirty.flags & VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP:
+            self.stop_dirty_tracking()
+        else:
+            self._get_dirty_bitmap(dirty, arg)
+        return 0
+
+    def start_dirty_tracking(self) -> None:
+        with self.lock:
+            if self.dirty_page_tracking:
+                return
+            bitmaps = [(dma, self._new_bitmap(dma)) for dma in self.dmas]
+            for dma, bits in bitmaps:
+                dma.dirty = bits
+            self.dirty_page_tracking = True
+
+    def stop_dirty_tracking(self) -> None:
+        with self.lock:
+            if self.dirty_page_tracking:
+                self.dirty_page_tracking = False
+                for dma in self.dmas:
+                    dma.dirty = None
+
+    def _new_bitmap(self, dma: DmaMapping) -> bytearray:
+        """``vfio_dma_bitmap_alloc``."""
+        npages = dma.size // self.pgsize
+        if npages > DIRTY_BITMAP_PAGES_MAX:
+            raise VfioError(errno.EINVAL, f"{dma!r} has more pages than a dirty bitmap can track")
+        return bytearray(dirty_bitmap_bytes(npages))
+
+    def _get_dirty_bitmap(self, dirty, arg) -> None:
+        data_size = dirty.argsz - _DIRTY_MINSZ
+        if not data_size or data_size < ctypes.sizeof(vfio_iommu_type1_dirty_bitmap_get):
+            raise VfioError(errno.EINVAL, "DIRTY_PAGES GET_BITMAP: argsz leaves no room for the range")
+        rng = vfio_iommu_type1_dirty_bitmap_get.from_buffer_copy(
+            arg.read(_DIRTY_MINSZ, ctypes.sizeof(vfio_iommu_type1_dirty_bitmap_get)))
+        if (rng.iova + rng.size) & U64_MASK < rng.iova:
+            raise VfioError(errno.EINVAL, "DIRTY_PAGES GET_BITMAP: the range wraps around 2^64")
+        if not _access_ok(rng.bitmap.data, rng.bitmap.size):
+            raise VfioError(errno.EINVAL, f"DIRTY_PAGES GET_BITMAP: bitmap 0x{rng.bitmap.data:x} is not user memory")
+        _verify_bitmap_size(rng.size >> _ffs(rng.bitmap.pgsize), rng.bitmap.size)
+        with self.lock:
+            pgsize = self.pgsize
+            if rng.bitmap.pgsize != pgsize:
+                raise VfioError(errno.EINVAL, f"DIRTY_PAGES GET_BITMAP: bitmap pgsize must be 0x{pgsize:x}")
+            if rng.iova & (pgsize - 1) or not rng.size or rng.size & (pgsize - 1):
+                raise VfioError(errno.EINVAL, "DIRTY_PAGES GET_BITMAP: iova and size must be non-zero "
+                                              f"multiples of 0x{pgsize:x}")
+            if not self.dirty_page_tracking:
+                raise VfioError(errno.EINVAL, "DIRTY_PAGES GET_BITMAP before START")
+            self._iova_dirty_bitmap(_user_memory(arg), rng.bitmap.data, rng.iova, rng.size, pgsize)
+
+    def _iova_dirty_bitmap(self, memory, data: int, iova: int, size: int, pgsize: int) -> None:
+        """``vfio_iova_dirty_bitmap``: the range must cover whole mappings."""
+        dma = self.dmas.find(iova, 1)
+        if dma is not None and dma.iova != iova:
+            raise VfioError(errno.EINVAL, f"GET_BITMAP: iova 0x{iova:x} is inside {dma!r}")
+        dma = self.dmas.find(iova + size - 1, 0)
+        if dma is not None and dma.end != iova + size:
+            raise VfioError(errno.EINVAL, f"GET_BITMAP: end 0x{iova + size:x} is inside {dma!r}")
+        first = i = self.dmas.index_at_or_after(iova)
+        while i < len(self.dmas) and self.dmas[i].iova <= iova + size - 1:
+            self._update_user_bitmap(memory, data, self.dmas[i], iova, pgsize)
+            i += 1
+        # Reported pages start clean again (the kernel re-populates from the
+        # pinned-page list, which is empty for a hardware IOMMU).
+        for k in range(first, i):
+            bits = self.dmas[k].dirty
+            if bits is not None:
+                bits[:] = bytes(len(bits))
+
+    def _update_user_bitmap(self, memory, data: int, dma: DmaMapping, base_iova: int, pgsize: int) -> None:
+        """``update_user_bitmap``: OR one mapping's bits into the user's u64 array at its offset."""
+        pgshift = _ffs(pgsize)
+        nbits = dma.size >> pgshift
+        bit_offset = (dma.iova - base_iova) >> pgshift
+        addr = data + bit_offset // 64 * 8
+        shift = bit_offset % 64
+        if self.driver.precise_dirty:
+            bits = int.from_bytes(dma.dirty or b"", "little")
+        else:
+            # A group behind a hardware IOMMU "can dirty memory directly"
+            # (num_non_pinned_groups), so every page of an IOMMU-mapped
+            # vfio_dma is reported dirty.
+            bits = (1 << nbits) - 1
+        if shift:
+            leftover = int.from_bytes(memory.read(addr, 8), "little")
+            bits = (bits << shift) | (leftover & ((1 << shift) - 1))
+        memory.write(addr, bits.to_bytes(dirty_bitmap_bytes(nbits + shift), "little"))
+
+    def mark_dirty(self, dma: DmaMapping, offset: int, length: int) -> None:
+        """A device wrote [offset, offset + length) of ``dma`` (lock held)."""
+        bits = dma.dirty
+        if bits is None or not length:
+            return
+        pgshift = _ffs(self.pgsize_bitmap)
+        for page in range(offset >> pgshift, ((offset + length - 1) >> pgshift) + 1):
+            bits[page >> 3] |= 1 << (page & 7)
+
+
+class Type1DmaSpace:
+    """The container's IOMMU as a device sees it (``core.ops.DmaSpace``).
+
+    A transfer is translated in full before any byte moves: every page must
+    be mapped, allow the direction, and have a valid vaddr; otherwise a fault
+    is logged and the model gets ``IommuFault`` (EFAULT).  A transfer may
+    span adjacent mappings.
+    """
+
+    def __init__(self, iommu: Type1Iommu):
+        self._iommu = iommu
+        self.fault_log = iommu.driver.fault_log
+
+    def __repr__(self) -> str:
+        return f"Type1DmaSpace({self._iommu!r})"
+
+    def translate(self, iova: int, size: int, write: bool = False,
+                  device: Optional[str] = None) -> List[Tuple[object, int, int]]:
+        """[(memory, vaddr, length), ...] covering [iova, iova + size); faults like a DMA would."""
+        with self._iommu.lock:
+            return [(dma.owner.memory, dma.vaddr + off, n) for dma, off, n in
+                    self._translate(iova, size, write, device)]
+
+    def dma_read(self, iova: int, size: int, device: Optional[str] = None) -> bytes:
+        """The device reads ``size`` bytes of memory at ``iova`` (needs VFIO_DMA_MAP_FLAG_READ)."""
+        iommu = self._iommu
+        with iommu.lock:
+            segments = self._translate(iova, size, False, device)
+            chunks = []
+            for dma, off, n in segments:
+                try:
+                    chunks.append(dma.owner.memory.read(dma.vaddr + off, n))
+                except OSError as e:
+                    self._fault(CLIENT_MEMORY, iova, size, False, device, self._memory_text(dma, off, n, e))
+            return b"".join(chunks)
+
+    def dma_write(self, iova: int, data: bytes, device: Optional[str] = None) -> None:
+        """The device writes ``data`` to memory at ``iova`` (needs VFIO_DMA_MAP_FLAG_WRITE)."""
+        iommu = self._iommu
+        data = bytes(data)
+        with iommu.lock:
+            segments = self._translate(iova, len(data), True, device)
+            saved: List[bytes] = []
+            if len(segments) > 1:
+                # Several processes' or areas' memory: keep what was there, so a
+                # failure part way leaves nothing written.
+                for dma, off, n in segments:
+                    try:
+                        saved.append(dma.owner.memory.read(dma.vaddr + off, n))
+                    except OSError as e:
+                        self._fault(CLIENT_MEMORY, iova, len(data), True, device, self._memory_text(dma, off, n, e))
+            pos = 0
+            for k, (dma, off, n) in enumerate(segments):
+                try:
+                    dma.owner.memory.write(dma.vaddr + off, data[pos:pos + n])
+                except OSError as e:
+                    for (d, o, _), old in zip(segments[:k], saved):
+                        try:
+                            d.owner.memory.write(d.vaddr + o, old)
+                        except OSError:
+                            log.warning("could not undo a partial DMA write to pid %s", getattr(d.owner, "pid", "?"))
+                    self._fault(CLIENT_MEMORY, iova, len(data), True, device, self._memory_text(dma, off, n, e))
+                pos += n
+            if iommu.dirty_page_tracking:
+                for dma, off, n in segments:
+                    iommu.mark_dirty(dma, off, n)
+
+    def record_fault(self, *, iova: int, size: int, write: bool, reason: str,
+                     device: Optional[str] = None, detail: str = "") -> Fault:
+        """A fault seen before the IOMMU (DmaPort: bus master disabled) goes in the same log."""
+        return self.fault_log.record_fault(iova=iova, size=size, write=write, reason=reason,
+                                           device=device, detail=detail)
+
+    def faults(self) -> List[Fault]:
+        return self.fault_log.faults()
+
+    # -- translation -------------------------------------------------------------
+    def _translate(self, iova: int, size: int, write: bool, device: Optional[str]):
+        """[(dma, offset in dma, length)], or a fault (lock held)."""
+        if size <= 0:
+            return []
+        iommu = self._iommu
+        dmas = iommu.dmas
+        end = iova + size
+        if iova < 0 or end - 1 > U64_MASK or iommu.released:
+            self._fault(UNMAPPED, iova, size, write, device, "outside the IOVA space")
+        segments = []
+        pos = iova
+        i = dmas.containing(iova)
+        while pos < end:
+            # Mappings do not overlap: after the first, the next must start at pos.
+            if i < 0 or i >= len(dmas) or not dmas[i].iova <= pos < dmas[i].end:
+                self._fault(UNMAPPED, iova, size, write, device, f"nothing is mapped at iova 0x{pos:x}")
+            dma = dmas[i]
+            if write and not dma.writable:
+                self._fault(WRITE_NOT_PERMITTED, iova, size, write, device,
+                            f"mapped without VFIO_DMA_MAP_FLAG_WRITE: {dma!r}")
+            if not write and not dma.readable:
+                self._fault(READ_NOT_PERMITTED, iova, size, write, device,
+                            f"mapped without VFIO_DMA_MAP_FLAG_READ: {dma!r}")
+            if dma.vaddr_invalid:
+                # 6.1 would make a pinning user wait for MAP_DMA with VADDR; a
+                # hardware device keeps using the pinned pages.  User space
+                # cannot keep old pages, and the old vaddr may now mean other
+                # memory (after exec), so the transfer is refused.
+                self._fault(VADDR_INVALIDATED, iova, size, write, device,
+                            f"vaddr invalidated by UNMAP_DMA with VFIO_DMA_UNMAP_FLAG_VADDR: {dma!r}")
+            n = min(end, dma.end) - pos
+            segments.append((dma, pos - dma.iova, n))
+            pos += n
+            i += 1
+        return segments
+
+    def _fault(self, reason: str, iova: int, size: int, write: bool, device: Optional[str], detail: str):
+        fault = self.fault_log.record(Fault(time.time(), device, iova, size, "write" if write else "read",
+                                            reason, detail))
+        raise IommuFault(fault)
+
+    @staticmethod
+    def _memory_text(dma: DmaMapping, off: int, n: int, error: OSError) -> str:
+        return (f"pid {getattr(dma.owner, 'pid', '?')} memory at vaddr 0x{dma.vaddr + off:x}+{n}: "
+                f"{error.strerror or error}")
