@@ -533,8 +533,8 @@ static void type1_get_info(void)
 			put_hex("type1.get_info.argsz16.argsz", info.argsz);
 			put_hex("type1.get_info.argsz16.flags", info.flags);
 			put_hex("type1.get_info.argsz16.pgsizes", info.iova_pgsizes);
-			put_hex("type1.get_info.argsz16.cap_offset_untouched",
-				info.cap_offset == 0xa5a5a5a5);
+			put("type1.get_info.argsz16.cap_offset_untouched", "%s",
+			    info.cap_offset == 0xa5a5a5a5 ? "yes" : "no");
 		}
 	}
 	{
