@@ -1,0 +1,90 @@
+"""The emulated host a topology describes: its bus, IOMMU groups, drivers and sysfs.
+
+``Machine(topology)`` builds what a booted kernel would have: one PCI
+function per ``[[device]]`` entry, created from its model, placed in its
+IOMMU group and bound to vfio-pci; the type1 (and, when asked, noiommu)
+IOMMU drivers registered; a Dispatcher in front of it all.  Transports then
+only have to serve ``machine.dispatcher``; the sysfs view is derived from the
+same functions, so what a client reads in /sys is what its device fd shows.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Dict, List, Optional
+
+from ..core import BusDevice, IommuGroup, Vfio, VfioBusDriver, device_bind
+from ..devices import VfioPciDevice, create_model, load_model_file
+from ..dispatch import Dispatcher
+from ..iommu import register_default_drivers
+from ..transport.sysfs import SysfsDevice, SysfsGroup, SysfsView, bar_resource
+from .topology import Topology, TopologyError
+
+log = logging.getLogger(__name__)
+
+
+class Machine:
+    def __init__(self, topology: Topology, *, trace: Optional[Callable[[dict], None]] = None,
+                 noiommu: bool = False, model_files: List[str] = ()):
+        self.topology = topology
+        for path in model_files:
+            load_model_file(path)
+        self.vfio = Vfio()
+        self.type1, self.noiommu = register_default_drivers(self.vfio, noiommu=noiommu)
+        #: every IOMMU fault of every container, readable while the server runs
+        self.fault_log = self.type1.fault_log
+        self.vfio_pci = VfioBusDriver(self.vfio, "vfio-pci", self._vfio_pci_probe)
+        self.iommu_groups: Dict[int, IommuGroup] = {}
+        self.bus_devices: Dict[str, BusDevice] = {}
+        self.vdevs: Dict[str, VfioPciDevice] = {}
+        self._pending: Dict[str, VfioPciDevice] = {}
+        for spec in topology.devices:
+            try:
+                function = create_model(spec.model, name=spec.bdf, **spec.options)
+            except (KeyError, TypeError, ValueError) as e:
+                raise TopologyError(f"{topology.source}: device {spec.bdf} (model {spec.model!r}): "
+                                    f"{e.args[0] if e.args else e}") from None
+            self._pending[spec.bdf] = VfioPciDevice(function, spec.bdf)
+            group = self.iommu_groups.get(spec.group)
+            if group is None:
+                group = self.iommu_groups[spec.group] = IommuGroup(spec.group)
+            dev = self.bus_devices[spec.bdf] = BusDevice(spec.bdf)
+            group.add_device(dev)
+            device_bind(dev, self.vfio_pci)
+        self.dispatcher = Dispatcher(self.vfio, trace=trace)
+
+    def _vfio_pci_probe(self, dev: BusDevice) -> VfioPciDevice:
+        vdev = self._pending.pop(dev.name)
+        self.vdevs[dev.name] = vdev
+        return vdev
+
+    @property
+    def group_ids(self) -> List[int]:
+        return sorted(self.iommu_groups)
+
+    # -- what the host tells about it ----------------------------------------
+    def sysfs_view(self) -> SysfsView:
+        devices = []
+        for bdf, vdev in sorted(self.vdevs.items()):
+            fn = vdev.function
+            resources = []
+            for bar in fn.bars:
+                if bar is None:  # unimplemented, or the upper half of a 64-bit BAR
+                    resources.append((0, 0, 0))
+                    continue
+                resources.append(bar_resource(bar.size, io=bar.io, mem64=bar.bits64,
+                                              prefetchable=getattr(bar, "prefetchable", False),
+                                              start=bar.address))
+            if fn.rom is not None:
+                # IORESOURCE_MEM | READONLY | SIZEALIGN | the ROM's "shadowable" bit, as a disabled ROM shows
+                resources.append((fn.rom.address, fn.rom.address + fn.rom.size - 1, 0x46200))
+            devices.append(SysfsDevice.from_config_space(
+                bdf, self.bus_devices[bdf].iommu_group.id, lambda fn=fn: bytes(fn.config.data),
+                resources=resources, config_size=fn.config.size))
+        return SysfsView(devices, [SysfsGroup(gid) for gid in self.group_ids])
+
+    def close(self) -> None:
+        for vdev in self.vdevs.values():
+            stop = getattr(vdev.function, "shutdown", None)
+            if stop is not None:
+                stop()
