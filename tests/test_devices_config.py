@@ -1,6 +1,8 @@
 """Config space: the PCI function as hardware, and what vfio-pci shows of it."""
 
+import ctypes
 import errno
+import struct
 
 import pytest
 
@@ -20,13 +22,16 @@ from cuse_vfio.devices import (
     VendorExtCapability,
     VfioPciDevice,
 )
+from cuse_vfio.devices.vfio_pci import HotResetBus
 from cuse_vfio.devices.pci import capability_offsets
 from cuse_vfio.uapi import (
+    VFIO_DEVICE_GET_REGION_INFO,
     VFIO_DEVICE_SET_IRQS,
     VFIO_IRQ_SET_ACTION_TRIGGER,
     VFIO_IRQ_SET_DATA_EVENTFD,
     VFIO_PCI_MSI_IRQ_INDEX,
     VFIO_PCI_MSIX_IRQ_INDEX,
+    vfio_region_info,
 )
 from devices_fakes import (
     FakeCaller,
@@ -230,8 +235,15 @@ def test_vfio_command_goes_to_the_function_but_intx_disable_is_virtual():
     cfg_write(vdev, 4, 2, cfg_read(vdev, 4, 2) | 0x4 | 0x400)
     assert fn.bus_master_enabled()
     assert cfg_read(vdev, 4, 2) & 0x400
-    assert not fn.command() & 0x400
     assert vdev.virq_disabled
+    # The bit is virtual, but while INTx is not in use vfio_pci_intx_mask makes the
+    # function's own bit follow it (pci_intx on a PCI 2.3 function)...
+    assert fn.command() & 0x400
+    cfg_write(vdev, 4, 2, cfg_read(vdev, 4, 2) & ~0x400)
+    assert not fn.command() & 0x400 and not vdev.virq_disabled
+    # ...and a virtual bit the function does not have reads back as the user wrote it.
+    fn.config_write(4, 2, fn.command() | 0x400)
+    assert not cfg_read(vdev, 4, 2) & 0x400
 
 
 def test_vfio_interrupt_line_virtual_pin_read_only():
@@ -349,3 +361,78 @@ def test_vfio_unassigned_config_bytes_pass_through():
     assert cfg_read(vdev, 0xF0, 4) == 0x11223344
     cfg_write(vdev, 0xF0, 4, 0xAAAABBBB)
     assert fn.config_read(0xF0, 4) == 0xAAAA3344
+
+
+def test_express_config_region_is_4k_and_conventional_256():
+    for fn, size in ((Plain(), 256), (Express(), 4096)):
+        vdev = VfioPciDevice(fn)
+        vdev.open()
+        _, out = ioctl(vdev, VFIO_DEVICE_GET_REGION_INFO, struct.pack("<IIIIQQ", 32, 0, 7, 0, 0, 0))
+        info = vfio_region_info.from_buffer_copy(out[:ctypes.sizeof(vfio_region_info)])
+        assert (info.size, info.offset) == (size, 7 << 40)
+        assert len(vdev.read(size, 7 << 40)) == size
+        assert errno_of(vdev.read, 1, (7 << 40) + size) == errno.EFAULT
+
+
+def test_a_function_reset_returns_writable_config_to_power_on():
+    fn = Plain()
+    fn.config_write(4, 2, 0x0007)
+    fn.config_write(0x0C, 1, 0x10)
+    fn.config_write(0x3C, 1, 0x0B)
+    fn.config_write(fn.msi.offset + 2, 2, 0x0001)
+    fn.config_write(0x10, 4, 0xFFFFFFFF)
+    fn.config.set(6, 2, fn.config.get(6, 2) | 0x2000)  # an error bit the device recorded (RW1C)
+    fn.reset_function()
+    assert fn.config_read(4, 2) == 0 and fn.config_read(0x0C, 1) == 0 and fn.config_read(0x3C, 1) == 0
+    assert not fn.msi_enabled()
+    assert fn.config_read(0x10, 4) == fn.bars[0].address  # the BAR as enumeration left it
+    assert not fn.config_read(6, 2) & 0x2000 and fn.config_read(6, 2) & 0x0010  # RW1C cleared, RO kept
+    assert fn.config_read(0, 4) == 0x12341AF4 and fn.config_read(0x3D, 1) == 1
+
+
+class SoftReset(PciDevice):
+    """D3hot -> D0 resets it (No_Soft_Reset clear): the PCI core's PM reset."""
+
+    vendor_id, device_id = 0x1234, 0x5678
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.add_bar(0, MmioBar(0x1000, lambda o, s: 0, lambda o, s, v: None))
+        self.add_capability(PmCapability(no_soft_reset=False))
+        self.resets = 0
+
+    def reset(self):
+        self.resets += 1
+
+
+def test_reset_methods_follow_the_capabilities():
+    assert Plain().reset_methods() == []                   # PM with No_Soft_Reset set: no PM reset
+    assert SoftReset().reset_methods() == ["pm"]
+    assert Express().reset_methods() == ["flr"]
+
+    alone = VfioPciDevice(Plain())
+    HotResetBus(bus=2).add(0, 5, alone)
+    assert alone.reset_methods() == ["bus"]   # alone on a bus that can be reset: pci_parent_bus_reset
+    shared = HotResetBus(bus=3)
+    a, b = VfioPciDevice(Plain()), VfioPciDevice(Plain())
+    shared.add(0, 5, a)
+    shared.add(8, 6, b)
+    assert a.reset_methods() == []
+
+
+def test_pm_soft_reset_through_d3hot():
+    fn = SoftReset()
+    vdev = VfioPciDevice(fn)
+    vdev.open()
+    assert fn.resets == 1                      # the reset probed at open (pci_try_reset_function)
+    cfg_write(vdev, fn.pm.offset + 4, 2, 3)    # D3hot
+    cfg_write(vdev, fn.pm.offset + 4, 2, 0)    # D0: No_Soft_Reset clear, the function resets
+    assert fn.resets == 2 and fn.power_state == 0
+
+
+def test_vfio_pm_capability_hides_pme_support():
+    fn = Plain()
+    fn.config.init(fn.pm.offset + 2, 2, 0xC803)  # PME from D0 and D3hot/cold
+    vdev = VfioPciDevice(fn)
+    vdev.open()
+    assert cfg_read(vdev, fn.pm.offset + 2, 2) == 0x0003

@@ -3,6 +3,7 @@
 import ctypes
 import errno
 import logging
+import mmap
 import os
 import struct
 
@@ -218,19 +219,59 @@ def test_sparse_mmap_capability_for_plain_memory():
     assert not region_info(vdev, 0)[0].flags & VFIO_REGION_INFO_FLAG_MMAP  # registers: no mmap
 
 
-def test_mmap_hook_hands_out_the_backing():
+def test_mmap_hands_out_the_bars_shared_memory():
     fn = Recorder()
     vdev = make(fn)
-    bar, start = vdev.mmap(region_offset(2, 0x1000), 0x1000)
-    assert bar is fn.bars[2] and start == 0x1000
-    shared = bytearray(0x4000)
+    memory, start = vdev.mmap(region_offset(2, 0x1000), 0x1000)
+    assert memory is vdev.region_memory(2) is fn.bars[2].memory and start == 0x1000
     bar_write(vdev, 2, 0x10, 4, 0xCAFEF00D)
-    bar.attach_backing(shared)
-    assert shared[0x10:0x14] == (0xCAFEF00D).to_bytes(4, "little")
-    shared[0x20] = 0x77  # the client's store through its mapping
-    assert bar_read(vdev, 2, 0x20, 1) == 0x77
-    assert errno_of(vdev.mmap, region_offset(0), 0x1000) == errno.EINVAL
-    assert errno_of(vdev.mmap, region_offset(2, 0x10), 0x1000) == errno.EINVAL
+    # What a client does with the fd the transport sends it: map it shared.
+    client = mmap.mmap(os.dup(memory.fileno()), 0x4000, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        assert client[0x10:0x14] == (0xCAFEF00D).to_bytes(4, "little")
+        client[0x20] = 0x77  # the client's store through its mapping
+        assert bar_read(vdev, 2, 0x20, 1) == 0x77
+        assert fn.bars[2].backing[0x20] == 0x77  # and the model sees it
+    finally:
+        client.close()
+    assert errno_of(vdev.mmap, region_offset(0), 0x1000) == errno.EINVAL       # registers
+    assert errno_of(vdev.mmap, region_offset(1), 0x1000) == errno.EINVAL       # I/O
+    assert errno_of(vdev.mmap, region_offset(2, 0x10), 0x1000) == errno.EINVAL  # not on a page
+    assert errno_of(vdev.mmap, region_offset(2, 0x3000), 0x2000) == errno.EINVAL  # beyond the BAR
+    assert errno_of(vdev.mmap, region_offset(7), 0x1000) == errno.EINVAL       # config
+    for index in (0, 1, 3, 6, 7, 8):
+        assert errno_of(vdev.region_memory, index) == errno.EINVAL
+
+
+def test_sparse_mmap_areas_leave_out_the_msix_table_and_pba():
+    class MsixInRam(PciDevice):
+        vendor_id, device_id = 0x1234, 0x0002
+
+        def __init__(self, **options):
+            super().__init__(**options)
+            self.add_bar(0, RamBar(0x10000))
+            self.add_capability(MsixCapability(vectors=4, table_bar=0, table_offset=0x4000))
+
+    vdev = make(MsixInRam())
+    info, out = region_info(vdev, 0, argsz=256)
+    assert info.flags & VFIO_REGION_INFO_FLAG_MMAP and info.flags & VFIO_REGION_INFO_FLAG_CAPS
+    nr_areas = struct.unpack_from("<I", out, info.cap_offset + 8)[0]
+    areas = [struct.unpack_from("<QQ", out, info.cap_offset + 16 + 16 * i) for i in range(nr_areas)]
+    assert areas == [(0, 0x4000), (0x5000, 0xB000)]  # table and PBA share the page at 0x4000
+    assert errno_of(vdev.mmap, region_offset(0, 0x4000), 0x1000) == errno.EINVAL
+    assert vdev.mmap(region_offset(0, 0x5000), 0xB000)[1] == 0x5000
+
+
+def test_shared_memory_closes_with_the_function():
+    fn = Recorder()
+    memory = fn.bars[2].memory
+    fd = memory.fileno()
+    os.fstat(fd)
+    fn.shutdown()
+    assert memory.closed
+    with pytest.raises(OSError) as e:
+        os.fstat(fd)
+    assert e.value.errno == errno.EBADF
 
 
 # -- reads and writes through the device fd ---------------------------------------
@@ -518,7 +559,8 @@ def test_msix_pending_message_is_delivered_when_the_vector_gets_an_eventfd():
     caller = FakeCaller()
     fd0, efd0 = caller.eventfd()
     fd2, efd2 = caller.eventfd()
-    set_irqs(vdev, caller, flags=TRIGGER_EFD, index=2, count=1, data=fds(fd0))
+    # 6.1 has no dynamic MSI-X (NORESIZE): enable the three vectors at once, two without eventfds
+    set_irqs(vdev, caller, flags=TRIGGER_EFD, index=2, count=3, data=fds(fd0, -1, -1))
     assert fn.msix_enabled()
     fn.raise_irq(IrqIndex.MSIX, 0)
     fn.raise_irq(IrqIndex.MSIX, 2)  # vector 2 has no handler: masked, pending
@@ -527,6 +569,24 @@ def test_msix_pending_message_is_delivered_when_the_vector_gets_an_eventfd():
     assert efd2.take() == 1 and fn.msix.pending == 0
     set_irqs(vdev, caller, flags=TRIGGER_NONE, index=2, count=0)
     assert not fn.msix_enabled()
+
+
+def test_msi_vectors_are_fixed_until_disabled():
+    # vfio_msi_set_block: start/count beyond the vectors enabled first is EINVAL (NORESIZE),
+    # and so is loopback there (vfio_pci_set_msi_trigger checks num_ctx).
+    fn = Recorder(msix=True)
+    vdev = make(fn)
+    caller = FakeCaller()
+    fd0, efd0 = caller.eventfd()
+    set_irqs(vdev, caller, flags=TRIGGER_EFD, index=2, count=1, data=fds(fd0))
+    assert errno_of(set_irqs, vdev, caller, flags=TRIGGER_EFD, index=2, start=1, count=1,
+                    data=fds(fd0)) == errno.EINVAL
+    assert errno_of(set_irqs, vdev, caller, flags=TRIGGER_NONE, index=2, start=1, count=1) == errno.EINVAL
+    set_irqs(vdev, caller, flags=TRIGGER_NONE, index=2, count=1)
+    assert efd0.take() == 1
+    set_irqs(vdev, caller, flags=TRIGGER_NONE, index=2, count=0)
+    set_irqs(vdev, caller, flags=TRIGGER_EFD, index=2, start=1, count=1, data=fds(fd0))  # re-enable: 2 vectors
+    assert vdev.num_ctx == 2 and vdev.msi_ctx == {1: efd0}
 
 
 # -- ERR and REQ ------------------------------------------------------------------------------
@@ -731,3 +791,213 @@ def test_example_scratchpad_device():
     assert bar_read(vdev, 2, 0x04, 4) == 1
     ioctl(vdev, VFIO_DEVICE_RESET, b"")
     assert bar_read(vdev, 2, 0x04, 4) == 0 and vdev.read(5, region_offset(0, 0x100)) == bytes(5)
+
+
+# -- GET_INFO copies 16 or 20 bytes, never the padding -------------------------------------
+def test_get_info_copies_cap_offset_only_when_argsz_has_room():
+    vdev = make()
+    _, out = ioctl(vdev, VFIO_DEVICE_GET_INFO, struct.pack("<IIIIII", 24, 0, 0, 0, 0x55, 0x66))
+    assert struct.unpack("<IIIIII", out) == (24, VFIO_DEVICE_FLAGS_PCI, 9, 5, 0, 0x66)
+    _, out = ioctl(vdev, VFIO_DEVICE_GET_INFO, struct.pack("<IIIIII", 19, 0, 0, 0, 0x55, 0x66))
+    assert struct.unpack("<IIIIII", out) == (19, VFIO_DEVICE_FLAGS_PCI, 9, 5, 0x55, 0x66)
+
+
+# -- INTx eventfds: de-assign, re-assign, the unmask eventfd --------------------------------
+def test_intx_reassigned_eventfd_sees_a_level_still_up():
+    fn, vdev, caller, efd = intx_device()
+    set_irqs(vdev, caller, flags=TRIGGER_EFD, index=0, count=1, data=fds(-1))
+    fn.raise_irq(IrqIndex.INTX)  # no handler: nothing masks, nothing is signalled
+    assert not vdev.intx.masked and fn.intx_asserted()
+    fd2, efd2 = caller.eventfd()
+    set_irqs(vdev, caller, flags=TRIGGER_EFD, index=0, count=1, data=fds(fd2))
+    assert efd2.take() == 1 and vdev.intx.masked and not fn.intx_asserted()
+    assert efd.take() == 0
+
+
+def test_intx_unmask_eventfd_is_busy_until_deassigned():
+    fn, vdev, caller, efd = intx_device()
+    u1, _ = caller.eventfd()
+    u2, unmask2 = caller.eventfd()
+    unmask_efd = lambda fd: set_irqs(vdev, caller, flags=VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_UNMASK,
+                                     index=0, count=1, data=fds(fd))
+    unmask_efd(u1)
+    assert errno_of(unmask_efd, u2) == errno.EBUSY  # vfio_virqfd_enable
+    unmask_efd(-1)
+    unmask_efd(u2)
+    fn.raise_irq(IrqIndex.INTX)
+    fn.lower_irq()
+    unmask2.client_write()
+    assert not vdev.intx.masked
+
+
+def test_intx_mask_reaches_the_function_and_loopback_ignores_it():
+    fn, vdev, caller, efd = intx_device()
+    set_irqs(vdev, caller, flags=VFIO_IRQ_SET_DATA_BOOL | VFIO_IRQ_SET_ACTION_MASK, index=0, count=1, data=b"\1")
+    assert vdev.intx.masked and fn.command() & 0x400
+    set_irqs(vdev, caller, flags=VFIO_IRQ_SET_DATA_BOOL | VFIO_IRQ_SET_ACTION_TRIGGER, index=0, count=1, data=b"\1")
+    assert efd.take() == 1
+    set_irqs(vdev, caller, flags=VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_UNMASK, index=0, count=1)
+    assert not vdev.intx.masked and not fn.command() & 0x400
+
+
+def test_msi_count_of_the_capability_bounds_set_irqs():
+    vdev = make()  # MSI with 2 vectors
+    caller = FakeCaller()
+    a, _ = caller.eventfd()
+    assert errno_of(set_irqs, vdev, caller, flags=TRIGGER_EFD, index=1, count=3, data=fds(a, a, a)) == errno.EINVAL
+    assert errno_of(set_irqs, vdev, caller, flags=TRIGGER_EFD, index=2, count=1, data=fds(a)) == errno.EINVAL  # no MSI-X
+    assert errno_of(set_irqs, vdev, caller, flags=VFIO_IRQ_SET_DATA_BOOL | VFIO_IRQ_SET_ACTION_TRIGGER,
+                    index=1, count=1, data=b"\1") == errno.EINVAL  # loopback before enabling
+    set_irqs(vdev, caller, flags=TRIGGER_EFD, index=1, count=2, data=fds(a, -1))
+    assert vdev.function.msi.enabled_vectors() == 2
+
+
+# -- VFIO_DEVICE_FEATURE: low power, the one feature vfio-pci has for every device ------------
+def low_power(vdev, feature_flags, caller=None, data=b""):
+    return ioctl(vdev, VFIO_DEVICE_FEATURE, struct.pack("<II", 8 + len(data), feature_flags) + data, caller)[0]
+
+
+def test_low_power_features_probe_like_6_1():
+    vdev = make()
+    for number in (3, 4, 5):  # LOW_POWER_ENTRY, _ENTRY_WITH_WAKEUP, _EXIT: SET only
+        assert low_power(vdev, VFIO_DEVICE_FEATURE_PROBE | VFIO_DEVICE_FEATURE_SET | number) == 0
+        assert low_power(vdev, VFIO_DEVICE_FEATURE_PROBE | number) == 0
+        assert errno_of(low_power, vdev, VFIO_DEVICE_FEATURE_PROBE | VFIO_DEVICE_FEATURE_GET | number) == errno.EINVAL
+        assert errno_of(low_power, vdev, number) == errno.EINVAL  # neither GET nor SET nor PROBE
+    for number in (0, 1, 2, 6, 7, 8, 9, 0xFFFF):  # VF token (not a PF), migration, 6.2+ and unknown
+        assert errno_of(low_power, vdev, VFIO_DEVICE_FEATURE_PROBE | VFIO_DEVICE_FEATURE_SET | number) == errno.ENOTTY
+    assert errno_of(low_power, vdev, VFIO_DEVICE_FEATURE_SET | 4) == errno.EINVAL  # no room for the eventfd
+
+
+def test_low_power_entry_and_exit():
+    fn = Recorder()
+    vdev = make(fn)
+    caller, (fd, efd) = FakeCaller(), (None, None)
+    fd, efd = caller.eventfd()
+    set_irqs(vdev, caller, flags=TRIGGER_EFD, index=0, count=1, data=fds(fd))
+    assert low_power(vdev, VFIO_DEVICE_FEATURE_SET | 3) == 0
+    assert vdev.pm_runtime_engaged and fn.command() & 0x400  # suspended: INTx masked
+    fn.raise_irq(IrqIndex.INTX)
+    assert efd.take() == 0
+    fn.lower_irq()
+    assert errno_of(low_power, vdev, VFIO_DEVICE_FEATURE_SET | 3) == errno.EINVAL  # already in low power
+    assert bar_read(vdev, 0, 0, 4) == 0x05060708  # an access wakes it for its duration
+    assert vdev.pm_runtime_engaged
+    assert low_power(vdev, VFIO_DEVICE_FEATURE_SET | 5) == 0
+    assert not vdev.pm_runtime_engaged and not fn.command() & 0x400
+    fn.raise_irq(IrqIndex.INTX)
+    assert efd.take() == 1
+
+
+def test_low_power_with_wakeup_eventfd():
+    vdev = make()
+    caller = FakeCaller()
+    wfd, wake = caller.eventfd()
+    assert errno_of(low_power, vdev, VFIO_DEVICE_FEATURE_SET | 4, caller, struct.pack("<iI", -1, 0)) == errno.EINVAL
+    assert errno_of(low_power, vdev, VFIO_DEVICE_FEATURE_SET | 4, caller, struct.pack("<iI", 99, 0)) == errno.EBADF
+    assert low_power(vdev, VFIO_DEVICE_FEATURE_SET | 4, caller, struct.pack("<iI", wfd, 0)) == 0
+    assert wake.take() == 0
+    vdev.read(4, region_offset(7))  # the first access wakes the device: the eventfd fires, low power ends
+    assert wake.take() == 1 and not vdev.pm_runtime_engaged and wake.released
+    vdev.read(4, region_offset(7))
+    assert wake.take() == 0
+
+
+def test_low_power_puts_a_pm_capable_function_in_d3hot():
+    from cuse_vfio.devices import PmCapability
+
+    fn = Recorder()
+    fn.add_capability(PmCapability())
+    vdev = make(fn)
+    low_power(vdev, VFIO_DEVICE_FEATURE_SET | 3)
+    assert fn.power_state == 3
+    assert bar_read(vdev, 0, 0, 4) == 0x05060708 and fn.power_state == 3  # woken for the access only
+    vdev.release()
+    assert fn.power_state == 0 and not vdev.pm_runtime_engaged
+
+
+# -- broken models -----------------------------------------------------------------------------
+class Broken(Recorder):
+    """A model whose reset and whose DMA-doing register are buggy."""
+
+    def __init__(self, **options):
+        super().__init__(can_reset=True, **options)
+
+    def reset(self):
+        if getattr(self, "armed", False):
+            raise ZeroDivisionError("reset bug")
+
+    def _write(self, offset, size, value):
+        if offset == 0x10:
+            self.dma.write(0x1000, b"x")  # bus master is off: DmaFault, which the model forgot to catch
+        super()._write(offset, size, value)
+
+
+def test_a_broken_model_fails_one_access_and_others_keep_running(caplog):
+    broken, healthy = Broken(), Recorder()
+    vb, vh = make(broken), make(healthy)
+    broken.armed = True
+    with caplog.at_level(logging.ERROR):
+        assert errno_of(ioctl, vb, VFIO_DEVICE_RESET, b"") == errno.EIO
+    assert "reset bug" in caplog.text
+    assert errno_of(vb.write, b"\1\0\0\0", region_offset(0, 0x10)) == errno.EIO  # not the DmaFault's errno
+    assert errno_of(vb.read, 4, region_offset(0, 0xBAD)) == errno.EIO
+    assert bar_read(vb, 0, 0, 4) == 0x05060708 and cfg_read(vb, 0, 4) == 0x00011234
+    assert bar_read(vh, 0, 0, 4) == 0x05060708
+    broken.armed = False
+    assert ioctl(vb, VFIO_DEVICE_RESET, b"")[0] == 0
+    broken.armed = True
+    vb.release()  # a failing reset on close is logged; the close completes
+    assert not broken.bus_master_enabled()
+
+
+def test_deferred_work_that_raises_is_logged_and_the_device_goes_on(caplog):
+    fn = Recorder(manual_time=True)
+    fn.call_later(0, lambda: 1 / 0)
+    fn.call_later(0, lambda: fn.regs.__setitem__(0x40, 7))
+    with caplog.at_level(logging.ERROR):
+        fn.complete_pending()
+    assert "ZeroDivisionError" in caplog.text and fn.regs[0x40] == 7
+
+
+# -- hot reset info when a function has no IOMMU group -------------------------------------------
+def test_hot_reset_info_eperm_without_a_group():
+    bus, a, b = bus_of_two()
+    bus.add(0x10, None, None)
+    arg = FakeArg(struct.pack("<III", 12 + 3 * 8, 7, 99).ljust(12 + 3 * 8, b"\0"))
+    assert errno_of(a.ioctl, VFIO_DEVICE_GET_PCI_HOT_RESET_INFO, arg) == errno.EPERM
+    assert struct.unpack_from("<III", arg.buf) == (36, 0, 99)  # header back with flags 0, count untouched
+
+
+# -- the registry -------------------------------------------------------------------------------
+def test_create_model_passes_name_and_any_option():
+    from cuse_vfio.devices import register_model
+
+    @register_model("test-named")
+    class Named(PciDevice):
+        vendor_id, device_id = 0x1234, 0x4242
+
+        def __init__(self, name=None, model_name="x", **options):
+            super().__init__(name, **options)
+            self.option = model_name
+
+    fn = create_model("test-named", name="0000:00:07.0", model_name="y")
+    assert fn.name == "0000:00:07.0" and fn.option == "y"
+    assert create_model("test-named").name == "Named"
+    assert create_model("edu", name="0000:00:02.0", manual_time=True).name == "0000:00:02.0"
+
+
+def test_example_scratchpad_ram_is_shared_memory():
+    load_model_file(EXAMPLE)
+    load_model_file(EXAMPLE)  # loading twice re-registers the same class
+    fn = create_model("scratchpad", name="0000:00:05.0")
+    vdev = make(fn)
+    memory, start = vdev.mmap(region_offset(0), 64 * 1024)
+    client = mmap.mmap(os.dup(memory.fileno()), 64 * 1024)
+    try:
+        client[0:5] = b"howdy"
+        assert vdev.read(5, region_offset(0)) == b"howdy"
+    finally:
+        client.close()
+    info, out = region_info(vdev, 0, argsz=64)
+    assert info.cap_offset == 32 and struct.unpack_from("<QQ", out, 48) == (0, 64 * 1024)

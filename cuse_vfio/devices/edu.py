@@ -1,16 +1,20 @@
 """QEMU's educational device, ``edu`` (hw/misc/edu.c, docs/specs/edu.rst).
 
-PCI 1234:11e8, revision 0x10, class 0x00ff00 ("other"), INTA, one MSI
-capability (1 vector, 64-bit address), BAR0: 1 MiB of 32-bit MMIO registers.
+PCI 1234:11e8, revision 0x10, class 0x00ff00 ("other"), subsystem 1af4:1100
+(QEMU's default for a device that names none), INTA, one MSI capability
+(1 vector, 64-bit address, no per-vector masking) at 0x40, BAR0: 1 MiB of
+32-bit non-prefetchable MMIO registers, conventional PCI (256-byte config).
 
 MMIO accesses as QEMU's memory core and ``edu_mmio_read``/``_write`` see them:
 1- and 2-byte accesses are refused by the memory core (read 0, writes
 dropped); below 0x80 only 4-byte accesses reach a register (8 bytes read as
 all ones); from 0x80 on, 4 or 8 bytes.  A register not in the table reads as
 all ones.  Options (topology keys): ``dma_mask`` (default 28 bits, as QEMU),
-``fact_delay`` and ``dma_delay`` in seconds (QEMU: a thread, and a 100 ms
-timer), ``reset`` to offer a function reset (the kernel finds none for QEMU's
-edu on q35's root bus, so the default is no), ``manual_time`` for tests.
+``fact_delay`` and ``dma_delay`` in seconds (QEMU computes the factorial in a
+thread, so COMPUTING is seen set for a moment, and runs a DMA from a 100 ms
+timer: the defaults), ``reset`` to offer a function reset (the kernel finds
+none for QEMU's edu on q35's root bus, so the default is no), ``manual_time``
+for tests (nothing deferred runs until ``complete_pending()``).
 
 Differences from QEMU, on purpose: an out-of-range DMA buffer access is
 logged and skipped (QEMU logs, then overruns its buffer); a DMA with bus
@@ -63,6 +67,8 @@ class Edu(PciDevice):
     device_id = 0x11E8
     revision = 0x10
     class_code = 0x00FF00
+    subsystem_vendor_id = 0x1AF4   # PCI_SUBVENDOR_ID_REDHAT_QUMRANET
+    subsystem_id = 0x1100          # PCI_SUBDEVICE_ID_QEMU
     interrupt_pin = 1
 
     # offset: (name, reader, writer); None = the access does nothing
@@ -81,7 +87,7 @@ class Edu(PciDevice):
     }
 
     def __init__(self, name=None, *, dma_mask: int = (1 << 28) - 1, fact_delay: float = 0.001,
-                 dma_delay: float = 0.01, reset: bool = False, **options):
+                 dma_delay: float = 0.1, reset: bool = False, **options):
         super().__init__(name, **options)
         self.dma_mask = int(dma_mask)
         self.fact_delay = float(fact_delay)

@@ -57,7 +57,10 @@ import collections
 import enum
 import errno
 import logging
+import mmap
+import os
 import threading
+import weakref
 from typing import Callable, Dict, List, Optional, Protocol
 
 from ..errors import VfioError
@@ -333,29 +336,69 @@ class IoBar(MmioBar):
     io = True
 
 
+class SharedMemory:
+    """Bytes in a memfd, mapped here: memory a transport can hand to a client to map.
+
+    ``fileno()`` is the memfd (send it over a Unix socket; the client maps it
+    ``MAP_SHARED``), ``view`` is this process's writable mapping of the same
+    pages, so a store by either side is seen by the other.  ``close()`` drops
+    this side's mapping and fd (a client's mapping lives on).
+    """
+
+    def __init__(self, size: int, name: str = "cuse-vfio"):
+        if size <= 0:
+            raise ValueError("shared memory needs at least one byte")
+        self.size = size
+        self._fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self._fd, size)
+            self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError:
+            os.close(self._fd)
+            raise
+        self.view = memoryview(self._map)
+        # The fd is closed with the object even when nobody calls close().
+        self._finalizer = weakref.finalize(self, os.close, self._fd)
+
+    def fileno(self) -> int:
+        if not self._finalizer.alive:
+            raise ValueError("shared memory is closed")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.view.release()
+        try:
+            self._map.close()
+        except BufferError:
+            pass  # a slice of the view is still held somewhere: the mapping goes with it
+        self._finalizer()
+
+
 class RamBar(Bar):
     """Plain memory: reads return what was written.  Offered for mmap.
 
-    ``on_write(offset, size)`` (optional) is told after a write through the
-    device fd; writes through an mmap are not seen, as on hardware.  The
-    backing buffer can be replaced by a transport's shared memory with
-    :meth:`attach_backing`.
+    The bytes live in a memfd (:class:`SharedMemory`): vfio-pci offers the BAR
+    with the sparse-mmap capability and hands ``memory`` to a transport, which
+    passes the fd to the client; the client's stores through its mapping and
+    the model's through ``backing`` are the same memory.  ``on_write(offset,
+    size)`` (optional) is told after a write through the device fd; writes
+    through an mmap are not seen, as on hardware.
     """
 
     mmappable = True
 
     def __init__(self, size: int, *, on_write: Optional[Callable[[int, int], None]] = None, **kwargs):
         super().__init__(size, **kwargs)
-        self.backing = memoryview(bytearray(size))
+        self.memory = SharedMemory(size, "cuse-vfio-bar")
+        #: the model's view of the BAR's bytes (writable, ``size`` long)
+        self.backing = self.memory.view
         self._on_write = on_write
-
-    def attach_backing(self, buffer) -> None:
-        """Move the contents into ``buffer`` (writable, at least ``size`` bytes) and use it from now on."""
-        view = memoryview(buffer).cast("B")
-        if len(view) < self.size or view.readonly:
-            raise ValueError(f"backing for a {self.size:#x}-byte BAR must be writable and as large")
-        view[:self.size] = self.backing[:self.size]
-        self.backing = view[:self.size]
 
     def read(self, offset: int, size: int) -> int:
         return int.from_bytes(self.backing[offset:offset + size], "little")
@@ -364,6 +407,9 @@ class RamBar(Bar):
         self.backing[offset:offset + size] = value.to_bytes(size, "little")
         if self._on_write is not None:
             self._on_write(offset, size)
+
+    def close(self) -> None:
+        self.memory.close()
 
 
 class Rom:
@@ -1138,12 +1184,15 @@ class PciDevice:
             if self.msix is not None:
                 self.msix.reset()
             self._intx_level = False
-            self.reset()
             self._update_intx()
+            self.reset()  # the model's own state, last: a model that fails here leaves the rest reset
 
     def shutdown(self) -> None:
-        """The device goes away: nothing deferred may run any more."""
+        """The device goes away: nothing deferred may run any more, shared memory is let go."""
         self.deferred.cancel_all()
+        for bar in self.bars:
+            if isinstance(bar, RamBar):
+                bar.close()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} {self.vendor_id:04x}:{self.device_id:04x}>"

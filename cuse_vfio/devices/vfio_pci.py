@@ -41,7 +41,12 @@ from ..errors import VfioError
 from ..uapi import (
     VFIO_DEVICE_FEATURE,
     VFIO_DEVICE_FEATURE_GET,
+    VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY,
+    VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY_WITH_WAKEUP,
+    VFIO_DEVICE_FEATURE_LOW_POWER_EXIT,
     VFIO_DEVICE_FEATURE_MASK,
+    VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
+    VFIO_DEVICE_FEATURE_MIGRATION,
     VFIO_DEVICE_FEATURE_PROBE,
     VFIO_DEVICE_FEATURE_SET,
     VFIO_DEVICE_FLAGS_PCI,
@@ -87,6 +92,8 @@ from ..uapi import (
     vfio_device_feature,
     vfio_device_info,
     vfio_device_ioeventfd,
+    vfio_device_low_power_entry_with_wakeup,
+    vfio_iommu_type1_info,
     vfio_irq_info,
     vfio_irq_set,
     vfio_pci_dependent_device,
@@ -148,11 +155,13 @@ from .pci import (
     PCI_ROM_ADDRESS_ENABLE,
     PCI_STATUS,
     PCI_STATUS_CAP_LIST,
+    PCI_STATUS_INTERRUPT,
     PCI_STD_HEADER_SIZEOF,
     PCI_STD_NUM_BARS,
     PCI_VENDOR_ID,
     IrqIndex,
     PciDevice,
+    SharedMemory,
 )
 
 log = logging.getLogger(__name__)
@@ -662,6 +671,10 @@ def _release_eventfd(efd) -> None:
         release()
 
 
+class ModelFailure(VfioError):
+    """EIO for one access, because the device model raised (the traceback is in the log)."""
+
+
 class HotResetBus:
     """The devices one secondary-bus reset hits, for GET_PCI_HOT_RESET_INFO / PCI_HOT_RESET.
 
@@ -714,11 +727,17 @@ class VfioPciDevice:
         self.intx: Optional[_IntxCtx] = None
         self.msi_ctx: Dict[int, object] = {}
         self.msi_qmax = 0
+        #: vectors enabled with the current MSI / MSI-X type (vdev->num_ctx)
+        self.num_ctx = 0
         self.virq_disabled = False
         self.err_trigger = None
         self.req_trigger = None
         self.reset_works = False
         self.ioeventfds: Dict[tuple, Callable[[], None]] = {}
+        #: low-power mode the user asked for (VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY*)
+        self.pm_runtime_engaged = False
+        self.pm_wake_eventfd = None
+        self._pm_suspended: Optional[tuple] = None
         self._saved_state: Optional[Dict[int, tuple]] = None
         self._ioctls = {
             VFIO_DEVICE_GET_INFO: self._get_info,
@@ -749,26 +768,35 @@ class VfioPciDevice:
             self._enable_device()
             # pci_try_reset_function at enable: whether it works decides VFIO_DEVICE_FLAGS_RESET
             self.reset_works = bool(self.reset_methods())
-            self._try_reset_function()
+            self._guarded(self._try_reset_function)
             self._saved_state = self._save_state()
             self.vconfig = VirtualConfig(self)
 
     def release(self) -> None:
         """Last close (vfio_pci_core_disable + close_device): quiet the device, restore it."""
         with self.lock:
-            self._clear_master()
+            # out of low-power mode first: the reset below needs the function in D0
+            self._pm_resume()
+            self._pm_exit()
+            self._clear_master()  # stop the device from further DMA
             if self.irq_type is not None:
                 self._set_irqs_ioctl(VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, self.irq_type, 0, 0, b"", None)
             for cancel in self.ioeventfds.values():
                 cancel()
             self.ioeventfds.clear()
             self.virq_disabled = False
+            # INTx and MSI off (and decoding) around the reset, as pci_reset_function does;
+            # a function that cannot be reset keeps its own state, only config is restored.
+            self.function.config_write(PCI_COMMAND, 2, PCI_COMMAND_INTX_DISABLE)
             if self.reset_works:
-                self.function.reset_function()
+                try:
+                    self._guarded(self.function.reset_function)
+                except VfioError:
+                    pass  # logged; closing goes on
             if self._saved_state is not None:
                 self._restore_state(self._saved_state)
                 self._saved_state = None
-            self._clear_master()
+            self._clear_master()  # pci_disable_device
             for attr in ("err_trigger", "req_trigger"):
                 if getattr(self, attr) is not None:
                     _release_eventfd(getattr(self, attr))
@@ -836,8 +864,10 @@ class VfioPciDevice:
         if not self.reset_methods():
             return
         saved = self._save_state()
-        self.function.reset_function()
-        self._restore_state(saved)
+        try:
+            self.function.reset_function()
+        finally:
+            self._restore_state(saved)
 
     def _set_power_state(self, pm_offset: int, state: int) -> None:
         fn = self.function
@@ -847,18 +877,35 @@ class VfioPciDevice:
     # -- DeviceOps: ioctl ----------------------------------------------------------
     def ioctl(self, cmd: int, arg) -> int:
         handler = self._ioctls.get(cmd)
-        if handler is None:
-            raise VfioError(errno.ENOTTY, f"{self.name}: vfio-pci has no ioctl 0x{cmd:x}")
         with self.lock:
-            return handler(arg)
+            # vfio_device_fops_unl_ioctl wakes the device around every ioctl (runtime PM)
+            self._pm_resume()
+            try:
+                if handler is None:
+                    raise VfioError(errno.ENOTTY, f"{self.name}: vfio-pci has no ioctl 0x{cmd:x}")
+                return handler(arg)
+            except VfioError:
+                raise  # vfio-pci's own rules (model code inside is run through _guarded)
+            except Exception:
+                log.exception("%s: ioctl 0x%x failed unexpectedly", self.name, cmd)
+                raise VfioError(errno.EIO, f"{self.name}: ioctl failed (see the server log)") from None
+            finally:
+                self._pm_suspend()
 
     def _get_info(self, arg) -> int:
+        """vfio_pci_ioctl_get_info: 16 bytes, or 20 (cap_offset 0) when argsz leaves room for it."""
         minsz = offsetofend(vfio_device_info, "num_irqs")
         info = arg.fetch_struct(vfio_device_info, minsz)
+        # For backward compatibility the kernel cannot require cap_offset; it measures
+        # "room for it" with vfio_iommu_type1_info's, which ends at the same 20 bytes.
+        capsz = offsetofend(vfio_iommu_type1_info, "cap_offset")
+        if info.argsz >= capsz:
+            minsz = capsz
+            info.cap_offset = 0  # no device capabilities (zPCI has some; nothing here)
         info.flags = VFIO_DEVICE_FLAGS_PCI | (VFIO_DEVICE_FLAGS_RESET if self.reset_works else 0)
         info.num_regions = VFIO_PCI_NUM_REGIONS
         info.num_irqs = VFIO_PCI_NUM_IRQS
-        arg.write(0, bytes(info)[:min(info.argsz, ctypes.sizeof(info))])
+        arg.write(0, bytes(info)[:minsz])
         return 0
 
     def _region(self, index: int):
@@ -915,20 +962,14 @@ class VfioPciDevice:
         info.size, info.flags, areas = region
         info.cap_offset = 0
         if areas:
+            # A plain-memory BAR: which parts the client may map (never the MSI-X table or PBA).
             chain = CapChain()
-            sparse = vfio_region_info_cap_sparse_mmap()
-            sparse.nr_areas = len(areas)
-            body = bytes(sparse)[offsetofend(vfio_region_info_cap_sparse_mmap, "header"):]
-            for offset, size in areas:
-                body += bytes(vfio_region_sparse_mmap_area(offset=offset, size=size))
-            chain.add(VFIO_REGION_INFO_CAP_SPARSE_MMAP, 1, body)
-            info.flags |= VFIO_REGION_INFO_FLAG_CAPS
-            caps = chain.build(ctypes.sizeof(vfio_region_info))
-            if info.argsz < ctypes.sizeof(vfio_region_info) + len(caps):
-                info.argsz = ctypes.sizeof(vfio_region_info) + len(caps)
-            else:
+            trailing = b"".join(bytes(vfio_region_sparse_mmap_area(offset=off, size=size)) for off, size in areas)
+            chain.add_struct(vfio_region_info_cap_sparse_mmap(nr_areas=len(areas)),
+                             VFIO_REGION_INFO_CAP_SPARSE_MMAP, 1, trailing)
+            caps = chain.place(info, VFIO_REGION_INFO_FLAG_CAPS)
+            if caps:
                 arg.write(ctypes.sizeof(vfio_region_info), caps)
-                info.cap_offset = ctypes.sizeof(vfio_region_info)
         arg.write(0, bytes(info)[:minsz])
         return 0
 
@@ -1022,6 +1063,12 @@ class VfioPciDevice:
         return int.from_bytes(data[4 * i:4 * i + 4], "little", signed=True)
 
     # INTx -----------------------------------------------------------------------
+    # The function masks INTx with its own INTx-disable bit (a PCI 2.3 function:
+    # pci_intx_mask_supported), so vfio-pci masks it there, as the kernel does:
+    # the handler sets the bit when the function says the interrupt is its own
+    # (pci_check_and_mask_intx), unmasking clears it unless another interrupt is
+    # already pending (pci_check_and_unmask_intx), and while INTx is not in use
+    # the bit follows the user's virtual INTx-disable.
     def _set_intx_unmask(self, index, start, count, flags, data, caller) -> None:
         if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX or start != 0 or count != 1:
             raise VfioError(errno.EINVAL, "INTx UNMASK needs INTx enabled, start 0 and count 1")
@@ -1030,15 +1077,17 @@ class VfioPciDevice:
         elif flags & VFIO_IRQ_SET_DATA_EVENTFD:
             fd = self._fd(data)
             ctx = self.intx
-            if ctx.unmask_watch is not None:
-                ctx.unmask_watch()
-                ctx.unmask_watch = None
             if fd >= 0:
+                if ctx.unmask_watch is not None:
+                    raise VfioError(errno.EBUSY, "an unmask eventfd is already set: de-assign it (-1) first")
                 efd = self._eventfd(caller, fd)
                 watch = getattr(efd, "watch", None)
                 if watch is None:
                     raise VfioError(errno.EOPNOTSUPP, "this transport cannot watch an eventfd (unmask irqfd)")
                 ctx.unmask_watch = watch(self._unmask_from_eventfd)
+            elif ctx.unmask_watch is not None:
+                ctx.unmask_watch()
+                ctx.unmask_watch = None
 
     def _unmask_from_eventfd(self) -> None:
         with self.lock:
@@ -1060,23 +1109,37 @@ class VfioPciDevice:
             raise VfioError(errno.EINVAL, "INTx TRIGGER needs no other interrupt type, start 0 and count 1")
         if flags & VFIO_IRQ_SET_DATA_EVENTFD:
             fd = self._fd(data)
-            trigger = self._eventfd(caller, fd) if fd >= 0 else None
             if self.irq_type == VFIO_PCI_INTX_IRQ_INDEX:
-                old, self.intx.trigger = self.intx.trigger, trigger
-                if old is not None:
-                    _release_eventfd(old)
-            else:
-                self._intx_enable(trigger)
+                self._intx_set_signal(fd, caller)
+                return
+            self._intx_enable()
+            try:
+                self._intx_set_signal(fd, caller)
+            except VfioError:
+                self._intx_disable()
+                raise
             return
         if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX:
             raise VfioError(errno.EINVAL, "INTx loopback needs INTx enabled")
         if flags & VFIO_IRQ_SET_DATA_NONE or (flags & VFIO_IRQ_SET_DATA_BOOL and data[0]):
             self._send_intx_eventfd()
 
-    def _intx_enable(self, trigger) -> None:
-        self.intx = _IntxCtx(trigger, masked=self.virq_disabled)
+    def _intx_enable(self) -> None:
+        """vfio_intx_enable: the context, masked as the user's INTx-disable says."""
+        self.intx = _IntxCtx(None, masked=self.virq_disabled)
+        self._pci_intx(not self.intx.masked)
         self.irq_type = VFIO_PCI_INTX_IRQ_INDEX
-        # A level already asserted fires as soon as the handler is in place.
+
+    def _intx_set_signal(self, fd: int, caller) -> None:
+        """vfio_intx_set_signal: drop the old eventfd (and handler), then install the new one."""
+        ctx = self.intx
+        if ctx.trigger is not None:
+            old, ctx.trigger = ctx.trigger, None
+            _release_eventfd(old)
+        if fd < 0:
+            return  # de-assigned: no handler, so nothing masks or signals until a new one
+        ctx.trigger = self._eventfd(caller, fd)
+        # request_irq on a level-triggered line already asserted runs the handler at once.
         if self.function.intx_asserted():
             self.intx_fire()
 
@@ -1085,8 +1148,10 @@ class VfioPciDevice:
         if ctx is not None:
             if ctx.unmask_watch is not None:
                 ctx.unmask_watch()
+                ctx.unmask_watch = None
             if ctx.trigger is not None:
                 _release_eventfd(ctx.trigger)
+                ctx.trigger = None
         self.intx = None
         self.irq_type = None
 
@@ -1095,26 +1160,51 @@ class VfioPciDevice:
             self.intx.trigger.signal()
 
     def intx_fire(self) -> None:
-        """The line went up (vfio_intx_handler): mask it, tell the user once."""
+        """The line went up (vfio_intx_handler): mask it in the function, tell the user once."""
         ctx = self.intx
-        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX or ctx.masked:
-            return
-        ctx.masked = True
-        self._send_intx_eventfd()
+        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX or ctx.trigger is None:
+            return  # no handler registered
+        if not ctx.masked and self._check_and_set_intx_mask(True):
+            ctx.masked = True
+            self._send_intx_eventfd()
 
     def _intx_mask(self) -> None:
-        if self.irq_type == VFIO_PCI_INTX_IRQ_INDEX:
+        """vfio_pci_intx_mask."""
+        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX:
+            self._pci_intx(False)  # not in use: the function's bit follows the virtual one
+        elif not self.intx.masked:
+            self._pci_intx(False)
             self.intx.masked = True
 
     def _intx_unmask(self) -> None:
-        ctx = self.intx
-        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX or not ctx.masked or self.virq_disabled:
+        """vfio_pci_intx_unmask: unmask, or re-send when the function still has an interrupt pending."""
+        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX:
+            self._pci_intx(True)
             return
-        if self.function.intx_asserted():
-            # Still asserted: stay masked and tell the user again (pci_check_and_unmask_intx).
-            self._send_intx_eventfd()
-        else:
+        ctx = self.intx
+        if not ctx.masked or self.virq_disabled:
+            return
+        if self._check_and_set_intx_mask(False):
             ctx.masked = False
+        else:
+            self._send_intx_eventfd()  # stays masked
+
+    def _pci_intx(self, enable: bool) -> None:
+        """pci_intx: set or clear the function's INTx-disable bit."""
+        fn = self.function
+        cmd = fn.command()
+        new = (cmd & ~PCI_COMMAND_INTX_DISABLE) | (0 if enable else PCI_COMMAND_INTX_DISABLE)
+        if new != cmd:
+            fn.config_write(PCI_COMMAND, 2, new)
+
+    def _check_and_set_intx_mask(self, mask: bool) -> bool:
+        """pci_check_and_{mask,unmask}_intx: act only when the Interrupt Status bit agrees."""
+        fn = self.function
+        pending = bool(fn.config_read(PCI_STATUS, 2) & PCI_STATUS_INTERRUPT)
+        if mask != pending:
+            return False
+        self._pci_intx(not mask)
+        return True
 
     # MSI / MSI-X ----------------------------------------------------------------
     def _set_msi_trigger(self, index, start, count, flags, data, caller) -> None:
@@ -1136,8 +1226,9 @@ class VfioPciDevice:
                 self._msi_disable(msix)
                 raise
             return
-        if self.irq_type != index:
-            raise VfioError(errno.EINVAL, f"{self.name}: loopback on irq index {index}, which is not enabled")
+        if self.irq_type != index or start + count > self.num_ctx:
+            raise VfioError(errno.EINVAL, f"{self.name}: loopback on vectors {start}+{count} of irq index "
+                                          f"{index}, which has {self.num_ctx} enabled")
         for i in range(start, start + count):
             trigger = self.msi_ctx.get(i)
             if trigger is None:
@@ -1146,6 +1237,7 @@ class VfioPciDevice:
                 trigger.signal()
 
     def _msi_enable(self, nvec: int, msix: bool) -> None:
+        """vfio_msi_enable: the vector count is fixed here (NORESIZE) until disabled."""
         fn = self.function
         # pci_intx_for_msi: INTx is off in the function while messages are on
         fn.config_write(PCI_COMMAND, 2, fn.command() | PCI_COMMAND_INTX_DISABLE)
@@ -1155,9 +1247,14 @@ class VfioPciDevice:
         else:
             fn.msi.host_enable(nvec)
             self.irq_type = VFIO_PCI_MSI_IRQ_INDEX
+            # the virtual Multiple Message Enable may not exceed what was enabled
             self.msi_qmax = (nvec * 2 - 1).bit_length() - 1
+        self.num_ctx = nvec
 
     def _msi_set_block(self, start: int, fds: List[int], msix: bool, caller) -> None:
+        if start >= self.num_ctx or start + len(fds) > self.num_ctx:
+            raise VfioError(errno.EINVAL, f"{self.name}: vectors {start}+{len(fds)} beyond the {self.num_ctx} "
+                                          "enabled (disable with count 0 to change the count)")
         done = start
         try:
             for i, fd in enumerate(fds):
@@ -1190,6 +1287,7 @@ class VfioPciDevice:
             fn.msi.host_disable()
         fn.config_write(PCI_COMMAND, 2, fn.command() & ~PCI_COMMAND_INTX_DISABLE)
         self.irq_type = None
+        self.num_ctx = 0
 
     # ERR / REQ --------------------------------------------------------------------
     def _set_err_trigger(self, index, start, count, flags, data, caller) -> None:
@@ -1252,7 +1350,7 @@ class VfioPciDevice:
             raise VfioError(errno.EINVAL, f"{self.name} cannot be reset on its own")
         if self.function.pm is not None and self.function.power_state:
             self._set_power_state(self.function.pm.offset, 0)
-        self._try_reset_function()
+        self._guarded(self._try_reset_function)
         return 0
 
     def _bus_members(self) -> List[tuple]:
@@ -1274,16 +1372,14 @@ class VfioPciDevice:
         devices = b""
         for devfn, group_id, _ in members:
             if group_id is None:
+                # vfio_pci_fill_devs: the header still goes back (flags 0, the caller's count)
+                arg.write(0, bytes(hdr)[:minsz])
                 raise VfioError(errno.EPERM, "a device on the bus is in no IOMMU group: it cannot be reset")
-            dev = vfio_pci_dependent_device()
-            dev.group_id = group_id
-            dev.segment = self.reset_bus.segment
-            dev.bus = self.reset_bus.bus
-            dev.devfn = devfn
-            devices += bytes(dev)
-        arg.write(ctypes.sizeof(vfio_pci_hot_reset_info), devices)
+            devices += bytes(vfio_pci_dependent_device(group_id=group_id, segment=self.reset_bus.segment,
+                                                       bus=self.reset_bus.bus, devfn=devfn))
         hdr.count = len(members)
         arg.write(0, bytes(hdr)[:minsz])
+        arg.write(ctypes.sizeof(vfio_pci_hot_reset_info), devices)
         return 0
 
     def _pci_hot_reset(self, arg) -> int:
@@ -1307,8 +1403,10 @@ class VfioPciDevice:
         for vdev in vdevs:
             with vdev.lock:
                 saved = vdev._save_state()
-                vdev.function.reset_function()
-                vdev._restore_state(saved)
+                try:
+                    vdev._guarded(vdev.function.reset_function)
+                finally:
+                    vdev._restore_state(saved)
         return 0
 
     # -- IOEVENTFD -----------------------------------------------------------------------
@@ -1351,17 +1449,103 @@ class VfioPciDevice:
 
     # -- VFIO_DEVICE_FEATURE -------------------------------------------------------------
     def _feature(self, arg) -> int:
-        """vfio_ioctl_device_feature: argument checks, then every feature is unsupported (ENOTTY)."""
+        """vfio_ioctl_device_feature, then vfio_pci_core_ioctl_feature (6.1).
+
+        No migration (no mig_ops) and no SR-IOV VF token: those are ENOTTY,
+        as is every feature number 6.1 does not know.  What vfio-pci itself
+        implements for every device is low-power entry/exit (runtime PM).
+        """
         minsz = offsetofend(vfio_device_feature, "flags")
         feature = arg.fetch_struct(vfio_device_feature, minsz)
         known = VFIO_DEVICE_FEATURE_MASK | VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_PROBE
-        if feature.flags & ~known:
-            raise VfioError(errno.EINVAL, f"DEVICE_FEATURE: unknown flags 0x{feature.flags:x}")
-        if not feature.flags & VFIO_DEVICE_FEATURE_PROBE and feature.flags & VFIO_DEVICE_FEATURE_SET and \
-                feature.flags & VFIO_DEVICE_FEATURE_GET:
+        flags = feature.flags
+        if flags & ~known:
+            raise VfioError(errno.EINVAL, f"DEVICE_FEATURE: unknown flags 0x{flags:x}")
+        if not flags & VFIO_DEVICE_FEATURE_PROBE and flags & VFIO_DEVICE_FEATURE_SET and \
+                flags & VFIO_DEVICE_FEATURE_GET:
             raise VfioError(errno.EINVAL, "DEVICE_FEATURE: GET and SET together need PROBE")
-        raise VfioError(errno.ENOTTY, f"{self.name}: feature {feature.flags & VFIO_DEVICE_FEATURE_MASK} "
-                                      "is not supported")
+        number = flags & VFIO_DEVICE_FEATURE_MASK
+        argsz = feature.argsz - minsz
+        if number == VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY:
+            if self._check_feature(flags, argsz, VFIO_DEVICE_FEATURE_SET, 0):
+                self._pm_entry(None)
+            return 0
+        if number == VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY_WITH_WAKEUP:
+            size = ctypes.sizeof(vfio_device_low_power_entry_with_wakeup)
+            if self._check_feature(flags, argsz, VFIO_DEVICE_FEATURE_SET, size):
+                entry = vfio_device_low_power_entry_with_wakeup.from_buffer_copy(arg.read(minsz, size))
+                if entry.wakeup_eventfd < 0:
+                    raise VfioError(errno.EINVAL, "LOW_POWER_ENTRY_WITH_WAKEUP: wakeup_eventfd must be an fd")
+                self._pm_entry(self._eventfd(arg.caller, entry.wakeup_eventfd))
+            return 0
+        if number == VFIO_DEVICE_FEATURE_LOW_POWER_EXIT:
+            if self._check_feature(flags, argsz, VFIO_DEVICE_FEATURE_SET, 0):
+                self._pm_exit()
+            return 0
+        what = "migration" if number in (VFIO_DEVICE_FEATURE_MIGRATION, VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE) \
+            else f"feature {number}"
+        raise VfioError(errno.ENOTTY, f"{self.name}: {what} is not supported")
+
+    @staticmethod
+    def _check_feature(flags: int, argsz: int, supported: int, minsz: int) -> bool:
+        """vfio_check_feature: False for a successful PROBE, True to go on, EINVAL otherwise."""
+        if flags & (VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_SET) & ~supported:
+            raise VfioError(errno.EINVAL, "DEVICE_FEATURE: this feature does not support "
+                                          + ("GET" if supported == VFIO_DEVICE_FEATURE_SET else "SET"))
+        if flags & VFIO_DEVICE_FEATURE_PROBE:
+            return False
+        if not flags & (VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_SET):
+            raise VfioError(errno.EINVAL, "DEVICE_FEATURE: without PROBE, give GET or SET")
+        if argsz < minsz:
+            raise VfioError(errno.EINVAL, f"DEVICE_FEATURE: the feature needs {minsz} bytes of data")
+        return True
+
+    # -- runtime power management (the LOW_POWER features) -----------------------------
+    # Once the user asked for low power, the device is runtime-suspended whenever no
+    # access is in progress: every ioctl, read, write or mmap wakes it for its duration
+    # (pm_runtime_resume_and_get), and a wake-up eventfd, if one was given, is signalled
+    # on that first wake and ends low-power mode (vfio_pci_core_runtime_resume).
+    def _pm_entry(self, wake_eventfd) -> None:
+        if self.pm_runtime_engaged:
+            if wake_eventfd is not None:
+                _release_eventfd(wake_eventfd)
+            raise VfioError(errno.EINVAL, f"{self.name} is already in low-power mode")
+        self.pm_runtime_engaged = True
+        self.pm_wake_eventfd = wake_eventfd
+
+    def _pm_exit(self) -> None:
+        """__vfio_pci_runtime_pm_exit."""
+        self.pm_runtime_engaged = False
+        if self.pm_wake_eventfd is not None:
+            _release_eventfd(self.pm_wake_eventfd)
+            self.pm_wake_eventfd = None
+
+    def _pm_suspend(self) -> None:
+        """vfio_pci_core_runtime_suspend, then the PCI core: INTx masked, state saved, D3hot."""
+        if not self.pm_runtime_engaged or self._pm_suspended is not None:
+            return
+        intx_masked = self.irq_type == VFIO_PCI_INTX_IRQ_INDEX and not self.intx.masked
+        if intx_masked:
+            self._intx_mask()
+        saved = self._save_state()
+        if self.function.pm is not None:
+            self._set_power_state(self.function.pm.offset, PCI_D3HOT)
+        self._pm_suspended = (saved, intx_masked)
+
+    def _pm_resume(self) -> None:
+        """Wake a runtime-suspended device for an access (vfio_pci_core_runtime_resume)."""
+        if self._pm_suspended is None:
+            return
+        saved, intx_masked = self._pm_suspended
+        self._pm_suspended = None
+        if self.function.pm is not None:
+            self._set_power_state(self.function.pm.offset, 0)
+        self._restore_state(saved)
+        if self.pm_wake_eventfd is not None:
+            self.pm_wake_eventfd.signal()
+            self._pm_exit()
+        if intx_masked:
+            self._intx_unmask()
 
     # -- DeviceOps: read / write / mmap -----------------------------------------------------
     def read(self, size: int, offset: int) -> bytes:
@@ -1378,9 +1562,16 @@ class VfioPciDevice:
 
     def _rw(self, offset: int, count: int, data: Optional[bytes]):
         index = offset >> VFIO_PCI_OFFSET_SHIFT
-        pos = offset & VFIO_PCI_OFFSET_MASK
         if index >= VFIO_PCI_NUM_REGIONS:
             raise VfioError(errno.EINVAL, f"{self.name}: offset 0x{offset:x} is in no region")
+        self._pm_resume()  # vfio_pci_rw: pm_runtime_resume_and_get
+        try:
+            return self._region_rw(index, offset, count, data)
+        finally:
+            self._pm_suspend()
+
+    def _region_rw(self, index: int, offset: int, count: int, data: Optional[bytes]):
+        pos = offset & VFIO_PCI_OFFSET_MASK
         if index == VFIO_PCI_CONFIG_REGION_INDEX:
             return self._config_rw(pos, count, data)
         if index == VFIO_PCI_ROM_REGION_INDEX:
@@ -1459,28 +1650,47 @@ class VfioPciDevice:
         return bytes(out) if data is None else done
 
     def _guarded(self, fn, *args):
-        """Run model code: a VfioError passes, anything else fails this access with EIO."""
+        """Run device-model code (handlers, config hooks, reset) for one access.
+
+        Whatever the model raises -- a bug, or a VfioError such as a DMA fault
+        it did not handle -- fails this access with EIO, logged with its
+        traceback; the device, its lock and the server carry on.
+        """
         try:
             return fn(*args)
-        except VfioError:
+        except ModelFailure:
             raise
         except Exception:
             log.exception("%s: the device model failed an access; it keeps running", self.name)
-            raise VfioError(errno.EIO, f"{self.name}: the device model failed (see the server log)")
+            raise ModelFailure(errno.EIO, f"{self.name}: the device model failed (see the server log)") from None
+
+    def region_memory(self, index: int) -> SharedMemory:
+        """The shared memory behind a mappable region (a plain-memory BAR), for a transport.
+
+        A transport sends ``region_memory(i).fileno()`` (a memfd) to the client,
+        which maps the areas GET_REGION_INFO's sparse-mmap capability lists, at
+        the same offsets into the memfd as into the BAR.  EINVAL for a region
+        that cannot be mapped (registers, I/O, config, ROM, VGA).
+        """
+        if not 0 <= index <= VFIO_PCI_BAR5_REGION_INDEX or not self._mmap_areas(index):
+            raise VfioError(errno.EINVAL, f"{self.name}: region {index} cannot be mapped")
+        return self.function.bars[index].memory
 
     def mmap(self, offset: int, length: int):
-        """The hook a transport uses to map a BAR: returns (buffer, start) for a page-aligned sparse area.
+        """vfio_pci_core_mmap's checks for a client mapping ``length`` bytes at file ``offset``.
 
-        The buffer is the BAR's backing store; the transport replaces it with
-        shared memory (``RamBar.attach_backing``) to hand it to the client.
+        Returns ``(memory, start)``: map ``memory.fileno()`` at ``start`` for
+        ``length`` bytes.  The range must lie inside one sparse-mmap area.
         """
         index = offset >> VFIO_PCI_OFFSET_SHIFT
         pos = offset & VFIO_PCI_OFFSET_MASK
-        if index >= VFIO_PCI_NUM_REGIONS or index > VFIO_PCI_BAR5_REGION_INDEX:
+        if index >= VFIO_PCI_ROM_REGION_INDEX:
             raise VfioError(errno.EINVAL, f"{self.name}: region {index} cannot be mapped")
         if pos % PAGE_SIZE or length <= 0:
             raise VfioError(errno.EINVAL, f"{self.name}: mmap must start on a page")
-        for start, size in self._mmap_areas(index):
-            if start <= pos and pos + length <= start + size:
-                return self.function.bars[index], pos
+        with self.lock:
+            self._pm_resume()
+            for start, size in self._mmap_areas(index):
+                if start <= pos and pos + length <= start + size:
+                    return self.function.bars[index].memory, pos
         raise VfioError(errno.EINVAL, f"{self.name}: 0x{pos:x}+0x{length:x} of BAR{index} is not mappable")
