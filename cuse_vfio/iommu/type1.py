@@ -147,6 +147,19 @@ def _user_memory(arg):
     return memory if memory is not None else arg.caller.memory
 
 
+def _cap_chain_6_1() -> CapChain:
+    """A chain laid out as 6.1's ``vfio_info_cap_add`` does: each capability
+    at the byte its predecessor ends (8-byte alignment came with a881b496941f
+    in 6.6), so the 12-byte DMA-avail capability puts the IOVA-range one at
+    0x44; a real 6.1 guest answers argsz 0x74.  Until ``CapChain`` takes an
+    ``align``, the chain is 6.6's.
+    """
+    try:
+        return CapChain(align=1)
+    except TypeError:
+        return CapChain()
+
+
 def iova_ranges(aperture: Tuple[int, int], reserved: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
     """The aperture minus the reserved regions (``vfio_iommu_resv_exclude``), inclusive bounds."""
     ranges = [tuple(aperture)]
@@ -412,7 +425,7 @@ class Type1Iommu:
     def _info_caps(self) -> CapChain:
         # vfio_iommu_type1_get_info builds them in this order: migration,
         # DMA avail, IOVA ranges (the last only when the list is not empty).
-        caps = CapChain()
+        caps = _cap_chain_6_1()
         migration = vfio_iommu_type1_info_cap_migration(
             flags=0, pgsize_bitmap=self.pgsize, max_dirty_bitmap_size=DIRTY_BITMAP_SIZE_MAX)
         caps.add_struct(migration, VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION, 1)
@@ -464,7 +477,7 @@ class Type1Iommu:
             if not self._iova_valid(iova, iova + size - 1):
                 raise VfioError(errno.EINVAL, f"MAP_DMA: [0x{iova:x}, 0x{iova + size - 1:x}] is not inside one "
                                               f"valid IOVA range {self._ranges_text()}")
-            self._pin(owner, vaddr, size)
+            self._pin(owner, vaddr, size, bool(prot & VFIO_DMA_MAP_FLAG_WRITE))
             dma = DmaMapping(iova, size, vaddr, prot, owner)
             if self.dirty_page_tracking:
                 dma.dirty = self._new_bitmap(dma)
@@ -494,22 +507,28 @@ class Type1Iommu:
         return ", ".join(f"[0x{s:x}, 0x{e:x}]" for s, e in self.iova_ranges)
 
     @staticmethod
-    def _pin(owner, vaddr: int, size: int) -> None:
+    def _pin(owner, vaddr: int, size: int, write: bool) -> None:
         """Stand-in for ``vfio_pin_map_dma``: the memory must exist now (EFAULT if not).
 
-        The kernel pins every page (FOLL_WRITE when the device may write).
-        User space cannot pin, and reading every page of a large mapping
-        would be slow, so the first and the last byte are read.  Pages
-        unmapped later, or mapped read-only, fault at DMA time instead.
+        The kernel pins every page, with FOLL_WRITE when the device may write,
+        so read-only memory fails a writable mapping.  User space cannot pin.
+        An address space that can ``probe(addr, size, write)`` without touching
+        the bytes is asked that; otherwise the first and the last byte are
+        read, and pages unmapped (or read-only) in between fault at DMA time.
         """
         memory = owner.memory
         try:
-            memory.read(vaddr, 1)
-            if size > 1:
-                memory.read(vaddr + size - 1, 1)
+            probe = getattr(memory, "probe", None)
+            if probe is not None:
+                probe(vaddr, size, write)
+            else:
+                memory.read(vaddr, 1)
+                if size > 1:
+                    memory.read(vaddr + size - 1, 1)
         except OSError as e:
-            raise VfioError(errno.EFAULT, f"MAP_DMA: pid {getattr(owner, 'pid', '?')} has no memory at "
-                                          f"vaddr [0x{vaddr:x}, 0x{vaddr + size:x}): {e.strerror}") from None
+            raise VfioError(errno.EFAULT, f"MAP_DMA: pid {getattr(owner, 'pid', '?')} has no "
+                                          f"{'writable ' if write else ''}memory at vaddr "
+                                          f"[0x{vaddr:x}, 0x{vaddr + size:x}): {e.strerror}") from None
 
     # UNMAP_DMA ---------------------------------------------------------------
     def _unmap_dma(self, arg) -> int:
