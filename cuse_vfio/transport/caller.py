@@ -1,0 +1,89 @@
+"""The process behind one FUSE/CUSE request, as the dispatcher and the core ask for it.
+
+What ``LocalProcess`` is in-process, ``RequestCaller`` is for a real client:
+``pid`` (the tgid of the calling thread), ``memory`` (process_vm_*),
+``resolve_fd`` (SET_CONTAINER's container fd, hot reset's group fds),
+``install_fd`` (GET_DEVICE_FD), ``get_eventfd`` (SET_IRQS).  Files fetched
+from the client stay open until the request is over, as ``fdget`` holds a
+file for the length of a syscall in the kernel.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+from typing import TYPE_CHECKING, List, Optional
+
+from ..errors import VfioError
+from ..memory import ProcessMemory, fetch_fd, tgid_of
+from .eventfd import ClientEventfd, is_eventfd
+
+if TYPE_CHECKING:
+    from .server import Server
+
+log = logging.getLogger(__name__)
+
+
+class RequestCaller:
+    """Implements ``cuse_vfio.core.ops.Caller`` plus the fd services, for one request."""
+
+    __slots__ = ("server", "tid", "uid", "_pid", "_memory", "_held")
+
+    def __init__(self, server: "Server", tid: int, uid: int = 0):
+        self.server = server
+        self.tid = tid
+        self.uid = uid
+        self._pid: Optional[int] = None
+        self._memory: Optional[ProcessMemory] = None
+        self._held: List[int] = []
+
+    def __repr__(self) -> str:
+        return f"RequestCaller(tid={self.tid})"
+
+    # Looked up lazily: most requests (GET_API_VERSION, reads) never need it.
+    @property
+    def pid(self) -> int:
+        if self._pid is None:
+            self._pid = tgid_of(self.tid)
+        return self._pid
+
+    @property
+    def memory(self) -> ProcessMemory:
+        if self._memory is None:
+            self._memory = ProcessMemory(self.pid)
+        return self._memory
+
+    # -- fds in arguments ----------------------------------------------------
+    def _fetch(self, fd: int) -> int:
+        if fd < 0:
+            raise VfioError(errno.EBADF, f"{fd} is not a file descriptor")
+        mine = fetch_fd(self.pid, fd)
+        self._held.append(mine)
+        return mine
+
+    def resolve_fd(self, fd: int) -> object:
+        """The object behind the client's ``fd``: Container, Group or DeviceFile of this server; EINVAL otherwise."""
+        self.server.check_off_loop("resolving an fd argument")
+        return self.server.identify(self._fetch(fd), f"fd {fd} of pid {self.pid}")
+
+    def install_fd(self, file_object: object) -> int:
+        """GET_DEVICE_FD: open the device file for the client and return the token its library redeems."""
+        self.server.check_off_loop("opening a device file")
+        return self.server.offer_device_file(self.pid, file_object)
+
+    def get_eventfd(self, fd: int) -> ClientEventfd:
+        """eventfd_ctx_fdget: EBADF for a bad fd, EINVAL for an fd that is not an eventfd."""
+        mine = self._fetch(fd)
+        if not is_eventfd(mine):
+            raise VfioError(errno.EINVAL, f"fd {fd} of pid {self.pid} is not an eventfd")
+        # Ownership passes to the eventfd object: not closed with the request.
+        self._held.remove(mine)
+        return ClientEventfd(mine, self.server.eventfd_poller, f"pid {self.pid} fd {fd}")
+
+    def done(self) -> None:
+        """The request is over: fdput every file fetched for it."""
+        held, self._held = self._held, []
+        for fd in held:
+            self.server.close_fetched(fd)

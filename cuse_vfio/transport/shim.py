@@ -1,0 +1,231 @@
+"""Python face of the C shim (``_shim``, built from csrc/): sessions, the loop, replies.
+
+C errors become ``TransportError`` here, at the boundary; requests arrive as
+``struct cv_request`` through one callback and are routed by session id to
+whoever created the session.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import threading
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+try:
+    from ._shim import ffi, lib
+except ImportError as _e:  # pragma: no cover - only without a build
+    raise ImportError(f"the cuse-vfio C shim is not built ({_e}): run ./scripts/bootstrap "
+                      "(pip install -e . builds it; it needs gcc, pkg-config and libfuse3-dev)") from None
+
+log = logging.getLogger(__name__)
+_libfuse_log = logging.getLogger("cuse_vfio.transport.libfuse")
+
+OP_LOOKUP = lib.CV_OP_LOOKUP
+OP_GETATTR = lib.CV_OP_GETATTR
+OP_OPEN = lib.CV_OP_OPEN
+OP_READ = lib.CV_OP_READ
+OP_WRITE = lib.CV_OP_WRITE
+OP_RELEASE = lib.CV_OP_RELEASE
+OP_IOCTL = lib.CV_OP_IOCTL
+OP_READDIR = lib.CV_OP_READDIR
+OP_INIT_DONE = lib.CV_OP_INIT_DONE
+OP_SESSION_END = lib.CV_OP_SESSION_END
+
+MAX_IOV = lib.CV_IOCTL_MAX_IOV
+MAX_BYTES = lib.CV_IOCTL_MAX_BYTES
+
+
+class TransportError(RuntimeError):
+    """Serving could not start or continue; the message is one sentence naming the fix."""
+
+
+# -- the callbacks ------------------------------------------------------------------
+_handlers: Dict[int, Callable[[object], None]] = {}
+_sids = itertools.count(1)
+
+
+@ffi.def_extern()
+def cv_py_log(level, message):
+    text = ffi.string(message).decode("utf-8", "replace")
+    py_level = logging.ERROR if level <= 3 else logging.WARNING if level == 4 else \
+        logging.INFO if level <= 6 else logging.DEBUG
+    _libfuse_log.log(py_level, "libfuse: %s", text)
+
+
+@ffi.def_extern()
+def cv_py_request(r):
+    handler = _handlers.get(r.sid)
+    if handler is None:
+        if r.req != ffi.NULL:
+            lib.fuse_reply_err(r.req, errno.EIO)
+        return
+    try:
+        handler(r)
+    except BaseException:
+        # Handlers answer their own failures; this is the last line so the loop survives.
+        log.exception("request handler failed")
+
+
+# -- requests -----------------------------------------------------------------------
+class Request:
+    """One kernel request to answer exactly once, from any thread."""
+
+    __slots__ = ("req", "replied")
+
+    def __init__(self, req):
+        self.req = req
+        self.replied = False
+
+    def _take(self) -> bool:
+        if self.replied:
+            log.error("a request was answered twice; the second answer is dropped")
+            return False
+        self.replied = True
+        return True
+
+    def err(self, err: int) -> None:
+        if self._take():
+            lib.fuse_reply_err(self.req, err)
+
+    def ok(self) -> None:
+        self.err(0)
+
+    def entry(self, ino: int, mode: int, uid: int, gid: int, size: int, timeout: float) -> None:
+        if self._take():
+            lib.cv_reply_entry(self.req, ino, mode, uid, gid, size, timeout)
+
+    def attr(self, ino: int, mode: int, uid: int, gid: int, size: int, timeout: float) -> None:
+        if self._take():
+            lib.cv_reply_attr(self.req, ino, mode, uid, gid, size, timeout)
+
+    def open(self, fh: int, direct_io: bool = True, nonseekable: bool = False) -> None:
+        if self._take():
+            lib.cv_reply_open(self.req, fh, int(direct_io), int(nonseekable))
+
+    def buf(self, data: bytes) -> None:
+        if self._take():
+            lib.fuse_reply_buf(self.req, data, len(data))
+
+    def write(self, count: int) -> None:
+        if self._take():
+            lib.fuse_reply_write(self.req, count)
+
+    def dir(self, entries: Sequence[Tuple[str, int, int]], off: int, size: int) -> None:
+        """readdir: (name, ino, mode) entries, from entry ``off`` on, at most ``size`` bytes."""
+        if not self._take():
+            return
+        names = [ffi.new("char[]", name.encode()) for name, _, _ in entries]
+        lib.cv_reply_dir(self.req, ffi.new("const char *[]", names), ffi.new("uint64_t[]", [e[1] for e in entries]),
+                         ffi.new("uint32_t[]", [e[2] for e in entries]), len(entries), off, size)
+
+    def ioctl(self, result: int, data: bytes = b"") -> None:
+        if self._take():
+            lib.cv_reply_ioctl(self.req, result, data if data else ffi.NULL, len(data))
+
+    def ioctl_retry(self, ranges: Sequence[Tuple[int, int]]) -> int:
+        """Ask for ``ranges`` both ways; -errno (nothing sent) when the kernel's limits forbid it."""
+        addrs = ffi.new("uint64_t[]", [a for a, _ in ranges])
+        lens = ffi.new("uint64_t[]", [n for _, n in ranges])
+        rc = lib.cv_reply_ioctl_retry(self.req, addrs, lens, len(ranges), addrs, lens, len(ranges))
+        if rc != -errno.ENOMEM:
+            self.replied = True
+        return rc
+
+
+# -- sessions and the loop ----------------------------------------------------------
+def _error(buf) -> str:
+    return ffi.string(buf).decode("utf-8", "replace")
+
+
+class Session:
+    """One kernel connection: a FUSE mount or a CUSE device."""
+
+    def __init__(self, kind: str, ptr, sid: int, where: str):
+        self.kind = kind
+        self.ptr = ptr
+        self.sid = sid
+        self.where = where
+
+    @classmethod
+    def fuse(cls, mountpoint: str, options: str, handler: Callable) -> "Session":
+        sid = next(_sids)
+        _handlers[sid] = handler
+        err = ffi.new("char[]", 512)
+        ptr = lib.cv_fuse_session_new(sid, mountpoint.encode(), options.encode(), err, 512)
+        if ptr == ffi.NULL:
+            del _handlers[sid]
+            raise TransportError(_error(err))
+        return cls("fuse", ptr, sid, mountpoint)
+
+    @classmethod
+    def cuse(cls, devname: str, handler: Callable) -> "Session":
+        sid = next(_sids)
+        _handlers[sid] = handler
+        err = ffi.new("char[]", 512)
+        ptr = lib.cv_cuse_session_new(sid, devname.encode(), err, 512)
+        if ptr == ffi.NULL:
+            del _handlers[sid]
+            raise TransportError(_error(err))
+        return cls("cuse", ptr, sid, devname)
+
+    def free(self) -> None:
+        """Unmount (FUSE) and close; only when the loop is stopped."""
+        if self.ptr is not None:
+            lib.cv_session_free(self.ptr)
+            self.ptr = None
+        _handlers.pop(self.sid, None)
+
+
+class Loop:
+    """The one serving loop; ``run`` blocks (without the GIL) until ``stop``."""
+
+    def __init__(self):
+        err = ffi.new("char[]", 256)
+        self.ptr = lib.cv_loop_new(err, 256)
+        if self.ptr == ffi.NULL:
+            raise TransportError(f"cannot create the serving loop: {_error(err)}")
+        self.sessions: List[Session] = []
+        self.thread_ident: Optional[int] = None
+
+    def add(self, session: Session) -> None:
+        if lib.cv_loop_add(self.ptr, session.ptr) != 0:
+            raise TransportError("too many sessions for one serving loop")
+        self.sessions.append(session)
+
+    def run(self) -> int:
+        self.thread_ident = threading.get_ident()
+        return lib.cv_loop_run(self.ptr)
+
+    def stop(self) -> None:
+        lib.cv_loop_stop(self.ptr)
+
+    def drain(self, session: Session) -> int:
+        """Process what ``session`` has queued now; only from a handler on the loop thread."""
+        if session.ptr is None:
+            return 0
+        return lib.cv_loop_drain(self.ptr, session.ptr)
+
+    def free(self) -> None:
+        if self.ptr is not None:
+            lib.cv_loop_free(self.ptr)
+            self.ptr = None
+
+
+def payload(ptr, size: int) -> bytes:
+    """Copy request data out of libfuse's buffer (valid only during the callback)."""
+    return ffi.buffer(ptr, size)[:] if size else b""
+
+
+def name_of(ptr) -> str:
+    return ffi.string(ptr).decode("utf-8", "surrogateescape")
+
+
+def is_null(ptr) -> bool:
+    return ptr == ffi.NULL
+
+
+__all__: Iterable[str] = [
+    "Loop", "Request", "Session", "TransportError", "payload", "name_of", "is_null",
+]
