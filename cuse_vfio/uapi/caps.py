@@ -10,6 +10,10 @@ When the caller's ``argsz`` leaves no room for the chain the kernel still
 succeeds: it sets the CAPS flag, leaves ``cap_offset`` 0 and reports in
 ``argsz`` the size that would have fit everything, so the caller can retry.
 ``CapChain.place`` applies exactly that rule.
+
+Linux 6.1 (the behaviour modelled here) puts each capability at the byte its
+predecessor ends; since 6.6 (a881b496941f) ``vfio_info_cap_add`` rounds every
+capability up to 8 bytes.  ``CapChain(align=8)`` gives the newer layout.
 """
 
 from __future__ import annotations
@@ -23,15 +27,21 @@ from .structs import vfio_info_cap_header
 _HEADER = ctypes.sizeof(vfio_info_cap_header)
 
 
-def _align8(n: int) -> int:
-    return (n + 7) & ~7
+#: the alignment of each capability in 6.1's vfio_info_cap_add: none
+LINUX_6_1_ALIGN = 1
 
 
 class CapChain:
     """Capabilities in the order they were added (the order the client walks them)."""
 
-    def __init__(self) -> None:
+    def __init__(self, align: int = LINUX_6_1_ALIGN) -> None:
+        if align < 1 or align & (align - 1):
+            raise ValueError(f"capability alignment is a power of two, not {align}")
+        self.align = align
         self._caps: List[Tuple[int, int, bytes]] = []
+
+    def _size_of(self, body: bytes) -> int:
+        return (_HEADER + len(body) + self.align - 1) & ~(self.align - 1)
 
     def __len__(self) -> int:
         return len(self._caps)
@@ -45,14 +55,13 @@ class CapChain:
         self.add(cap_id, version, bytes(cap)[_HEADER:] + trailing)
 
     def size(self) -> int:
-        # vfio_info_cap_add keeps every capability 8-byte aligned.
-        return sum(_align8(_HEADER + len(body)) for _, _, body in self._caps)
+        return sum(self._size_of(body) for _, _, body in self._caps)
 
     def build(self, base: int) -> bytes:
         """The chain as bytes, to be copied to ``base`` bytes past the start of the info buffer."""
         out = bytearray()
         for i, (cap_id, version, body) in enumerate(self._caps):
-            size = _align8(_HEADER + len(body))
+            size = self._size_of(body)
             last = i == len(self._caps) - 1
             nxt = 0 if last else base + len(out) + size
             header = vfio_info_cap_header(id=cap_id, version=version, next=nxt)
