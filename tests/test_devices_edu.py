@@ -299,3 +299,67 @@ def test_state_survives_close_without_reset():
     vdev.open()
     enable_master(vdev)
     assert rd(vdev, 0x04) == 0xFFFFFFFF  # the kernel cannot reset edu, so neither does close
+
+
+# -- what the reference machine shows (tests/conformance/real-6.1.txt: 6.1 vfio-pci, QEMU q35) ----
+def test_config_space_as_on_the_reference_machine():
+    fn = create_model("edu", name="0000:00:02.0", manual_time=True)
+    vdev = VfioPciDevice(fn)
+    vdev.open()
+    want = {
+        (0x00, 2): 0x1234, (0x02, 2): 0x11E8, (0x04, 2): 0x103, (0x06, 2): 0x10, (0x08, 1): 0x10,
+        (0x0C, 1): 0, (0x0D, 1): 0, (0x0E, 1): 0, (0x0F, 1): 0, (0x10, 4): 0xFEA00000,
+        (0x14, 4): 0, (0x24, 4): 0, (0x28, 4): 0, (0x2C, 2): 0x1AF4, (0x2E, 2): 0x1100, (0x30, 4): 0,
+        (0x34, 1): 0x40, (0x3C, 1): 0x0B, (0x3D, 1): 1, (0x3E, 1): 0, (0x3F, 1): 0,
+        (0x40, 1): 0x05, (0x42, 2): 0x80, (0xFC, 4): 0, (0x01, 1): 0x12,
+    }
+    assert {key: cfg_read(vdev, *key) for key in want} == want
+    assert cfg_read(vdev, 0x08, 4) >> 8 == 0x00FF00  # config.class
+    for reg, sizing in ((0x10, 0xFFF00000), (0x14, 0), (0x30, 0)):
+        before = cfg_read(vdev, reg, 4)
+        vdev.write(b"\xff" * 4, region_offset(7, reg))
+        assert cfg_read(vdev, reg, 4) == sizing
+        vdev.write(before.to_bytes(4, "little"), region_offset(7, reg))
+        assert cfg_read(vdev, reg, 4) == before
+    enable_master(vdev)
+    assert cfg_read(vdev, 4, 2) == 0x107
+    assert errno_of(vdev.read, 4, region_offset(7, 0x100)) == errno.EFAULT
+    assert errno_of(vdev.read, 4, region_offset(7, 0xFE)) == errno.EFAULT
+    assert rd(vdev, 0xFFFFC) == 0xFFFFFFFF and rd(vdev, 0x10) == 0xFFFFFFFF
+    assert errno_of(rd, vdev, 0x100000) == errno.EINVAL
+    assert errno_of(vdev.read, 4, region_offset(1)) == errno.EINVAL
+    cfg_write_ = lambda v: vdev.write(v.to_bytes(2, "little"), region_offset(7, 4))
+    cfg_write_(0x105)
+    assert errno_of(rd, vdev, 0) == errno.EIO
+    cfg_write_(0x107)
+    assert rd(vdev, 0) == 0x010000ED
+
+
+def test_msi_enable_leaves_the_virtual_control_and_command_as_the_user_wrote_them():
+    fn, vdev, _, _ = edu()
+    caller, efd = irq_eventfd(vdev, 1)
+    assert fn.msi_enabled()
+    assert cfg_read(vdev, 0x42, 2) == 0x80 and cfg_read(vdev, 4, 2) == 0x107  # as on 6.1
+    ioctl(vdev, VFIO_DEVICE_SET_IRQS, irq_set(flags=VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,
+                                              index=1, count=0), caller)
+    assert cfg_read(vdev, 0x42, 2) == 0x80
+
+
+def test_msi_enable_with_no_vectors_is_erange():
+    fn, vdev, _, _ = edu()
+    data = irq_set(flags=TRIGGER_EFD, index=1, start=0, count=0)
+    assert errno_of(ioctl, vdev, VFIO_DEVICE_SET_IRQS, data) == errno.ERANGE  # pci_alloc_irq_vectors(1, 0)
+    assert vdev.irq_type is None
+
+
+def test_dma_waits_for_qemus_100_ms_timer():
+    fn, vdev, space, ram = edu(manual_time=False)
+    ram[:4] = b"abcd"
+    wr(vdev, 0x80, IOVA, size=8)
+    wr(vdev, 0x88, DMA_START, size=8)
+    wr(vdev, 0x90, 4, size=8)
+    start = time.monotonic()
+    wr(vdev, 0x98, 0x1)
+    while rd(vdev, 0x98) & 1 and time.monotonic() - start < 5:
+        time.sleep(0.01)
+    assert time.monotonic() - start >= 0.09 and fn.dma_buf[:4] == b"abcd"

@@ -54,6 +54,8 @@ DMA_RUN = 0x1
 DMA_TO_RAM = 0x2               # direction: set = device buffer -> RAM
 DMA_IRQ_WHEN_DONE = 0x4
 
+BAR0_ADDRESS = 0xFEA00000      # where SeaBIOS places the 1 MiB BAR on q35
+
 DMA_START = 0x40000            # the device buffer, as DMA addresses name it
 DMA_SIZE = 4096
 
@@ -70,6 +72,12 @@ class Edu(PciDevice):
     subsystem_vendor_id = 0x1AF4   # PCI_SUBVENDOR_ID_REDHAT_QUMRANET
     subsystem_id = 0x1100          # PCI_SUBDEVICE_ID_QEMU
     interrupt_pin = 1
+    # What the reference machine (QEMU q35 + SeaBIOS, edu at 00:02.0) shows:
+    # QEMU's command wmask, the command bits SeaBIOS sets, the IRQ it routes INTA
+    # to, and where it puts BAR0 (BAR0_ADDRESS).
+    command_wmask = 0x0001 | 0x0002 | 0x0004 | 0x0100 | 0x0400  # IO MEMORY MASTER SERR INTX_DISABLE
+    firmware_command = 0x0001 | 0x0002 | 0x0100                  # IO MEMORY SERR
+    interrupt_line = 11
 
     # offset: (name, reader, writer); None = the access does nothing
     REGISTERS = {
@@ -93,7 +101,7 @@ class Edu(PciDevice):
         self.fact_delay = float(fact_delay)
         self.dma_delay = float(dma_delay)
         self.can_reset = bool(reset)
-        self.add_bar(0, MmioBar(1 << 20, self.mmio_read, self.mmio_write))
+        self.add_bar(0, MmioBar(1 << 20, self.mmio_read, self.mmio_write), address=BAR0_ADDRESS)
         self.add_capability(MsiCapability(vectors=1, addr64=True))
         self.dma_buf = bytearray(DMA_SIZE)
         self.reset()

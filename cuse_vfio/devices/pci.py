@@ -888,6 +888,15 @@ class PciDevice:
     can_reset = False
     #: the function implements the bus-master bit (it does DMA)
     dma_capable = True
+    #: writable bits of the command register; None: what the function implements
+    #: (I/O and memory decode for its BAR types, bus master when ``dma_capable``,
+    #: parity, SERR, INTx disable).  QEMU's devices make IO|MEMORY|MASTER|SERR|INTX_DISABLE
+    #: writable whatever their BARs (``pci_init_wmask``).
+    command_wmask: Optional[int] = None
+    #: command bits the platform firmware set at boot (SeaBIOS: IO | MEMORY | SERR)
+    firmware_command = 0
+    #: the Interrupt Line register as firmware left it (the IRQ INTx is routed to)
+    interrupt_line = 0
 
     def __init__(self, name: Optional[str] = None, *, manual_time: bool = False, **options):
         if options:
@@ -932,6 +941,8 @@ class PciDevice:
         c.init(PCI_INTERRUPT_PIN, 1, self.interrupt_pin)
 
     def _command_wmask(self) -> int:
+        if self.command_wmask is not None:
+            return self.command_wmask
         mask = PCI_COMMAND_PARITY | PCI_COMMAND_SERR | PCI_COMMAND_INTX_DISABLE
         if any(b is not None and b.io for b in self.bars):
             mask |= PCI_COMMAND_IO
@@ -947,8 +958,12 @@ class PciDevice:
         self._next_addr[kind] = addr + size
         return addr
 
-    def add_bar(self, index: int, bar: Bar) -> Bar:
-        """Implement BAR ``index``; a 64-bit BAR also takes ``index + 1``."""
+    def add_bar(self, index: int, bar: Bar, address: Optional[int] = None) -> Bar:
+        """Implement BAR ``index``; a 64-bit BAR also takes ``index + 1``.
+
+        ``address`` is where enumeration places it (naturally aligned); by
+        default the next free address of its kind.
+        """
         if not 0 <= index < PCI_STD_NUM_BARS or self.bars[index] is not None:
             raise ValueError(f"BAR{index} is out of range or already used")
         if bar.bits64 and (index == PCI_STD_NUM_BARS - 1 or self.bars[index + 1] is not None):
@@ -957,8 +972,13 @@ class PciDevice:
                 self.bars[index - 1] is not bar:
             raise ValueError(f"BAR{index} is the upper half of 64-bit BAR{index - 1}")
         self.bars[index] = bar
-        kind = "io" if bar.io else ("mem64" if bar.bits64 else "mem32")
-        bar.address = self._assign(bar.size, kind)
+        if address is not None:
+            if address % bar.size or not address or address >> (64 if bar.bits64 else 32):
+                raise ValueError(f"BAR{index} address {address:#x} is not a naturally aligned "
+                                 f"{'64' if bar.bits64 else '32'}-bit address")
+            bar.address = address
+        else:
+            bar.address = self._assign(bar.size, "io" if bar.io else ("mem64" if bar.bits64 else "mem32"))
         reg = PCI_BASE_ADDRESS_0 + 4 * index
         low_mask = 0x3 if bar.io else 0xF
         mask = ~(bar.size - 1)
@@ -1024,6 +1044,16 @@ class PciDevice:
         for cap in self.capabilities:
             cap._config = new
         self.config.init(PCI_LATENCY_TIMER, 1, 0)  # PCIe: latency timer is hardwired to 0
+
+    def firmware_setup(self) -> None:
+        """What platform firmware leaves at boot: ``firmware_command`` and ``interrupt_line``.
+
+        Not part of power-on state: a function reset clears them, and the host
+        restores them with the rest of config space.
+        """
+        self.config_write(PCI_COMMAND, 2, self.command() | self.firmware_command)
+        if self.interrupt_pin:
+            self.config_write(PCI_INTERRUPT_LINE, 1, self.interrupt_line)
 
     # -- config access (the host's pci_{read,write}_config_*) ----------------
     def config_read(self, offset: int, size: int) -> int:

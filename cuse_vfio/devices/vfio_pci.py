@@ -750,7 +750,8 @@ class VfioPciDevice:
             VFIO_DEVICE_IOEVENTFD: self._ioeventfd,
             VFIO_DEVICE_FEATURE: self._feature,
         }
-        self._enable_device()  # what probe and enumeration leave behind
+        function.firmware_setup()  # the function was enumerated at boot...
+        self._enable_device()  # ...and vfio-pci's probe enabled it
         self.vconfig = VirtualConfig(self)
 
     def __repr__(self) -> str:
@@ -960,7 +961,7 @@ class VfioPciDevice:
                             + (" (no VGA)" if info.index == VFIO_PCI_VGA_REGION_INDEX else ""))
         info.offset = VFIO_PCI_INDEX_TO_OFFSET(info.index)
         info.size, info.flags, areas = region
-        info.cap_offset = 0
+        # cap_offset goes back as the caller passed it unless a capability is placed
         if areas:
             # A plain-memory BAR: which parts the client may map (never the MSI-X table or PBA).
             chain = CapChain()
@@ -1238,6 +1239,9 @@ class VfioPciDevice:
 
     def _msi_enable(self, nvec: int, msix: bool) -> None:
         """vfio_msi_enable: the vector count is fixed here (NORESIZE) until disabled."""
+        if nvec < 1:
+            # pci_alloc_irq_vectors(pdev, 1, nvec): fewer than the one it needs
+            raise VfioError(errno.ERANGE, f"{self.name}: enabling MSI needs at least one vector")
         fn = self.function
         # pci_intx_for_msi: INTx is off in the function while messages are on
         fn.config_write(PCI_COMMAND, 2, fn.command() | PCI_COMMAND_INTX_DISABLE)
