@@ -147,19 +147,6 @@ def _user_memory(arg):
     return memory if memory is not None else arg.caller.memory
 
 
-def _cap_chain_6_1() -> CapChain:
-    """A chain laid out as 6.1's ``vfio_info_cap_add`` does: each capability
-    at the byte its predecessor ends (8-byte alignment came with a881b496941f
-    in 6.6), so the 12-byte DMA-avail capability puts the IOVA-range one at
-    0x44; a real 6.1 guest answers argsz 0x74.  Until ``CapChain`` takes an
-    ``align``, the chain is 6.6's.
-    """
-    try:
-        return CapChain(align=1)
-    except TypeError:
-        return CapChain()
-
-
 def iova_ranges(aperture: Tuple[int, int], reserved: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
     """The aperture minus the reserved regions (``vfio_iommu_resv_exclude``), inclusive bounds."""
     ranges = [tuple(aperture)]
@@ -339,7 +326,7 @@ class Type1Iommu:
                 return
             self.groups = [g for g in self.groups if g is not group]
             if not self.groups:
-                self._remove(0, len(self.dmas))
+                self._remove_all()
                 self.iova_ranges = []
         self._forget_group(group)
 
@@ -348,7 +335,7 @@ class Type1Iommu:
         with self.lock:
             self.released = True
             groups, self.groups = self.groups, []
-            self._remove(0, len(self.dmas))
+            self._remove_all()
             self.dirty_page_tracking = False
         for group in groups:
             self._forget_group(group)
@@ -425,7 +412,9 @@ class Type1Iommu:
     def _info_caps(self) -> CapChain:
         # vfio_iommu_type1_get_info builds them in this order: migration,
         # DMA avail, IOVA ranges (the last only when the list is not empty).
-        caps = _cap_chain_6_1()
+        # CapChain's default layout is 6.1's: no padding, so the 12-byte DMA
+        # avail capability puts the IOVA ranges at 0x44 (argsz 0x74 in all).
+        caps = CapChain()
         migration = vfio_iommu_type1_info_cap_migration(
             flags=0, pgsize_bitmap=self.pgsize, max_dirty_bitmap_size=DIRTY_BITMAP_SIZE_MAX)
         caps.add_struct(migration, VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION, 1)
@@ -579,8 +568,7 @@ class Type1Iommu:
                 dma = self.dmas.find(iova + size - 1, 0)
                 if dma is not None and dma.end != iova + size:
                     raise VfioError(errno.EINVAL, f"UNMAP_DMA: end 0x{iova + size:x} is inside {dma!r}")
-            first, last = self._victims(iova, size)
-            victims = [self.dmas[i] for i in range(first, last)]
+            victims = self._victims(iova, size)
             if invalidate_vaddr:
                 return self._invalidate_vaddr(victims)
             if bitmap is not None:
@@ -592,26 +580,27 @@ class Type1Iommu:
                 except OSError:
                     # An EFAULT on the bitmap stops the kernel's loop after the
                     # mappings before it were removed; they stay removed.
-                    self._remove(first, first + done)
+                    self._remove(victims[:done])
                     raise
-            self._remove(first, last)
+            if len(victims) == len(self.dmas):
+                self._remove_all()
+            else:
+                self._remove(victims)
             return sum(dma.size for dma in victims)
 
-    def _victims(self, iova: int, size: int) -> Tuple[int, int]:
-        """The index range the kernel's unmap loop walks (v1 stops at a mapping starting below iova)."""
-        first = self.dmas.first_index(iova, size)
+    def _victims(self, iova: int, size: int) -> List[DmaMapping]:
+        """The mappings the kernel's unmap loop walks (v1 stops at a mapping starting below iova)."""
         end = (iova + size) & U64_MASK
-        last = first
-        while last < len(self.dmas):
-            dma = self.dmas[last]
+        victims = []
+        for dma in self.dmas.walk_from(iova):
             if dma.iova >= end:
                 break
             # v1: an unmap starting inside a mapping unmaps nothing (and succeeds);
             # one covering a mapping's first byte unmaps all of it.
             if not self.v2 and iova > dma.iova:
                 break
-            last += 1
-        return first, last
+            victims.append(dma)
+        return victims
 
     def _invalidate_vaddr(self, victims: List[DmaMapping]) -> int:
         already = next((dma for dma in victims if dma.vaddr_invalid), None)
@@ -623,12 +612,20 @@ class Type1Iommu:
         self.vaddr_invalid_count += len(victims)
         return sum(dma.size for dma in victims)
 
-    def _remove(self, first: int, last: int) -> None:
-        """``vfio_remove_dma`` for a run of mappings."""
-        for dma in self.dmas.delete(first, last):
+    def _remove(self, dmas: List[DmaMapping]) -> None:
+        """``vfio_remove_dma``, for each of ``dmas``."""
+        for dma in dmas:
+            self.dmas.remove(dma)
+        self._forget(dmas)
+
+    def _remove_all(self) -> None:
+        self._forget(self.dmas.clear())
+
+    def _forget(self, dmas: List[DmaMapping]) -> None:
+        for dma in dmas:
             if dma.vaddr_invalid:
                 self.vaddr_invalid_count -= 1
-            self.dma_avail += 1
+        self.dma_avail += len(dmas)
 
     # DIRTY_PAGES -------------------------------------------------------------
     def _dirty_pages(self, arg) -> int:
@@ -700,16 +697,17 @@ class Type1Iommu:
         dma = self.dmas.find(iova + size - 1, 0)
         if dma is not None and dma.end != iova + size:
             raise VfioError(errno.EINVAL, f"GET_BITMAP: end 0x{iova + size:x} is inside {dma!r}")
-        first = i = self.dmas.index_at_or_after(iova)
-        while i < len(self.dmas) and self.dmas[i].iova <= iova + size - 1:
-            self._update_user_bitmap(memory, data, self.dmas[i], iova, pgsize)
-            i += 1
+        reported = []
+        for dma in self.dmas.walk_at_or_after(iova):
+            if dma.iova > iova + size - 1:
+                break
+            self._update_user_bitmap(memory, data, dma, iova, pgsize)
+            reported.append(dma)
         # Reported pages start clean again (the kernel re-populates from the
         # pinned-page list, which is empty for a hardware IOMMU).
-        for k in range(first, i):
-            bits = self.dmas[k].dirty
-            if bits is not None:
-                bits[:] = bytes(len(bits))
+        for dma in reported:
+            if dma.dirty is not None:
+                dma.dirty[:] = bytes(len(dma.dirty))
 
     def _update_user_bitmap(self, memory, data: int, dma: DmaMapping, base_iova: int, pgsize: int) -> None:
         """``update_user_bitmap``: OR one mapping's bits into the user's u64 array at its offset."""
@@ -828,12 +826,11 @@ class Type1DmaSpace:
             self._fault(UNMAPPED, iova, size, write, device, "outside the IOVA space")
         segments = []
         pos = iova
-        i = dmas.containing(iova)
+        dma = dmas.containing(iova)
         while pos < end:
             # Mappings do not overlap: after the first, the next must start at pos.
-            if i < 0 or i >= len(dmas) or not dmas[i].iova <= pos < dmas[i].end:
+            if dma is None or not dma.iova <= pos < dma.end:
                 self._fault(UNMAPPED, iova, size, write, device, f"nothing is mapped at iova 0x{pos:x}")
-            dma = dmas[i]
             if write and not dma.writable:
                 self._fault(WRITE_NOT_PERMITTED, iova, size, write, device,
                             f"mapped without VFIO_DMA_MAP_FLAG_WRITE: {dma!r}")
@@ -850,7 +847,8 @@ class Type1DmaSpace:
             n = min(end, dma.end) - pos
             segments.append((dma, pos - dma.iova, n))
             pos += n
-            i += 1
+            if pos < end:
+                dma = dmas.successor(dma)
         return segments
 
     def _fault(self, reason: str, iova: int, size: int, write: bool, device: Optional[str], detail: str):
