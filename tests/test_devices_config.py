@@ -4,7 +4,6 @@ import ctypes
 import errno
 import struct
 
-import pytest
 
 from cuse_vfio.devices import (
     Capability,

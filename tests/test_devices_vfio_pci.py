@@ -1001,3 +1001,23 @@ def test_example_scratchpad_ram_is_shared_memory():
         client.close()
     info, out = region_info(vdev, 0, argsz=64)
     assert info.cap_offset == 32 and struct.unpack_from("<QQ", out, 48) == (0, 64 * 1024)
+
+
+def test_example_scratchpad_dma_through_the_iommu():
+    load_model_file(EXAMPLE)
+    fn = create_model("scratchpad", name="0000:00:05.0")
+    space = FakeDmaSpace()
+    host = space.map(0x200000, 0x1000)
+    vdev = make(fn, dma_space=space)
+    enable_master(vdev)
+    vdev.write(b"to the host", region_offset(0))
+    for reg, value in ((0x0C, 11), (0x10, 0x200000), (0x14, 0), (0x18, 1)):
+        bar_write(vdev, 2, reg, 4, value)
+    assert bytes(host[:11]) == b"to the host" and bar_read(vdev, 2, 0x1C, 4) == 0
+    host[:4] = b"back"
+    bar_write(vdev, 2, 0x0C, 4, 4)
+    bar_write(vdev, 2, 0x18, 4, 2)
+    assert vdev.read(4, region_offset(0)) == b"back"
+    bar_write(vdev, 2, 0x14, 4, 1)  # 4 GiB up: nothing mapped there
+    bar_write(vdev, 2, 0x18, 4, 1)
+    assert bar_read(vdev, 2, 0x1C, 4) == 1 and space.faults[-1]["iova"] == 0x100200000

@@ -17,6 +17,7 @@ from .pci import (
     ExtendedCapability,
     IoBar,
     IrqIndex,
+    IrqSink,
     MmioBar,
     MsiCapability,
     MsixCapability,
@@ -24,16 +25,17 @@ from .pci import (
     PmCapability,
     RamBar,
     Rom,
+    SharedMemory,
     VendorCapability,
     VendorExtCapability,
 )
 from .registry import create_model, load_model_file, model_names, register_model
-from .vfio_pci import HotResetBus, VfioPciDevice
+from .vfio_pci import HotResetBus, ModelFailure, VfioPciDevice
 from . import edu  # noqa: E402,F401  (registers "edu")
 
 __all__ = [
     "Bar", "Capability", "DmaFault", "ExpressCapability", "ExtendedCapability", "HotResetBus", "IoBar",
-    "IrqIndex", "MmioBar", "MsiCapability", "MsixCapability", "PciDevice", "PmCapability", "RamBar", "Rom",
-    "VendorCapability", "VendorExtCapability", "VfioPciDevice", "create_model", "load_model_file",
-    "model_names", "register_model",
+    "IrqIndex", "IrqSink", "MmioBar", "ModelFailure", "MsiCapability", "MsixCapability", "PciDevice",
+    "PmCapability", "RamBar", "Rom", "SharedMemory", "VendorCapability", "VendorExtCapability",
+    "VfioPciDevice", "create_model", "load_model_file", "model_names", "register_model",
 ]

@@ -20,14 +20,25 @@
   its Enable bit follows SET_IRQS; capabilities vfio-pci does not know are
   hidden from the chain; PM state changes are done by "the host"; PCIe FLR
   and MRRS are virtualized; unassigned config bytes pass through.
-* Interrupts as ``vfio_pci_intrs.c``: INTx is automasked when it fires and
-  re-fires on UNMASK while the line is still asserted; MSI/MSI-X vectors map
-  to eventfds; ERR (PCI Express only) and REQ are single eventfds.
+* Interrupts as ``vfio_pci_intrs.c``: INTx is automasked when it fires, in the
+  function's own INTx-disable bit (a PCI 2.3 function), and UNMASK re-signals
+  instead while the function still has it pending; MSI/MSI-X vectors map to
+  eventfds, their count fixed when enabled (NORESIZE: no dynamic MSI-X in 6.1);
+  ERR (PCI Express only) and REQ are single eventfds.  The MSI Enable the user
+  reads is the virtual one it wrote, as on the kernel; MSI-X's is the function's.
 * Eventfds come from the caller: ``arg.caller.get_eventfd(fd)`` returns an
   object with ``signal()`` (and optionally ``release()``; ``watch(callback)``
   returning a cancel function, for the unmask irqfd and IOEVENTFD).
-* DMA: ``dma_space`` (a ``DmaSpace``) is attached to the function's
-  ``DmaPort``; the model never holds it.
+* Resets: VFIO_DEVICE_FLAGS_RESET when the function has a reset method
+  (:meth:`VfioPciDevice.reset_methods`); hot reset through a
+  :class:`HotResetBus` with the group-fd rules; the 6.1 low-power features
+  (runtime suspend between accesses, wake-up eventfd) are the only
+  DEVICE_FEATUREs.
+* mmap: a plain-memory BAR's memfd (:meth:`VfioPciDevice.region_memory`,
+  :meth:`VfioPciDevice.mmap`) is what a transport hands to the client.
+* DMA: ``set_dma_space(space)`` (the IOMMU driver's ``DmaSpace``, or None) is
+  attached to the function's ``DmaPort``; the model never holds it.
+* Model code that raises fails one access with EIO (:class:`ModelFailure`).
 """
 
 from __future__ import annotations
@@ -159,7 +170,6 @@ from .pci import (
     PCI_STD_HEADER_SIZEOF,
     PCI_STD_NUM_BARS,
     PCI_VENDOR_ID,
-    IrqIndex,
     PciDevice,
     SharedMemory,
 )
@@ -765,7 +775,8 @@ class VfioPciDevice:
     def open(self) -> None:
         """First open of a device fd (vfio_pci_core_enable)."""
         with self.lock:
-            self._clear_master()
+            self._power_up()
+            self._clear_master()  # the saved state must not include bus mastering
             self._enable_device()
             # pci_try_reset_function at enable: whether it works decides VFIO_DEVICE_FLAGS_RESET
             self.reset_works = bool(self.reset_methods())
@@ -776,9 +787,10 @@ class VfioPciDevice:
     def release(self) -> None:
         """Last close (vfio_pci_core_disable + close_device): quiet the device, restore it."""
         with self.lock:
-            # out of low-power mode first: the reset below needs the function in D0
+            # out of low-power mode and into D0 first: the reset below needs it
             self._pm_resume()
             self._pm_exit()
+            self._power_up()
             self._clear_master()  # stop the device from further DMA
             if self.irq_type is not None:
                 self._set_irqs_ioctl(VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, self.irq_type, 0, 0, b"", None)
@@ -869,6 +881,11 @@ class VfioPciDevice:
             self.function.reset_function()
         finally:
             self._restore_state(saved)
+
+    def _power_up(self) -> None:
+        """vfio_pci_set_power_state(vdev, PCI_D0)."""
+        if self.function.pm is not None and self.function.power_state:
+            self._set_power_state(self.function.pm.offset, 0)
 
     def _set_power_state(self, pm_offset: int, state: int) -> None:
         fn = self.function
@@ -1352,8 +1369,7 @@ class VfioPciDevice:
     def _reset(self, arg) -> int:
         if not self.reset_works:
             raise VfioError(errno.EINVAL, f"{self.name} cannot be reset on its own")
-        if self.function.pm is not None and self.function.power_state:
-            self._set_power_state(self.function.pm.offset, 0)
+        self._power_up()
         self._guarded(self._try_reset_function)
         return 0
 
@@ -1448,8 +1464,15 @@ class VfioPciDevice:
         if watch is None:
             raise VfioError(errno.EOPNOTSUPP, "this transport cannot watch an eventfd (ioeventfd)")
         data = req.data.to_bytes(8, "little")[:count]
-        self.ioeventfds[key] = watch(lambda: self.write(data, req.offset))
+        self.ioeventfds[key] = watch(lambda: self._ioeventfd_write(data, req.offset))
         return 0
+
+    def _ioeventfd_write(self, data: bytes, offset: int) -> None:
+        """vfio_pci_ioeventfd_handler: the write happens, or is dropped (memory disabled, model failure)."""
+        try:
+            self.write(data, offset)
+        except VfioError as e:
+            log.debug("%s: ioeventfd write at 0x%x dropped: %s", self.name, offset, e)
 
     # -- VFIO_DEVICE_FEATURE -------------------------------------------------------------
     def _feature(self, arg) -> int:
