@@ -1,6 +1,5 @@
 """The DMA space a type1 container gives its devices, the fault log, and dirty page tracking."""
 
-import ctypes
 import errno
 import struct
 import threading
@@ -25,17 +24,14 @@ from cuse_vfio.uapi import (
     VFIO_DMA_MAP_FLAG_WRITE,
     VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP,
     VFIO_DMA_UNMAP_FLAG_VADDR,
-    VFIO_GROUP_SET_CONTAINER,
     VFIO_IOMMU_DIRTY_PAGES,
     VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP,
     VFIO_IOMMU_DIRTY_PAGES_FLAG_START,
     VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP,
     VFIO_IOMMU_UNMAP_DMA,
-    VFIO_SET_IOMMU,
     VFIO_TYPE1_IOMMU,
-    VFIO_TYPE1v2_IOMMU,
 )
-from test_iommu_common import DEV, PAGE, RW, Client, EduTopology, fails
+from test_iommu_common import DEV, PAGE, Client, EduTopology, fails
 
 R, W = VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE
 PCI_COMMAND, PCI_COMMAND_MASTER = 0x04, 0x04

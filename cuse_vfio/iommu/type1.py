@@ -272,9 +272,11 @@ class Type1Iommu:
         self.vaddr_invalid_count = 0
         self.released = False
         self.dma_space = Type1DmaSpace(self)
-        # device -> the ops we handed the DMA space to; group -> its notifier
+        # device -> the ops we handed the DMA space to; group -> its notifier.
+        # Binds come from any thread: _handed_lock guards these two only.
         self._handed: Dict[object, object] = {}
         self._notifiers: Dict[object, object] = {}
+        self._handed_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return (f"Type1Iommu({'v2' if self.v2 else 'v1'}, groups={[g.id for g in self.groups]}, "
@@ -314,7 +316,8 @@ class Type1Iommu:
         register = getattr(group, "register_notifier", None)
         if register is not None:
             notifier = self._group_notifier(group)
-            self._notifiers[group] = notifier
+            with self._handed_lock:
+                self._notifiers[group] = notifier
             register(notifier)
         for dev in list(getattr(group, "devices", ())):
             self._hand_dma_space(dev)
@@ -339,26 +342,33 @@ class Type1Iommu:
             self.dirty_page_tracking = False
         for group in groups:
             self._forget_group(group)
-        for dev in list(self._handed):
+        with self._handed_lock:
+            devs = list(self._handed)
+        for dev in devs:
             self._withdraw_dma_space(dev)
 
     def _group_notifier(self, group):
         # The core's NotifyAction lives above this layer: match on its value.
         def notifier(action, dev) -> None:
             name = getattr(action, "value", action)
-            if name == "bound":
-                self._hand_dma_space(dev)
-            elif name == "unbound":
-                self._withdraw_dma_space(dev)
+            try:
+                if name == "bound":
+                    self._hand_dma_space(dev)
+                elif name == "unbound":
+                    self._withdraw_dma_space(dev)
+            except Exception:
+                # A bind must not fail because a model could not take its DMA space.
+                log.exception("%s: could not %s the DMA space of IOMMU group %s", getattr(dev, "name", dev),
+                              "attach" if name == "bound" else "detach", group.id)
         return notifier
 
     def _forget_group(self, group) -> None:
-        notifier = self._notifiers.pop(group, None)
+        with self._handed_lock:
+            notifier = self._notifiers.pop(group, None)
+            devs = [d for d in self._handed if getattr(d, "iommu_group", None) is group]
         if notifier is not None:
             group.unregister_notifier(notifier)
-        for dev in [d for d in self._handed if getattr(d, "iommu_group", None) is group]:
-            self._withdraw_dma_space(dev)
-        for dev in list(getattr(group, "devices", ())):
+        for dev in devs + list(getattr(group, "devices", ())):
             self._withdraw_dma_space(dev)
 
     # Called without self.lock: a device's set_dma_space may take the device's
@@ -369,10 +379,12 @@ class Type1Iommu:
         if setter is None or self.released:
             return
         setter(self.dma_space)
-        self._handed[dev] = ops
+        with self._handed_lock:
+            self._handed[dev] = ops
 
     def _withdraw_dma_space(self, dev) -> None:
-        ops = self._handed.pop(dev, None)
+        with self._handed_lock:
+            ops = self._handed.pop(dev, None)
         if ops is not None:
             ops.set_dma_space(None)
 
