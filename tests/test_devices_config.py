@@ -4,7 +4,6 @@ import ctypes
 import errno
 import struct
 
-
 from cuse_vfio.devices import (
     Capability,
     ExpressCapability,
