@@ -39,12 +39,19 @@ class Machine:
         self.vdevs: Dict[str, VfioPciDevice] = {}
         self._pending: Dict[str, VfioPciDevice] = {}
         for spec in topology.devices:
+            options = dict(spec.options)
+            # Linux 6.1's vfio-pci splits BAR accesses into at most 4 bytes (8-byte
+            # accesses came with 6.9); a topology may ask for io_width = 8.
+            io_width = options.pop("io_width", 4)
             try:
-                function = create_model(spec.model, name=spec.bdf, **spec.options)
+                function = create_model(spec.model, name=spec.bdf, **options)
             except (KeyError, TypeError, ValueError) as e:
                 raise TopologyError(f"{topology.source}: device {spec.bdf} (model {spec.model!r}): "
                                     f"{e.args[0] if e.args else e}") from None
-            self._pending[spec.bdf] = VfioPciDevice(function, spec.bdf)
+            try:
+                self._pending[spec.bdf] = VfioPciDevice(function, spec.bdf, io_width=io_width)
+            except ValueError as e:
+                raise TopologyError(f"{topology.source}: device {spec.bdf}: {e}") from None
             group = self.iommu_groups.get(spec.group)
             if group is None:
                 group = self.iommu_groups[spec.group] = IommuGroup(spec.group)
