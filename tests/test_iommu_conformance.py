@@ -13,7 +13,7 @@ import pytest
 
 from core_fakes import Topology
 from cuse_vfio.iommu import register_default_drivers
-from cuse_vfio.transport.local import LocalMemory, LocalProcess
+from cuse_vfio.transport.local import LocalProcess
 from cuse_vfio.uapi import (
     VFIO_CHECK_EXTENSION,
     VFIO_DMA_MAP_FLAG_READ,
@@ -229,13 +229,6 @@ REAL_6_1 = dict(line.split("=", 1) for line in """
     type1.dirty.unmap_all.size=0x0
 """.split())
 
-class ProbingMemory(LocalMemory):
-    """LocalMemory that can answer MAP_DMA's pin probe (read-only areas fail a writable map)."""
-
-    def probe(self, addr, size, write):
-        self._locate(addr, size, write)
-
-
 def errno_text(e):
     import errno as errno_mod
     return "ERR:" + errno_mod.errorcode[e.errno]
@@ -247,7 +240,6 @@ class Run:
         register_default_drivers(self.topo.vfio)
         self.topo.add("0000:00:02.0", 2)
         self.p = LocalProcess(self.topo.dispatcher)
-        self.p.memory = ProbingMemory(self.p.pid)
         self.mem = self.p.memory.alloc(64 * PAGE)
         self.out = {}
 

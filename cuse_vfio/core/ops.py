@@ -27,6 +27,10 @@ class AddressSpace(Protocol):
     def write(self, addr: int, data: bytes) -> None:
         """Raise VfioError(EFAULT) when any byte is not mapped writable."""
 
+    def probe(self, addr: int, size: int, write: bool) -> None:
+        """What pinning user pages checks, without moving bytes: EFAULT when any byte is
+        not mapped (or not writable, with ``write``)."""
+
 
 class Caller(Protocol):
     """Who issued a request: the process, and its memory."""
@@ -43,6 +47,9 @@ class UserArg(Protocol):
     value: int
     #: the process that made the call (MAP_DMA records whose memory a vaddr is in)
     caller: Caller
+    #: the caller's memory through the same channel as the argument, for pointers found
+    #: *inside* the argument (the dirty bitmaps of UNMAP_DMA and DIRTY_PAGES)
+    memory: AddressSpace
 
     def fetch_struct(self, ctype: Type[T], minsz: int) -> T:
         """copy_from_user of ``minsz`` bytes into a zeroed ``ctype``.

@@ -137,16 +137,6 @@ def _verify_bitmap_size(npages: int, bitmap_size: int) -> None:
                                       f"(needs {dirty_bitmap_bytes(npages)}, at most {DIRTY_BITMAP_SIZE_MAX})")
 
 
-def _user_memory(arg):
-    """The memory behind ``arg``, for pointers found *inside* the argument (the dirty bitmaps).
-
-    ``UserArg.read/write`` are relative to the argument; a bitmap pointer is an
-    absolute address in the same process, reached through the same channel.
-    """
-    memory = getattr(arg, "memory", None)
-    return memory if memory is not None else arg.caller.memory
-
-
 def iova_ranges(aperture: Tuple[int, int], reserved: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
     """The aperture minus the reserved regions (``vfio_iommu_resv_exclude``), inclusive bounds."""
     ranges = [tuple(aperture)]
@@ -548,7 +538,7 @@ class Type1Iommu:
                 raise VfioError(errno.EINVAL, f"UNMAP_DMA: bitmap 0x{bitmap.data:x}+{bitmap.size} is not user memory")
             _verify_bitmap_size(unmap.size >> _ffs(bitmap.pgsize), bitmap.size)
         unmap.size = self.unmap(unmap.iova, unmap.size, unmap.flags, bitmap,
-                                _user_memory(arg) if bitmap is not None else None)
+                                arg.memory if bitmap is not None else None)
         # Success only: on an error the kernel returns before copy_to_user.
         arg.write(0, bytes(unmap)[:_UNMAP_MINSZ])
         return 0
@@ -699,7 +689,7 @@ class Type1Iommu:
                                               f"multiples of 0x{pgsize:x}")
             if not self.dirty_page_tracking:
                 raise VfioError(errno.EINVAL, "DIRTY_PAGES GET_BITMAP before START")
-            self._iova_dirty_bitmap(_user_memory(arg), rng.bitmap.data, rng.iova, rng.size, pgsize)
+            self._iova_dirty_bitmap(arg.memory, rng.bitmap.data, rng.iova, rng.size, pgsize)
 
     def _iova_dirty_bitmap(self, memory, data: int, iova: int, size: int, pgsize: int) -> None:
         """``vfio_iova_dirty_bitmap``: the range must cover whole mappings."""

@@ -42,6 +42,10 @@ class LocalMemory:
         self._writable[addr] = writable
         return addr
 
+    def protect(self, addr: int, writable: bool) -> None:
+        """mprotect of a whole area: make it read-only or writable again."""
+        self._writable[addr] = writable
+
     def free(self, addr: int) -> None:
         self._starts.remove(addr)
         del self._areas[addr]
@@ -56,6 +60,10 @@ class LocalMemory:
                 return area, addr - start
         raise VfioError(errno.EFAULT, f"pid {self.pid}: {size} bytes at 0x{addr:x} are not mapped"
                         + (" writable" if write else ""))
+
+    def probe(self, addr: int, size: int, write: bool) -> None:
+        """What pinning checks: every byte mapped, and writable when ``write`` (EFAULT otherwise)."""
+        self._locate(addr, size, write)
 
     def read(self, addr: int, size: int) -> bytes:
         area, off = self._locate(addr, size, False)
