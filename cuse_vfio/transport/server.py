@@ -37,7 +37,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Uni
 
 from ..dispatch import Dispatcher, Node, RetryRequest, node_kind
 from ..errors import VfioError
-from ..memory import tgid_of
+from ..memory import ProcessMemory, tgid_of
 from ..uapi.ioctls import (
     VFIO_DEVICE_PCI_HOT_RESET,
     VFIO_GROUP_GET_DEVICE_FD,
@@ -83,6 +83,8 @@ OFF_LOOP = frozenset({
     (NodeKind.GROUP, VFIO_GROUP_GET_DEVICE_FD),
     (NodeKind.DEVICE, VFIO_DEVICE_PCI_HOT_RESET),
 })
+
+_OFF_LOOP_BY_KIND = {kind: frozenset(cmd for k, cmd in OFF_LOOP if k is kind) for kind in NodeKind}
 
 ROOT_INO = 1
 NODE_TIMEOUT = 3600.0  # nodes never change behind the kernel's back
@@ -130,35 +132,17 @@ class _Inode:
 class _Handle:
     """One open of one of our files: what the kernel's struct file holds as private_data."""
 
-    __slots__ = ("fh", "file_object", "kind", "session", "ino", "busy", "released")
+    __slots__ = ("fh", "file_object", "kind", "off_loop", "session", "ino", "busy", "released")
 
     def __init__(self, fh: int, file_object: object, session: Session, ino: int = 0):
         self.fh = fh
         self.file_object = file_object
         self.kind = node_kind(file_object)
+        self.off_loop = _OFF_LOOP_BY_KIND.get(self.kind, frozenset())
         self.session = session
         self.ino = ino
         self.busy = 0          # requests running on workers, like fdget references
         self.released = False  # RELEASE arrived
-
-
-class _ArgMemory:
-    """The caller's memory, looked up only when an ioctl actually touches its argument."""
-
-    __slots__ = ("caller",)
-
-    def __init__(self, caller: RequestCaller):
-        self.caller = caller
-
-    @property
-    def pid(self) -> int:
-        return self.caller.pid
-
-    def read(self, addr: int, size: int) -> bytes:
-        return self.caller.memory.read(addr, size)
-
-    def write(self, addr: int, data: bytes) -> None:
-        self.caller.memory.write(addr, data)
 
 
 class Server:
@@ -647,7 +631,7 @@ class Server:
         in_data = payload(r.in_buf, r.in_size) if cuse else b""
         in_size, out_size = r.in_size, r.out_size
         key = (r.sid, tid)
-        if (handle.kind, cmd) not in OFF_LOOP:
+        if cmd not in handle.off_loop:
             self._run_ioctl(rq, handle, key, cmd, arg, tid, uid, cuse, in_data, in_size, out_size)
             return
         if self._stopping or self._workers is None:
@@ -684,9 +668,11 @@ class Server:
         caller = RequestCaller(self, tid, uid)
         try:
             if not cuse:
-                # FUSE: a restricted ioctl, the argument is read where it lies.
+                # FUSE: a restricted ioctl, the argument is read where it lies,
+                # through the calling thread (process_vm_* take any tid of the
+                # process, so the tgid is looked up only if someone asks).
                 result = self.dispatcher.ioctl(handle.file_object, cmd,
-                                               self.dispatcher.make_arg(arg, caller, _ArgMemory(caller)))
+                                               self.dispatcher.make_arg(arg, caller, ProcessMemory(tid)))
                 rq.ioctl(result)
                 return
             self._run_cuse_ioctl(rq, handle, key, cmd, arg, caller, in_data, in_size, out_size)
