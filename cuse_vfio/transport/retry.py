@@ -113,6 +113,15 @@ class RetryMemory:
         if self._locate(addr, size) is None:
             self._want(addr, size)
 
+    @property
+    def incomplete(self) -> bool:
+        """The handler asked for bytes that were not fetched: whatever it returned, this run is void.
+
+        Checked besides catching RetryRequest, because a layer that turns
+        every unexpected exception into EIO would otherwise swallow it.
+        """
+        return bool(self._wanted)
+
     def next_ranges(self) -> List[Range]:
         """The ranges of the next retry: everything so far plus what the handler asked for."""
         ranges = _merge(self.ranges + self._wanted)

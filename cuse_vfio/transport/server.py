@@ -688,19 +688,24 @@ class Server:
         elif state is not None and state.matches(handle.fh, cmd, arg, in_size, out_size):
             ranges = state.ranges
         else:
-            log.error("pid %d: CUSE ioctl 0x%x came back with %d/%d bytes that no retry of ours asked for",
-                      caller.tid, cmd, in_size, out_size)
+            log.error("thread %d: CUSE ioctl 0x%x came back with %d/%d bytes that no retry of ours asked for",
+                      key[1], cmd, in_size, out_size)
             rq.err(errno.EIO)
             return
-        memory = RetryMemory(caller.tid, ranges, in_data)
+        memory = RetryMemory(key[1], ranges, in_data)
         io_arg = CuseIoctlArg(arg, caller, memory, record=self.dispatcher.trace is not None)
         try:
             result = self.dispatcher.ioctl(handle.file_object, cmd, io_arg)
+            retry = memory.incomplete
+            if retry:
+                log.debug("thread %d: ioctl 0x%x: a RetryRequest was caught below the dispatcher", key[1], cmd)
         except RetryRequest:
+            retry = True
+        if retry:
             try:
                 wanted = memory.next_ranges()
             except VfioError as e:
-                log.info("pid %d: ioctl 0x%x: %s", caller.tid, cmd, e.strerror)
+                log.info("thread %d: ioctl 0x%x: %s", key[1], cmd, e.strerror)
                 rq.err(e.errno)
                 return
             with self._lock:
