@@ -1,0 +1,199 @@
+"""The pieces under the serving layer: the fd hand-off socket, client memory and fds, eventfds.
+
+The hand-off is spoken here the way csrc/preload.c speaks it: connect, wait
+for the greeting, send a 4-byte token, receive a 4-byte status and maybe an
+fd by SCM_RIGHTS.  Waits are bounded by generous timeouts that only turn a
+hang into a failure.
+"""
+
+import array
+import ctypes
+import errno
+import mmap
+import os
+import select
+import socket
+import struct
+import threading
+
+import pytest
+
+from cuse_vfio.errors import VfioError
+from cuse_vfio.memory import ProcessMemory, fetch_fd, tgid_of
+from cuse_vfio.transport.eventfd import ClientEventfd, EventfdPoller, is_eventfd
+from cuse_vfio.transport.handoff import HELLO, TOKEN_MIN, Handoff
+
+BOUND = 10.0
+
+
+@pytest.fixture
+def handoff(tmp_path):
+    h = Handoff(str(tmp_path / "handoff.sock"), ttl=60)
+    h.start()
+    yield h
+    h.stop()
+
+
+def connect(h):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(BOUND)
+    s.connect(h.path)
+    assert s.recv(1) == HELLO
+    return s
+
+
+def redeem(s, token):
+    s.sendall(struct.pack("<I", token))
+    data, ancdata, _, _ = s.recvmsg(4, socket.CMSG_SPACE(4))
+    fds = array.array("i")
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload)
+    return struct.unpack("<i", data)[0], (fds[0] if fds else None)
+
+
+def wait_eof(fd):
+    ready, _, _ = select.select([fd], [], [], BOUND)
+    assert ready, "the offered fd was never closed"
+    assert os.read(fd, 1) == b""
+
+
+def test_a_token_is_good_once_for_its_process(handoff):
+    s = connect(handoff)
+    assert handoff.has_client(os.getpid())
+    r, w = os.pipe()
+    token = handoff.offer(os.getpid(), w, "a pipe")
+    assert token >= TOKEN_MIN
+    status, fd = redeem(s, token)
+    assert status == 0 and fd is not None
+    os.write(fd, b"x")
+    assert os.read(r, 1) == b"x"
+    os.close(fd)
+    wait_eof(r)  # the server closed its copy after sending
+    assert redeem(s, token) == (errno.ENOENT, None)
+    s.close()
+
+
+def test_another_process_cannot_redeem_a_token(handoff):
+    r, w = os.pipe()
+    token = handoff.offer(os.getpid() + 100000, w, "someone else's pipe")
+    s = connect(handoff)
+    assert redeem(s, token) == (errno.EPERM, None)
+    assert handoff.pending() == 1
+    s.close()
+    os.close(r)
+
+
+def test_an_unredeemed_token_expires_and_closes_its_file(tmp_path):
+    h = Handoff(str(tmp_path / "sock"), ttl=0.01)
+    h.start()
+    try:
+        r, w = os.pipe()
+        h.offer(os.getpid() + 100000, w, "a pipe")
+        wait_eof(r)
+        assert h.pending() == 0
+    finally:
+        h.stop()
+
+
+def test_closing_the_connection_drops_the_process_tokens(handoff):
+    s = connect(handoff)
+    r, w = os.pipe()
+    handoff.offer(os.getpid(), w, "a pipe")
+    s.close()
+    wait_eof(r)
+    assert not handoff.has_client(os.getpid())
+
+
+def test_stop_closes_what_is_on_offer(tmp_path):
+    h = Handoff(str(tmp_path / "sock"), ttl=60)
+    h.start()
+    r, w = os.pipe()
+    h.offer(os.getpid(), w, "a pipe")
+    h.stop()
+    wait_eof(r)
+    assert not os.path.exists(h.path)
+
+
+# -- memory and fds of another process -----------------------------------------------
+def test_process_memory_reads_writes_and_faults():
+    buf = ctypes.create_string_buffer(b"0123456789")
+    mem = ProcessMemory(os.getpid())
+    assert mem.read(ctypes.addressof(buf) + 2, 3) == b"234"
+    mem.write(ctypes.addressof(buf), b"ab")
+    assert buf.value == b"ab23456789"
+    with pytest.raises(VfioError) as e:
+        mem.read(16, 4)
+    assert e.value.errno == errno.EFAULT
+    area = mmap.mmap(-1, 2 * mmap.PAGESIZE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(area))
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mprotect(ctypes.c_void_p(base + mmap.PAGESIZE), mmap.PAGESIZE, 0) == 0
+    with pytest.raises(VfioError) as e:  # straddles into the PROT_NONE page: short transfer
+        mem.read(base + mmap.PAGESIZE - 4, 8)
+    assert e.value.errno == errno.EFAULT
+    assert libc.mprotect(ctypes.c_void_p(base), 2 * mmap.PAGESIZE, 3) == 0
+
+
+def test_tid_to_tgid():
+    started, finish = threading.Event(), threading.Event()
+    tids = []
+
+    def worker():
+        tids.append(threading.get_native_id())
+        started.set()
+        finish.wait(BOUND)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    assert started.wait(BOUND)
+    assert tids[0] != os.getpid() and tgid_of(tids[0]) == os.getpid()
+    finish.set()
+    t.join()
+    with pytest.raises(VfioError) as e:
+        tgid_of(tids[0])  # that thread has exited
+    assert e.value.errno == errno.ESRCH
+
+
+def test_fetch_fd_is_fdget():
+    r, w = os.pipe()
+    mine = fetch_fd(os.getpid(), w)
+    assert mine not in (r, w) and not os.get_inheritable(mine)
+    os.write(mine, b"y")
+    assert os.read(r, 1) == b"y"
+    os.close(mine)
+    for bad in (-1, 1 << 20):
+        with pytest.raises(VfioError) as e:
+            fetch_fd(os.getpid(), bad)
+        assert e.value.errno == errno.EBADF
+    os.close(r)
+    os.close(w)
+
+
+# -- eventfds ----------------------------------------------------------------------------
+def test_client_eventfd_signal_and_watch():
+    poller = EventfdPoller()
+    client_side = os.eventfd(0)
+    ours = fetch_fd(os.getpid(), client_side)
+    assert is_eventfd(ours) and not is_eventfd(0)
+    efd = ClientEventfd(ours, poller)
+    try:
+        efd.signal()
+        efd.signal(2)
+        assert os.eventfd_read(client_side) == 3
+
+        fired = threading.Event()
+        cancel = efd.watch(fired.set)
+        os.eventfd_write(client_side, 1)
+        assert fired.wait(BOUND)
+        cancel()
+        # Cancelled: a write stays unread by the server.
+        os.eventfd_write(client_side, 5)
+        efd.signal(1)
+        assert os.eventfd_read(client_side) == 6
+    finally:
+        efd.release()
+        poller.stop()
+    assert efd.fd == -1
+    efd.signal()  # after release: nothing, no error
+    os.close(client_side)
