@@ -1,10 +1,14 @@
-"""The serving layer through real syscalls: C clients against the FUSE transport.
+"""The serving layer through real syscalls: C clients against a running Server.
 
-Each test starts a Server (FUSE transport: this host has no CUSE) for the
-default topology, one QEMU edu at 0000:00:02.0 in IOMMU group 2, and runs a
-C client written only against <linux/vfio.h>; the client prints one
-``name=value`` line per observation (a negative value is -errno).  Needs root
-and /dev/fuse; every mount is taken down by the fixture, even on failure.
+Each test starts a Server for the default topology (one QEMU edu at
+0000:00:02.0 in IOMMU group 2) and runs a C client written only against
+<linux/vfio.h>; the client prints one ``name=value`` line per observation (a
+negative value is -errno).  Needs root and /dev/fuse; every mount is taken
+down by the fixture, even on failure.
+
+The transport is FUSE (this host has no CUSE); inside a VM with cuse.ko the
+same tests run on CUSE nodes with
+``scripts/vm --mode cuse -- env CUSE_VFIO_TEST_TRANSPORT=cuse .venv/bin/python -m pytest tests/test_transport_clients.py``.
 """
 
 import errno
@@ -20,8 +24,12 @@ from cuse_vfio.cli.machine import Machine
 from cuse_vfio.cli.topology import load
 from cuse_vfio.transport.server import Server
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
-                                reason="needs root and /dev/fuse")
+TRANSPORT = os.environ.get("CUSE_VFIO_TEST_TRANSPORT", "fuse")
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="needs root and /dev/fuse"),
+    pytest.mark.skipif(TRANSPORT == "cuse" and not os.path.exists("/dev/cuse"), reason="needs /dev/cuse"),
+]
 
 EDU_ID = 0x11E81234
 CLIENT_TIMEOUT = 60  # a bound for a hung client, never a measurement
@@ -354,10 +362,16 @@ def machine():
     m.close()
 
 
+def new_server(machine, tmp_path, groups):
+    # CUSE nodes can only appear under /dev (devtmpfs).
+    dev_dir = "/dev/cuse-vfio-test" if TRANSPORT == "cuse" else str(tmp_path / "vfio")
+    return Server(machine.dispatcher, groups, transport=TRANSPORT, dev_dir=dev_dir,
+                  runtime_dir=str(tmp_path / "run"))
+
+
 @pytest.fixture
 def server(machine, tmp_path):
-    s = Server(machine.dispatcher, machine.topology.groups.values(), transport="fuse",
-               dev_dir=str(tmp_path / "vfio"), runtime_dir=str(tmp_path / "run"))
+    s = new_server(machine, tmp_path, machine.topology.groups.values())
     try:
         s.start()
         yield s
@@ -536,8 +550,7 @@ def test_trace_records_come_from_the_dispatcher(client, server, machine):
 
 
 def test_stop_releases_what_clients_still_hold(client, machine, tmp_path):
-    s = Server(machine.dispatcher, [2], transport="fuse", dev_dir=str(tmp_path / "vfio"),
-               runtime_dir=str(tmp_path / "run"))
+    s = new_server(machine, tmp_path, [2])
     s.start()
     held = Held(client, s, "flow-hold")
     try:
@@ -546,6 +559,7 @@ def test_stop_releases_what_clients_still_hold(client, machine, tmp_path):
         s.stop()
         assert device_opens(machine) == 0
         assert not os.path.ismount(s.dev_dir) and not os.path.ismount(s.device_mount)
+        assert not os.path.exists(s.container_path) and not os.path.exists(s.group_path(2))
         assert machine.vfio.group(2).container is None and not machine.vfio.group(2).opened
     finally:
         held.proc.kill()
