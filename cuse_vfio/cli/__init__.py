@@ -18,6 +18,15 @@ def _serving_options(p: argparse.ArgumentParser) -> None:
                         "FUSE: a mount point); default /dev/vfio, or a private one when it is taken")
     p.add_argument("--sysfs-dir", metavar="DIR", help="where the sysfs view is mounted")
     p.add_argument("--trace", metavar="FILE", help="append every request, decoded, as JSON lines")
+    p.add_argument("--fault-log", metavar="FILE",
+                   help="append every IOMMU fault as a JSON line (they are also logged as they happen)")
+    p.add_argument("--model-file", metavar="FILE", action="append", default=[],
+                   help="a Python file that registers device models for the topology (repeatable)")
+    p.add_argument("--noiommu", action="store_true",
+                   help="also offer VFIO_NOIOMMU_IOMMU, as the kernel does with enable_unsafe_noiommu_mode")
+    p.add_argument("--runtime-dir", metavar="DIR",
+                   help="where the hand-off socket, the device-file mount and the default mount points go "
+                        "(default: a new directory under /run, removed at exit)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log (-vv: every request)")
 
 
@@ -30,10 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="serve, run CMD in a private mount namespace that sees the nodes, then stop")
     _serving_options(run)
+    run.add_argument("-q", "--quiet", action="store_true", help="say nothing but errors and IOMMU faults")
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS]")
 
     trace = sub.add_parser("trace", help="print a --trace file as a table")
     trace.add_argument("file")
+
+    faults = sub.add_parser("faults", help="print a --fault-log file, one fault a line")
+    faults.add_argument("file")
 
     sub.add_parser("doctor", help="what this machine allows, and the fix for what is missing")
 
@@ -41,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--in-process", action="store_true",
                       help="drive the core in-process instead of through real syscalls")
     demo.add_argument("--transport", choices=("auto", "cuse", "fuse"), default="auto")
+    demo.add_argument("--build-dir", metavar="DIR", help="where the client, the trace and the fault log go "
+                                                         "(default: build/ in the source tree)")
     return parser
 
 
@@ -52,6 +67,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .trace import print_trace
 
         return print_trace(args.file)
+    if args.command == "faults":
+        from .server import print_faults
+
+        return print_faults(args.file)
     if args.command == "doctor":
         from .doctor import run_doctor
 
