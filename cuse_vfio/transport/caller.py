@@ -84,6 +84,8 @@ class RequestCaller:
 
     def done(self) -> None:
         """The request is over: fdput every file fetched for it."""
+        if not self._held:
+            return
         held, self._held = self._held, []
         for fd in held:
             self.server.close_fetched(fd)

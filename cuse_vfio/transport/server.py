@@ -396,15 +396,14 @@ class Server:
             return
         rq = Request(r.req)
         try:
-            session = self._session_of(r.sid)
-            if op == OP_OPEN:
-                self._open_node(rq, r, session, self._cuse_nodes[r.sid])
-            elif op == OP_IOCTL:
-                handle = self._handle(r.fh)
+            if op == OP_IOCTL:
+                handle = self._handles.get(r.fh)
                 if handle is None:
                     rq.err(errno.EBADF)
                 else:
                     self._ioctl(rq, r, handle, cuse=True)
+            elif op == OP_OPEN:
+                self._open_node(rq, r, self._session_of(r.sid), self._cuse_nodes[r.sid])
             else:
                 self._common(rq, r)
         except Exception:
@@ -424,11 +423,11 @@ class Server:
         try:
             op = r.op
             if op == OP_IOCTL:
-                handle = self._handle(r.fh)
+                handle = self._handles.get(r.fh)
                 if handle is None:
                     rq.err(errno.EBADF)
                 else:
-                    self._ioctl(rq, r, handle, cuse=False)
+                    self._fuse_ioctl(rq, r, handle)
             elif op == OP_LOOKUP:
                 inode = self._node_names.get(name_of(r.name)) if r.ino == ROOT_INO else None
                 if inode is None:
@@ -468,11 +467,11 @@ class Server:
         try:
             op = r.op
             if op == OP_IOCTL:
-                handle = self._handle(r.fh)
+                handle = self._handles.get(r.fh)
                 if handle is None:
                     rq.err(errno.EBADF)
                 else:
-                    self._ioctl(rq, r, handle, cuse=False)
+                    self._fuse_ioctl(rq, r, handle)
             elif op == OP_LOOKUP:
                 ino = self._device_names.get(name_of(r.name)) if r.ino == ROOT_INO else None
                 if ino is None:
@@ -622,6 +621,21 @@ class Server:
             log.exception("releasing %r failed", handle.file_object)
 
     # -- ioctl -----------------------------------------------------------------------
+    def _fuse_ioctl(self, rq: Request, r, handle: _Handle) -> None:
+        """The hot path: a restricted ioctl answered on the loop thread (GET_API_VERSION, GET_STATUS...)."""
+        cmd = r.cmd
+        if cmd in handle.off_loop or cmd == VFIO_CUSE_IDENTIFY:
+            self._ioctl(rq, r, handle, cuse=False)
+            return
+        tid = r.pid
+        caller = RequestCaller(self, tid, r.uid)
+        try:
+            result = self.dispatcher.ioctl(handle.file_object, cmd,
+                                           self.dispatcher.make_arg(r.arg, caller, ProcessMemory(tid)))
+        finally:
+            caller.done()
+        rq.ioctl(result)
+
     def _ioctl(self, rq: Request, r, handle: _Handle, cuse: bool) -> None:
         cmd, arg = r.cmd, r.arg
         if cmd == VFIO_CUSE_IDENTIFY and arg == self._secret and tgid_of(r.pid) == os.getpid():

@@ -121,8 +121,14 @@ class Request:
                          ffi.new("uint32_t[]", [e[2] for e in entries]), len(entries), off, size)
 
     def ioctl(self, result: int, data: bytes = b"") -> None:
-        if self._take():
-            lib.cv_reply_ioctl(self.req, result, data if data else ffi.NULL, len(data))
+        if self.replied:
+            self._take()
+        elif data:
+            self.replied = True
+            lib.cv_reply_ioctl(self.req, result, data, len(data))
+        else:
+            self.replied = True
+            lib.cv_reply_ioctl(self.req, result, ffi.NULL, 0)
 
     def ioctl_retry(self, ranges: Sequence[Tuple[int, int]]) -> int:
         """Ask for ``ranges`` both ways; -errno (nothing sent) when the kernel's limits forbid it."""
