@@ -198,6 +198,36 @@ int main(int argc, char **argv)
 	set->count = 0;
 	CHECK(ioctl(device, VFIO_DEVICE_SET_IRQS, set) == 0, "disable MSI");
 
+	/* INTx: with MSI off, edu raises its pin.  vfio-pci signals the eventfd and
+	 * masks the line (automask) until the driver unmasks it; a level still
+	 * asserted at the unmask is signalled again at once. */
+	struct vfio_irq_info intx = { .argsz = sizeof(intx), .index = VFIO_PCI_INTX_IRQ_INDEX };
+	CHECK(ioctl(device, VFIO_DEVICE_GET_IRQ_INFO, &intx) == 0 && intx.count == 1 &&
+	      (intx.flags & VFIO_IRQ_INFO_AUTOMASKED), "INTx irq info: %u line, automasked", intx.count);
+	set->argsz = sizeof(irqbuf);
+	set->flags = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER;
+	set->index = VFIO_PCI_INTX_IRQ_INDEX;
+	set->start = 0;
+	set->count = 1;
+	memcpy(set->data, &efd, sizeof(int32_t));
+	CHECK(ioctl(device, VFIO_DEVICE_SET_IRQS, set) == 0, "VFIO_DEVICE_SET_IRQS INTx -> eventfd");
+	wr32(EDU_IRQ_RAISE, 0x1);
+	CHECK(wait_eventfd(efd, 5000) > 0, "INTx arrived on the eventfd");
+	wr32(EDU_IRQ_ACK, 0x1);         /* the line drops; the IRQ stays masked */
+	wr32(EDU_IRQ_RAISE, 0x2);       /* raised again while masked */
+	CHECK(wait_eventfd(efd, 100) < 0, "INTx stays masked until unmasked (automask)");
+	set->argsz = sizeof(struct vfio_irq_set);
+	set->flags = VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_UNMASK;
+	set->count = 1;
+	CHECK(ioctl(device, VFIO_DEVICE_SET_IRQS, set) == 0 && wait_eventfd(efd, 5000) > 0,
+	      "VFIO_DEVICE_SET_IRQS unmask: the pending INTx arrives");
+	CHECK(rd32(EDU_IRQ_STATUS) == 0x2, "edu IRQ status 0x%x", rd32(EDU_IRQ_STATUS));
+	wr32(EDU_IRQ_ACK, 0x2);
+	CHECK(ioctl(device, VFIO_DEVICE_SET_IRQS, set) == 0, "unmask after the acknowledge");
+	set->flags = VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER;
+	set->count = 0;
+	CHECK(ioctl(device, VFIO_DEVICE_SET_IRQS, set) == 0, "disable INTx");
+
 	struct vfio_iommu_type1_dma_unmap unmap = { .argsz = sizeof(unmap), .iova = iova, .size = buf_size };
 	CHECK(ioctl(container, VFIO_IOMMU_UNMAP_DMA, &unmap) == 0 && unmap.size == buf_size, "VFIO_IOMMU_UNMAP_DMA");
 
