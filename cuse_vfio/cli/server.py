@@ -388,13 +388,18 @@ def serve_forever(args) -> int:
 
 
 # -- run ----------------------------------------------------------------------------------
-def run_command(args, cmd: Sequence[str], *, serving: Optional[Serving] = None) -> int:
-    """``cuse-vfio run``: serve, run ``cmd`` in a private mount namespace, tear down; CMD's status."""
-    serving = serving or Serving(args)
+def run_command(args, cmd: Sequence[str], *, announce: Optional[Callable[[Serving], None]] = None) -> int:
+    """``cuse-vfio run``: serve, run ``cmd`` in a private mount namespace, tear down; CMD's status.
+
+    ``announce(serving)`` is called once everything serves, before CMD starts.
+    """
+    serving = Serving(args)
     quiet = getattr(args, "quiet", False)
     with _Signals() as signals:
         try:
             serving.start()
+            if announce is not None:
+                announce(serving)
             if not quiet:
                 print(f"cuse-vfio run: {serving.transport.upper()} transport ({serving.transport_reason}); "
                       f"CMD sees the nodes in {CLIENT_DEV_DIR} and the sysfs view in /sys", file=sys.stderr,
