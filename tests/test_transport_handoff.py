@@ -135,6 +135,29 @@ def test_process_memory_reads_writes_and_faults():
     assert libc.mprotect(ctypes.c_void_p(base), 2 * mmap.PAGESIZE, 3) == 0
 
 
+def test_process_memory_probe_is_what_pinning_checks():
+    mem = ProcessMemory(os.getpid())
+    area = mmap.mmap(-1, 3 * mmap.PAGESIZE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(area))
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    try:
+        mem.probe(base, 3 * page, write=True)
+        assert libc.mprotect(ctypes.c_void_p(base + page), page, 1) == 0  # PROT_READ
+        mem.probe(base, 3 * page, write=False)
+        with pytest.raises(VfioError) as e:
+            mem.probe(base, 3 * page, write=True)
+        assert e.value.errno == errno.EFAULT
+        mem.probe(base + 2 * page, page, write=True)
+        assert libc.mprotect(ctypes.c_void_p(base + 2 * page), page, 0) == 0  # PROT_NONE
+        with pytest.raises(VfioError):
+            mem.probe(base + page, 2 * page, write=False)
+        with pytest.raises(VfioError):
+            mem.probe(16, 8, write=False)
+    finally:
+        libc.mprotect(ctypes.c_void_p(base), 3 * page, 3)
+
+
 def test_tid_to_tgid():
     started, finish = threading.Event(), threading.Event()
     tids = []

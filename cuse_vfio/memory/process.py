@@ -75,6 +75,35 @@ class ProcessMemory:
         buf = ctypes.create_string_buffer(bytes(data), len(data))
         self._transfer(_process_vm_writev, ctypes.addressof(buf), addr, len(data), "written")
 
+    def probe(self, addr: int, size: int, write: bool) -> None:
+        """What pinning user pages checks (MAP_DMA), without moving a byte: every page of
+        [addr, addr + size) in a readable mapping, and a writable one with ``write``; EFAULT otherwise.
+
+        A write probe cannot be a write (the client may change those bytes
+        meanwhile), so the mappings are read from /proc/<pid>/maps.
+        """
+        if size <= 0:
+            return
+        end = addr + size
+        pos = addr
+        need = "w" if write else "r"
+        try:
+            with open(f"/proc/{self.pid}/maps", "rb") as maps:
+                for line in maps:
+                    span, perms = line.split(None, 2)[:2]
+                    start, stop = (int(x, 16) for x in span.split(b"-"))
+                    if stop <= pos:
+                        continue
+                    if start > pos or chr(perms[0 if need == "r" else 1]) != need:
+                        break
+                    pos = stop
+                    if pos >= end:
+                        return
+        except OSError:
+            raise VfioError(errno.EFAULT, f"pid {self.pid} has exited") from None
+        raise VfioError(errno.EFAULT, f"pid {self.pid}: 0x{pos:x} (in [0x{addr:x}, 0x{end:x})) is not mapped"
+                        + (" writable" if write else " readable"))
+
     def _transfer(self, fn, local: int, remote: int, size: int, verb: str) -> None:
         if remote < 0 or remote + size > 1 << 64:
             raise VfioError(errno.EFAULT, f"pid {self.pid}: 0x{remote:x} is not a user address")
