@@ -12,11 +12,15 @@ same tests run on CUSE nodes with
 """
 
 import errno
+import fcntl
 import logging
 import os
 import signal
+import socket
+import struct
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -564,6 +568,37 @@ def test_stop_releases_what_clients_still_hold(client, machine, tmp_path):
     finally:
         held.proc.kill()
         held.proc.wait()
+        s.stop()
+        _unmount(s.dev_dir)
+        _unmount(s.device_mount)
+
+
+def test_an_unredeemed_device_fd_is_released(machine, tmp_path):
+    """A token nobody fetches: its device file is closed, the core sees the device fd released."""
+    s = new_server(machine, tmp_path, [2])
+    s.handoff_ttl = 0.05
+    s.start()
+    try:
+        # This process plays a client with the library: connected, greeted, then the raw ioctl.
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.settimeout(CLIENT_TIMEOUT)
+        conn.connect(s.socket_path)
+        assert conn.recv(1) == b"R"
+        c = os.open(s.container_path, os.O_RDWR)
+        g = os.open(s.group_path(2), os.O_RDWR)
+        fcntl.ioctl(g, 0x3B68, struct.pack("<i", c))      # VFIO_GROUP_SET_CONTAINER
+        fcntl.ioctl(c, 0x3B66, 3)                         # VFIO_SET_IOMMU, TYPE1v2
+        token = fcntl.ioctl(g, 0x3B6A, bytearray(b"0000:00:02.0\0"))  # VFIO_GROUP_GET_DEVICE_FD
+        assert token >= 1 << 30
+        assert device_opens(machine) == 1
+        deadline = time.monotonic() + CLIENT_TIMEOUT
+        while device_opens(machine) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert device_opens(machine) == 0
+        conn.close()
+        os.close(g)
+        os.close(c)
+    finally:
         s.stop()
         _unmount(s.dev_dir)
         _unmount(s.device_mount)
