@@ -1,0 +1,145 @@
+/*
+ * null-server: the floor scripts/bench compares cuse-vfio with.  A libfuse3
+ * low-level server that answers every ioctl with 0 at once, on the same
+ * transport cuse-vfio uses: one file on a FUSE mount, or one CUSE character
+ * device.  Single-threaded, as cuse-vfio's serving loop is.
+ *
+ *   null-server fuse MOUNTPOINT      serves MOUNTPOINT/node until SIGINT/SIGTERM
+ *   null-server cuse NAME            serves /dev/NAME until SIGINT/SIGTERM
+ */
+#define FUSE_USE_VERSION 35
+#include <cuse_lowlevel.h>
+#include <errno.h>
+#include <fuse_lowlevel.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#define NODE_INO 2
+
+static void null_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void *arg, struct fuse_file_info *fi,
+		       unsigned flags, const void *in_buf, size_t in_bufsz, size_t out_bufsz)
+{
+	(void)ino; (void)cmd; (void)arg; (void)fi; (void)flags; (void)in_buf; (void)in_bufsz; (void)out_bufsz;
+	fuse_reply_ioctl(req, 0, NULL, 0);
+}
+
+static void null_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	if (ino != NODE_INO && ino != FUSE_ROOT_ID && ino != 0) {
+		fuse_reply_err(req, ENOENT);
+		return;
+	}
+	fi->direct_io = 1;
+	fi->nonseekable = 1;
+	fuse_reply_open(req, fi);
+}
+
+static void null_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	(void)ino; (void)fi;
+	fuse_reply_err(req, 0);
+}
+
+/* -- FUSE: a root directory holding "node" ----------------------------------------- */
+static void fill(fuse_ino_t ino, struct stat *st)
+{
+	memset(st, 0, sizeof(*st));
+	st->st_ino = ino;
+	st->st_mode = ino == FUSE_ROOT_ID ? S_IFDIR | 0755 : S_IFREG | 0666;
+	st->st_nlink = ino == FUSE_ROOT_ID ? 2 : 1;
+}
+
+static void null_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+	struct fuse_entry_param e;
+
+	if (parent != FUSE_ROOT_ID || strcmp(name, "node")) {
+		fuse_reply_err(req, ENOENT);
+		return;
+	}
+	memset(&e, 0, sizeof(e));
+	e.ino = NODE_INO;
+	e.attr_timeout = e.entry_timeout = 3600.0;
+	fill(NODE_INO, &e.attr);
+	fuse_reply_entry(req, &e);
+}
+
+static void null_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+	struct stat st;
+
+	(void)fi;
+	if (ino != FUSE_ROOT_ID && ino != NODE_INO) {
+		fuse_reply_err(req, ENOENT);
+		return;
+	}
+	fill(ino, &st);
+	fuse_reply_attr(req, &st, 3600.0);
+}
+
+static int serve_fuse(const char *argv0, const char *mountpoint)
+{
+	static const struct fuse_lowlevel_ops ops = {
+		.lookup = null_lookup, .getattr = null_getattr, .open = null_open,
+		.release = null_release, .ioctl = null_ioctl,
+	};
+	char *args_v[] = { (char *)argv0, "-o", "allow_other,default_permissions,fsname=null-server", NULL };
+	struct fuse_args args = FUSE_ARGS_INIT(3, args_v);
+	struct fuse_session *se = fuse_session_new(&args, &ops, sizeof(ops), NULL);
+	int rc = 1;
+
+	if (!se)
+		return 1;
+	if (fuse_set_signal_handlers(se) == 0) {
+		if (fuse_session_mount(se, mountpoint) == 0) {
+			rc = fuse_session_loop(se) ? 1 : 0;
+			fuse_session_unmount(se);
+		}
+		fuse_remove_signal_handlers(se);
+	}
+	fuse_session_destroy(se);
+	return rc;
+}
+
+/* -- CUSE: one character device, unrestricted ioctls answered at once ---------------- */
+static void cuse_open(fuse_req_t req, struct fuse_file_info *fi)
+{
+	null_open(req, 0, fi);
+}
+
+static void cuse_release(fuse_req_t req, struct fuse_file_info *fi)
+{
+	null_release(req, 0, fi);
+}
+
+static void cuse_ioctl(fuse_req_t req, int cmd, void *arg, struct fuse_file_info *fi, unsigned flags,
+		       const void *in_buf, size_t in_bufsz, size_t out_bufsz)
+{
+	null_ioctl(req, 0, (unsigned int)cmd, arg, fi, flags, in_buf, in_bufsz, out_bufsz);
+}
+
+static int serve_cuse(const char *argv0, const char *name)
+{
+	static const struct cuse_lowlevel_ops ops = {
+		.open = cuse_open, .release = cuse_release, .ioctl = cuse_ioctl,
+	};
+	char devname[256];
+	const char *dev_info[] = { devname };
+	struct cuse_info ci = { .dev_info_argc = 1, .dev_info_argv = dev_info, .flags = CUSE_UNRESTRICTED_IOCTL };
+	char *args_v[] = { (char *)argv0, "-f", "-s", NULL };
+
+	snprintf(devname, sizeof(devname), "DEVNAME=%s", name);
+	return cuse_lowlevel_main(3, args_v, &ci, &ops, NULL);
+}
+
+int main(int argc, char **argv)
+{
+	if (argc == 3 && !strcmp(argv[1], "fuse"))
+		return serve_fuse(argv[0], argv[2]);
+	if (argc == 3 && !strcmp(argv[1], "cuse"))
+		return serve_cuse(argv[0], argv[2]);
+	fprintf(stderr, "usage: %s fuse MOUNTPOINT | cuse NAME\n", argv[0]);
+	return 2;
+}
