@@ -21,3 +21,12 @@ class VfioError(OSError):
 
     def __str__(self) -> str:
         return f"{self.errno_name}: {self.strerror}"
+
+
+class RetryRequest(Exception):
+    """Not an error: a transport's memory does not hold these argument bytes yet.
+
+    The CUSE transport raises it from a handler's first read of bytes the
+    kernel has not copied in; it answers with a retry and runs the handler
+    again.  Every layer that catches Exception lets it through untouched.
+    """

@@ -48,7 +48,7 @@ import errno
 import logging
 from typing import Callable, Dict, List, Optional
 
-from ..errors import VfioError
+from ..errors import RetryRequest, VfioError
 from ..uapi import (
     VFIO_DEVICE_FEATURE,
     VFIO_DEVICE_FEATURE_GET,
@@ -902,7 +902,7 @@ class VfioPciDevice:
                 if handler is None:
                     raise VfioError(errno.ENOTTY, f"{self.name}: vfio-pci has no ioctl 0x{cmd:x}")
                 return handler(arg)
-            except VfioError:
+            except (VfioError, RetryRequest):
                 raise  # vfio-pci's own rules (model code inside is run through _guarded)
             except Exception:
                 log.exception("%s: ioctl 0x%x failed unexpectedly", self.name, cmd)
@@ -1685,7 +1685,7 @@ class VfioPciDevice:
         """
         try:
             return fn(*args)
-        except ModelFailure:
+        except (ModelFailure, RetryRequest):
             raise
         except Exception:
             log.exception("%s: the device model failed an access; it keeps running", self.name)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
 from ..core import Container, DeviceFile, Group, Vfio
-from ..errors import VfioError
+from ..errors import RetryRequest, VfioError
 from ..uapi import (
     VFIO_CHECK_EXTENSION,
     VFIO_GET_API_VERSION,
@@ -49,10 +49,6 @@ class Node:
     @classmethod
     def group(cls, group_id: int) -> "Node":
         return cls(NodeKind.GROUP, str(group_id), group_id)
-
-
-class RetryRequest(Exception):
-    """Raised by a transport's memory when the bytes are not fetched yet (CUSE): not an error."""
 
 
 # -- group ioctls -----------------------------------------------------------
