@@ -1,7 +1,7 @@
 """End to end: C clients under ``cuse-vfio run`` (and ``serve``), through real syscalls, on FUSE.
 
 Each test starts the command line as a user would (``python -m cuse_vfio run
---transport fuse -- CMD``), so the server, the sysfs view, the private mount
+--transport fuse -- CMD``; ``CUSE_VFIO_TEST_TRANSPORT=cuse`` for CUSE), so the server, the sysfs view, the private mount
 namespace, the hand-off library and the teardown are all the real ones.  The
 clients are written only against <linux/vfio.h> and open the nodes where a
 client expects them, /dev/vfio/vfio and /dev/vfio/2; each prints one
@@ -22,8 +22,12 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
-                                reason="needs root and /dev/fuse")
+#: fuse here; CUSE_VFIO_TEST_TRANSPORT=cuse runs the same tests on CUSE (inside scripts/vm)
+TRANSPORT = os.environ.get("CUSE_VFIO_TEST_TRANSPORT", "fuse")
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse")
+                                or (TRANSPORT == "cuse" and not os.path.exists("/dev/cuse")),
+                                reason=f"needs root, /dev/fuse (and /dev/cuse for {TRANSPORT})")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EDU = "0000:00:02.0"
@@ -335,7 +339,7 @@ def cli(*args, timeout=TIMEOUT):
 
 
 def run(rt, *cmd, options=()):
-    return cli("run", "--transport", "fuse", "--runtime-dir", rt, *options, "--", *cmd)
+    return cli("run", "--transport", TRANSPORT, "--runtime-dir", rt, *options, "--", *cmd)
 
 
 def values(text):
@@ -366,7 +370,7 @@ def test_the_edu_client_passes_every_step(rt, edu_client):
                  "INTx stays masked until unmasked (automask)", "unmask: the pending INTx arrives",
                  "device fd is close-on-exec"):
         assert step in text
-    assert "FUSE transport" in done.stderr
+    assert f"{TRANSPORT.upper()} transport" in done.stderr
 
 
 # -- errno rules -------------------------------------------------------------------------
@@ -501,7 +505,7 @@ def test_a_missing_command_is_127_with_a_sentence(rt):
 
 
 def test_sigterm_to_run_reaches_cmd_and_everything_is_torn_down(rt):
-    proc = subprocess.Popen([sys.executable, "-m", "cuse_vfio", "run", "--transport", "fuse", "--runtime-dir", rt,
+    proc = subprocess.Popen([sys.executable, "-m", "cuse_vfio", "run", "--transport", TRANSPORT, "--runtime-dir", rt,
                              "--", "sh", "-c", "echo started; exec sleep 1000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
@@ -516,7 +520,7 @@ def test_sigterm_to_run_reaches_cmd_and_everything_is_torn_down(rt):
 
 # -- serve -------------------------------------------------------------------------------------
 def test_serve_prints_what_a_client_needs_and_stops_cleanly_on_sigterm(rt, client):
-    proc = subprocess.Popen([sys.executable, "-m", "cuse_vfio", "serve", "--transport", "fuse",
+    proc = subprocess.Popen([sys.executable, "-m", "cuse_vfio", "serve", "--transport", TRANSPORT,
                              "--runtime-dir", rt], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=ROOT)
     try:
@@ -526,7 +530,7 @@ def test_serve_prints_what_a_client_needs_and_stops_cleanly_on_sigterm(rt, clien
             said[key] = value
             if key == "ready":
                 break
-        assert "FUSE" in said["transport"]
+        assert said["transport"].startswith(TRANSPORT.upper())
         dev = os.path.dirname(said["container"])
         assert said["group 2"].startswith(os.path.join(dev, "2")) and EDU in said["group 2"]
         sysfs = said["sysfs view"].split()[0]

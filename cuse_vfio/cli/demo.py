@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import List, Optional
+from typing import List
 
 SOURCE_TREE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLIENT_SOURCE = os.path.join(SOURCE_TREE, "examples", "vfio-edu-client.c")

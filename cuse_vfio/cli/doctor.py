@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import importlib
 import os
 import shutil
 import signal
@@ -206,7 +207,7 @@ def check_built() -> Finding:
     from ..transport.server import PRELOAD_LIBRARY
 
     try:
-        from ..transport import shim  # noqa: F401  (the cffi module)
+        importlib.import_module("cuse_vfio.transport.shim")  # loads the cffi module
     except ImportError as e:
         return Finding("built parts", False, f"the C shim does not load ({e})", "run ./scripts/bootstrap",
                        needed=True)

@@ -82,8 +82,7 @@ class Serving:
         self._fault_file = None
         self._fault_lock = threading.Lock()
         self._unsubscribe: Optional[Callable[[], None]] = None
-        self._made_dirs: List[str] = []       # removed in reverse order by stop()
-        self._made_runtime_dir = False
+        self._made_dirs: List[str] = []       # removed (with what they hold) in reverse order by stop()
         self._stopped = False
 
     # -- start -------------------------------------------------------------------------
@@ -175,21 +174,17 @@ class Serving:
     def _make_runtime_dir(self) -> None:
         wanted = getattr(self.options, "runtime_dir", None)
         if wanted:
-            path = os.path.abspath(wanted)
-            if not os.path.isdir(path):
-                try:
-                    os.makedirs(path, mode=0o755)
-                except OSError as e:
-                    raise ServeError(f"cannot create the runtime directory {path}: {e.strerror}") from None
-                self._made_runtime_dir = True
-            self.runtime_dir = path
+            try:
+                self.runtime_dir = self._make_dir(os.path.abspath(wanted))
+            except OSError as e:
+                raise ServeError(f"cannot create the runtime directory {wanted}: {e.strerror}") from None
         else:
             base = "/run" if os.access("/run", os.W_OK) else None
             self.runtime_dir = tempfile.mkdtemp(prefix="cuse-vfio.", dir=base)
-            self._made_runtime_dir = True
-        # Others may need to reach dev/ and sys/; the server's own part is server/ (0700).
-        if self._made_runtime_dir:
+            self._made_dirs.append(self.runtime_dir)
+            # Others may need to reach dev/ and sys/; the server's own part is server/ (0700).
             os.chmod(self.runtime_dir, 0o755)
+        self._make_dir(os.path.join(self.runtime_dir, "server"))
 
     def _choose_transport(self) -> Tuple[str, str]:
         from ..transport.server import choose_transport
@@ -320,18 +315,19 @@ class Serving:
         with self._fault_lock:
             if self._fault_file is not None:
                 self._fault_file.close()
-        # Whatever is still mounted below our directories (a mount that refused
-        # to go, a namespace helper killed half way) is detached now.
-        for path in [self.runtime_dir, self.sysfs_dir, self.server.dev_dir if self.server else None]:
-            if path:
-                _detach_mounts_below(path)
-        if self.runtime_dir:
-            for sub in ("ns", "server"):
-                _remove_tree(os.path.join(self.runtime_dir, sub))
+        # A mount of ours that refused to go (a client still inside it) is detached now.
+        for path in self._mount_points():
+            _detach_if_mounted(path)
         for path in reversed(self._made_dirs):
-            _rmdir_quietly(path)
-        if self._made_runtime_dir and self.runtime_dir:
-            _rmdir_quietly(self.runtime_dir)
+            _remove_tree(path)
+
+    def _mount_points(self) -> List[str]:
+        points = [self.sysfs_dir]
+        if self.server is not None and self.server.runtime_dir:
+            points.append(self.server.device_mount)
+            if self.transport == "fuse":
+                points.append(self.server.dev_dir)
+        return [p for p in points if p]
 
     def __enter__(self) -> "Serving":
         return self.start()
@@ -416,8 +412,8 @@ def run_command(args, cmd: Sequence[str], *, announce: Optional[Callable[[Servin
 
 def _run_in_namespace(serving: Serving, cmd: List[str], signals: _Signals) -> int:
     cwd = os.getcwd()
-    staging = os.path.join(serving.runtime_dir, "ns")
-    os.makedirs(staging, mode=0o700, exist_ok=True)
+    staging = serving._make_dir(os.path.join(serving.runtime_dir, "ns"))
+    os.chmod(staging, 0o700)
     spec = json.dumps({
         "binds": serving.namespace_binds(),
         "staging": staging,
@@ -518,41 +514,38 @@ def fault_summary(records: List[dict]) -> str:
 
 
 # -- teardown helpers -------------------------------------------------------------------------
-def _mounts_below(path: str) -> List[str]:
-    path = os.path.abspath(path)
-    found = []
+def _mounts() -> Dict[str, str]:
+    """Mount point -> file system type of the topmost mount there (this mount namespace)."""
+    found: Dict[str, str] = {}
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
-                where = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
-                if where == path or where.startswith(path + "/"):
-                    found.append(where)
+                fields, _, rest = line.partition(" - ")
+                where = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields.split()[4])
+                found[where] = rest.split()[0] if rest else ""
     except OSError:
         pass
     return found
 
 
-def _detach_mounts_below(path: str) -> None:
-    mounts = _mounts_below(path)
-    if not mounts:
+def _detach_if_mounted(path: str) -> None:
+    if not _mounts().get(path, "").startswith("fuse"):
         return
+    log.warning("%s was still mounted after stopping: detaching it", path)
     libc = ctypes.CDLL(None, use_errno=True)
-    for where in sorted(mounts, key=len, reverse=True):
-        log.warning("%s was still mounted after stopping: detaching it", where)
-        if libc.umount2(os.fsencode(where), 2) != 0:  # MNT_DETACH
-            log.error("cannot detach %s: %s", where, os.strerror(ctypes.get_errno()))
+    if libc.umount2(os.fsencode(path), 2) != 0:  # MNT_DETACH
+        log.error("cannot detach %s: %s", path, os.strerror(ctypes.get_errno()))
 
 
 def _remove_tree(path: str) -> None:
-    if os.path.isdir(path) and not _mounts_below(path):
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _rmdir_quietly(path: str) -> None:
-    try:
-        os.rmdir(path)
-    except OSError:
-        pass
+    """Remove a directory this run made, unless something is still mounted in it."""
+    if not os.path.isdir(path):
+        return
+    prefix = path.rstrip("/") + "/"
+    if any(m == path or m.startswith(prefix) for m in _mounts()):
+        log.warning("%s is left in place: something is still mounted in it", path)
+        return
+    shutil.rmtree(path, ignore_errors=True)
 
 
 # -- what the machine has ----------------------------------------------------------------------
