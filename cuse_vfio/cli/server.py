@@ -278,6 +278,13 @@ class Serving:
             lines.append(f"fault log: {os.path.abspath(self.options.fault_log)}")
         env = self.server.client_env()
         lines.append("client environment: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()))
+        if os.path.realpath(s.dev_dir) != CLIENT_DEV_DIR:
+            lines.append(f"note: a client that opens {CLIENT_DEV_DIR} itself sees these nodes under "
+                         "`cuse-vfio run -- CMD` (or serve with --dev-dir /dev/vfio)")
+        else:
+            first = self.machine.topology.devices[0].bdf
+            lines.append(f"note: QEMU finds the group with -device vfio-pci,sysfsdev={self.sysfs_dir}"
+                         f"/bus/pci/devices/{first}")
         return lines
 
     def namespace_binds(self) -> List[Tuple[str, str]]:
