@@ -204,6 +204,7 @@ def test_the_command_line_exit_status(tmp_path):
 
 # ---------------------------------------------------------------- (c) live
 
+@pytest.mark.vm
 def test_live_against_the_real_kernel():
     """The client against real vfio-pci (VM) and cuse-vfio (fuse, cuse VM); any unallowed difference fails."""
     r = subprocess.run([os.path.join(TOP, "scripts", "conformance"), "--cuse"], cwd=TOP,
