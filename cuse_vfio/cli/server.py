@@ -409,6 +409,8 @@ def run_command(args, cmd: Sequence[str], *, announce: Optional[Callable[[Servin
                       flush=True)
                 for note in serving.notes:
                     print(f"cuse-vfio run: {note}", file=sys.stderr, flush=True)
+            if signals.received is not None:  # stopped while starting: CMD never runs
+                return 128 + signals.received
             status = _run_in_namespace(serving, list(cmd), signals)
         finally:
             serving.stop()
@@ -451,6 +453,8 @@ def _run_in_namespace(serving: Serving, cmd: List[str], signals: _Signals) -> in
             pass
 
     signals.forward = forward
+    if signals.received is not None:  # arrived while CMD was being started
+        forward(signals.received)
     try:
         try:
             with os.fdopen(spec_w, "wb") as f:
