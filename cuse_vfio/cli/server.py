@@ -43,6 +43,14 @@ import tempfile
 import threading
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from ..devices import load_model_file, model_names
+from ..transport.server import Server, choose_transport
+from ..transport.shim import TransportError
+from ..transport.sysfs import SysfsView, SysfsViewError
+from .machine import Machine
+from .topology import TopologyError, load
+from .trace import TraceWriter
+
 log = logging.getLogger(__name__)
 
 #: the kernel's vfio container node, which the real vfio module may own
@@ -66,9 +74,8 @@ class ServeError(Exception):
 class Serving:
     """The Machine, the Server and the sysfs view of one ``serve`` or ``run``."""
 
-    def __init__(self, options, *, out=None):
+    def __init__(self, options):
         self.options = options
-        self.out = out or sys.stderr
         self.machine = None
         self.server = None
         self.sysfs_mount = None
@@ -95,15 +102,9 @@ class Serving:
         return self
 
     def _start(self) -> None:
-        from ..transport.shim import TransportError
-        from ..transport.sysfs import SysfsViewError
-        from .topology import TopologyError
-
         opts = self.options
         topology = self._load_topology()
         self._open_outputs()
-        from .machine import Machine
-
         try:
             self.machine = Machine(topology, trace=self._trace, noiommu=bool(getattr(opts, "noiommu", False)))
         except TopologyError as e:
@@ -113,9 +114,6 @@ class Serving:
         self._make_runtime_dir()
         self.transport, self.transport_reason = self._choose_transport()
         dev_dir = self._choose_dev_dir()
-
-        from ..transport.server import Server
-
         try:
             self.server = Server(self.machine.dispatcher, topology.groups.values(), transport=self.transport,
                                  dev_dir=dev_dir, runtime_dir=os.path.join(self.runtime_dir, "server"))
@@ -138,9 +136,6 @@ class Serving:
             os.chdir(cwd)
 
     def _load_topology(self):
-        from ..devices import load_model_file, model_names
-        from .topology import TopologyError, load
-
         for path in getattr(self.options, "model_file", None) or ():
             if not os.path.isfile(path):
                 raise ServeError(f"model file {path} does not exist: give the path of a Python file "
@@ -156,8 +151,6 @@ class Serving:
             raise ServeError(str(e)) from None
 
     def _open_outputs(self) -> None:
-        from .trace import TraceWriter
-
         trace = getattr(self.options, "trace", None)
         if trace:
             try:
@@ -187,8 +180,6 @@ class Serving:
         self._make_dir(os.path.join(self.runtime_dir, "server"))
 
     def _choose_transport(self) -> Tuple[str, str]:
-        from ..transport.server import choose_transport
-
         requested = getattr(self.options, "transport", "auto") or "auto"
         if requested == "cuse":
             why = _cuse_unusable()
@@ -289,8 +280,6 @@ class Serving:
 
     def namespace_binds(self) -> List[Tuple[str, str]]:
         """(source, target) pairs that make CMD's /dev/vfio and /sys show this server."""
-        from ..transport.sysfs import SysfsView
-
         binds = []
         if os.path.realpath(self.server.dev_dir) != CLIENT_DEV_DIR:
             binds.append((self.server.dev_dir, CLIENT_DEV_DIR))
