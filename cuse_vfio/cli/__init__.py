@@ -1,4 +1,4 @@
-"""``cuse-vfio``: serve | run | trace | doctor | demo."""
+"""``cuse-vfio``: serve | run | trace | faults | doctor | demo."""
 
 from __future__ import annotations
 
