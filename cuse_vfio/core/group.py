@@ -13,6 +13,7 @@ import logging
 from typing import TYPE_CHECKING, List, Optional
 
 from ..errors import VfioError
+from ..uapi.ioctls import VFIO_GROUP_FLAGS_CONTAINER_SET, VFIO_GROUP_FLAGS_VIABLE
 from .bus import BusDevice, IommuGroup, NotifyAction
 from .container import Container
 from .device import Device, DeviceFile
@@ -103,8 +104,6 @@ class Group:
 
     # -- ioctls ----------------------------------------------------------
     def status_flags(self) -> int:
-        from ..uapi.ioctls import VFIO_GROUP_FLAGS_CONTAINER_SET, VFIO_GROUP_FLAGS_VIABLE
-
         with self.vfio.lock:
             flags = 0
             if self.viable():
