@@ -1,28 +1,52 @@
 /*
- * libcuse_vfio_preload.so: turns the token VFIO_GROUP_GET_DEVICE_FD returns
- * under cuse-vfio into a real device fd.
+ * libcuse_vfio_preload.so: makes the device fds of cuse-vfio behave as the
+ * kernel's, where a FUSE file cannot.
  *
- * A FUSE or CUSE server cannot install an fd in its caller, so the server's
- * GET_DEVICE_FD answers with a one-time token (>= 2^30, above any fd number
- * the kernel hands out) and keeps the device file open for this process.
- * This library wraps ioctl(): for GET_DEVICE_FD it first connects to the
- * server's socket ($CUSE_VFIO_SOCKET) and waits for its greeting, so the
- * server knows this process can receive an fd; then it makes the real call,
- * sends the token back and receives the fd with SCM_RIGHTS, close-on-exec
- * as the kernel's own device fds are.  Everything else goes straight to the
- * real ioctl.  Results below 2^30 (errors, real kernel fds of a real vfio
- * group) are returned unchanged.
+ * 1. GET_DEVICE_FD.  A FUSE or CUSE server cannot install an fd in its
+ *    caller, so the server's GET_DEVICE_FD answers with a one-time token
+ *    (>= 2^30, above any fd number the kernel hands out) and keeps the device
+ *    file open for this process.  This library wraps ioctl(): for
+ *    GET_DEVICE_FD it first connects to the server's socket
+ *    ($CUSE_VFIO_SOCKET) and waits for its greeting, so the server knows this
+ *    process can receive an fd; then it makes the real call, sends the token
+ *    back and receives the fd with SCM_RIGHTS, close-on-exec as the kernel's
+ *    own device fds are.  Results below 2^30 (errors, real kernel fds of a
+ *    real vfio group) are returned unchanged.
+ *
+ * 2. mmap of a region.  A device fd is a FUSE direct_io file, and FUSE cannot
+ *    share the device model's pages through it.  The model keeps a mappable
+ *    region (a BAR of plain memory) in a memfd, so this library wraps
+ *    mmap(): for a device fd it asks the server which memfd and where in it
+ *    (the server applies vfio-pci's rules and answers only for a device file
+ *    this process holds), maps that memfd with the caller's address, prot and
+ *    flags, and closes it; the mapping keeps the memory.
+ *
+ *    Which fds are device fds: every device fd lives on the server's
+ *    device-file mount, so the library remembers that mount's st_dev when it
+ *    receives a device fd, and an fd is a device fd when fstat() says it is a
+ *    regular file on such a mount.  That follows dup(), dup2(), F_DUPFD, fds
+ *    passed around inside the process and fork() with no wrapper of its own,
+ *    at the price of one fstat per *file* mapping, and only in a process that
+ *    has received a device fd; anonymous mappings (malloc, stacks) and every
+ *    mapping of a process that never received one cost a flag test.
+ *
+ * Everything else goes straight to the real ioctl/mmap; munmap is untouched.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -30,7 +54,30 @@
 #define CV_TOKEN_MIN (1 << 30)
 #define CV_HELLO 'R'
 
+/* Requests below CV_TOKEN_MIN are operations; a value at or above it is a token. */
+#define CV_OP_MMAP 1u
+/* An mmap answer: "not a device file of mine", map it as any other file. */
+#define CV_NOT_MINE (-1)
+#define CV_FALLBACK INT_MIN
+
+struct cv_mmap_request {
+	uint32_t op;     /* CV_OP_MMAP */
+	int32_t fd;      /* the caller's fd number; the server takes it with pidfd_getfd */
+	int32_t prot;
+	int32_t flags;
+	uint64_t offset; /* as mmap() got it: region index << 40 | offset in the region */
+	uint64_t length;
+};
+
+struct cv_mmap_reply {
+	int32_t status;  /* 0 (the memfd comes with it), an errno, or CV_NOT_MINE */
+	uint32_t reserved;
+	uint64_t start;  /* where in the memfd the mapping starts */
+};
+
 typedef int (*ioctl_fn)(int, unsigned long, ...);
+typedef void *(*mmap_fn)(void *, size_t, int, int, int, off_t);
+typedef void *(*mmap64_fn)(void *, size_t, int, int, int, off64_t);
 
 static ioctl_fn real_ioctl_fn(void)
 {
@@ -44,6 +91,89 @@ static ioctl_fn real_ioctl_fn(void)
 	return fn;
 }
 
+/*
+ * The real mmap is looked up once, when the library is loaded: dlsym may
+ * allocate, and an allocator that maps memory through mmap() would land back
+ * here while the lookup is still going on.  A mapping made before that (from
+ * another library's constructor) goes to the system call itself.
+ */
+static mmap_fn real_mmap;
+static mmap64_fn real_mmap64;
+
+__attribute__((constructor)) static void cv_init(void)
+{
+	__atomic_store_n(&real_mmap, (mmap_fn)dlsym(RTLD_NEXT, "mmap"), __ATOMIC_RELEASE);
+	__atomic_store_n(&real_mmap64, (mmap64_fn)dlsym(RTLD_NEXT, "mmap64"), __ATOMIC_RELEASE);
+}
+
+static void *cv_real_mmap(int is64, void *addr, size_t len, int prot, int flags, int fd, off64_t off)
+{
+	mmap_fn fn = is64 ? NULL : __atomic_load_n(&real_mmap, __ATOMIC_ACQUIRE);
+	mmap64_fn fn64 = is64 ? __atomic_load_n(&real_mmap64, __ATOMIC_ACQUIRE) : NULL;
+
+	if (fn)
+		return fn(addr, len, prot, flags, fd, (off_t)off);
+	if (fn64)
+		return fn64(addr, len, prot, flags, fd, off);
+#if UINTPTR_MAX == UINT64_MAX
+	return (void *)syscall(SYS_mmap, addr, len, prot, flags, fd, off);
+#else
+	fn64 = (mmap64_fn)dlsym(RTLD_NEXT, "mmap64");
+	if (!fn64) {
+		errno = ENOSYS;
+		return MAP_FAILED;
+	}
+	return fn64(addr, len, prot, flags, fd, off);
+#endif
+}
+
+/* -- the device-file mounts this process has received fds from ------------------- */
+#define CV_MAX_MOUNTS 8
+static dev_t cv_mounts[CV_MAX_MOUNTS];
+static int cv_nmounts;  /* entries below it are written before it is raised */
+static int cv_mounts_lock;
+
+static void cv_remember(int fd)
+{
+	struct stat st;
+	int i, n;
+
+	if (fstat(fd, &st) == -1)
+		return;
+	while (__atomic_exchange_n(&cv_mounts_lock, 1, __ATOMIC_ACQUIRE))
+		;
+	n = __atomic_load_n(&cv_nmounts, __ATOMIC_RELAXED);
+	for (i = 0; i < n && cv_mounts[i] != st.st_dev; i++)
+		;
+	if (i == n && n < CV_MAX_MOUNTS) {
+		cv_mounts[n] = st.st_dev;
+		__atomic_store_n(&cv_nmounts, n + 1, __ATOMIC_RELEASE);
+	}
+	__atomic_store_n(&cv_mounts_lock, 0, __ATOMIC_RELEASE);
+}
+
+static int cv_is_device_fd(int fd)
+{
+	int n = __atomic_load_n(&cv_nmounts, __ATOMIC_ACQUIRE);
+	int i, e;
+	struct stat st;
+
+	if (n == 0)
+		return 0;
+	e = errno;
+	if (fstat(fd, &st) == -1) {
+		errno = e;
+		return 0;
+	}
+	if (!S_ISREG(st.st_mode))
+		return 0;
+	for (i = 0; i < n; i++)
+		if (cv_mounts[i] == st.st_dev)
+			return 1;
+	return 0;
+}
+
+/* -- the hand-off socket ------------------------------------------------------------- */
 static int cv_connect(void)
 {
 	const char *path = getenv("CUSE_VFIO_SOCKET");
@@ -74,41 +204,54 @@ fail:
 	return -1;
 }
 
-static int cv_fetch(int s, int token)
+/* Send a request, receive an answer of exactly `size` bytes and at most one fd (-1 if none). */
+static int cv_call(int s, const void *req, size_t req_size, void *reply, size_t size, int *fd)
 {
 	union {
 		struct cmsghdr hdr;
 		char buf[CMSG_SPACE(sizeof(int))];
 	} control;
-	uint32_t req = (uint32_t)token;
-	int32_t status = EIO;
-	struct iovec iov = { &status, sizeof(status) };
+	struct iovec iov = { reply, size };
 	struct msghdr msg;
 	struct cmsghdr *c;
 	ssize_t n;
-	int fd = -1;
 
+	*fd = -1;
 	do
-		n = send(s, &req, sizeof(req), MSG_NOSIGNAL);
+		n = send(s, req, req_size, MSG_NOSIGNAL);
 	while (n == -1 && errno == EINTR);
-	if (n != sizeof(req))
-		return -EIO;
-
+	if (n != (ssize_t)req_size)
+		return -1;
 	memset(&msg, 0, sizeof(msg));
 	msg.msg_iov = &iov;
 	msg.msg_iovlen = 1;
 	msg.msg_control = control.buf;
 	msg.msg_controllen = sizeof(control.buf);
 	do
-		n = recvmsg(s, &msg, MSG_CMSG_CLOEXEC);
+		n = recvmsg(s, &msg, MSG_CMSG_CLOEXEC | MSG_WAITALL);
 	while (n == -1 && errno == EINTR);
-	if (n != sizeof(status))
-		return -EIO;
-	for (c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+	for (c = CMSG_FIRSTHDR(&msg); n > 0 && c; c = CMSG_NXTHDR(&msg, c)) {
 		if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS &&
 		    c->cmsg_len == CMSG_LEN(sizeof(int)))
-			memcpy(&fd, CMSG_DATA(c), sizeof(int));
+			memcpy(fd, CMSG_DATA(c), sizeof(int));
 	}
+	if (n != (ssize_t)size) {
+		if (*fd >= 0)
+			close(*fd);
+		*fd = -1;
+		return -1;
+	}
+	return 0;
+}
+
+static int cv_fetch(int s, int token)
+{
+	uint32_t req = (uint32_t)token;
+	int32_t status = EIO;
+	int fd;
+
+	if (cv_call(s, &req, sizeof(req), &status, sizeof(status), &fd) == -1)
+		return -EIO;
 	if (status != 0) {
 		if (fd >= 0)
 			close(fd);
@@ -140,6 +283,7 @@ static int cv_get_device_fd(int group, unsigned long request, void *arg)
 		errno = -ret;
 		return -1;
 	}
+	cv_remember(ret);
 	return ret;
 }
 
@@ -160,4 +304,72 @@ int ioctl(int fd, unsigned long request, ...)
 		return -1;
 	}
 	return real(fd, request, arg);
+}
+
+/*
+ * The memfd behind (fd, offset, length) and where in it to map, or -errno,
+ * or CV_FALLBACK when there is no server to ask or the server does not know
+ * the file: then it is mapped as any other file.
+ */
+static int cv_ask_map(int fd, int prot, int flags, uint64_t off, size_t len, uint64_t *start)
+{
+	struct cv_mmap_request req = {
+		.op = CV_OP_MMAP, .fd = fd, .prot = prot, .flags = flags, .offset = off, .length = len,
+	};
+	struct cv_mmap_reply reply = { .status = EIO };
+	int s, memfd, rc;
+
+	s = cv_connect();
+	if (s == -1)
+		return CV_FALLBACK;
+	rc = cv_call(s, &req, sizeof(req), &reply, sizeof(reply), &memfd);
+	close(s);
+	if (rc == -1)
+		return -EIO;
+	if (reply.status != 0) {
+		if (memfd >= 0)
+			close(memfd);
+		if (reply.status == CV_NOT_MINE)
+			return CV_FALLBACK;
+		return -(reply.status > 0 ? reply.status : EIO);
+	}
+	if (memfd < 0)
+		return -EIO;
+	*start = reply.start;
+	return memfd;
+}
+
+static void *cv_mmap(int is64, void *addr, size_t len, int prot, int flags, int fd, off64_t off)
+{
+	uint64_t start = 0;
+	void *p;
+	int memfd, e;
+
+	if (fd < 0 || (flags & MAP_ANONYMOUS) || !cv_is_device_fd(fd))
+		return cv_real_mmap(is64, addr, len, prot, flags, fd, off);
+	e = errno;
+	memfd = cv_ask_map(fd, prot, flags, (uint64_t)off, len, &start);
+	if (memfd == CV_FALLBACK) {
+		errno = e;
+		return cv_real_mmap(is64, addr, len, prot, flags, fd, off);
+	}
+	if (memfd < 0) {
+		errno = -memfd;
+		return MAP_FAILED;
+	}
+	p = cv_real_mmap(is64, addr, len, prot, flags, memfd, (off64_t)start);
+	e = errno;
+	close(memfd);
+	errno = e;
+	return p;
+}
+
+void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
+{
+	return cv_mmap(0, addr, len, prot, flags, fd, off);
+}
+
+void *mmap64(void *addr, size_t len, int prot, int flags, int fd, off64_t off)
+{
+	return cv_mmap(1, addr, len, prot, flags, fd, off);
 }

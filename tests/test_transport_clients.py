@@ -15,10 +15,13 @@ import errno
 import fcntl
 import logging
 import os
+import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
+import tempfile
 import threading
 import time
 
@@ -26,7 +29,7 @@ import pytest
 
 from cuse_vfio.cli.machine import Machine
 from cuse_vfio.cli.topology import load
-from cuse_vfio.transport.server import Server
+from cuse_vfio.transport.server import GroupNode, Server
 
 TRANSPORT = os.environ.get("CUSE_VFIO_TEST_TRANSPORT", "fuse")
 
@@ -36,6 +39,7 @@ pytestmark = [
 ]
 
 EDU_ID = 0x11E81234
+NOBODY, SOMEBODY_ELSE = 65534, 65533
 CLIENT_TIMEOUT = 60  # a bound for a hung client, never a measurement
 
 CLIENT_C = r"""
@@ -394,10 +398,10 @@ def parse(text):
     return out
 
 
-def run(client, server, command, env=True, extra=()):
+def run(client, server, command, env=True, extra=(), **popen):
     proc = subprocess.run([client, server.dev_dir, "2", command, *extra], capture_output=True, text=True,
                           env=server.client_env(os.environ) if env else dict(os.environ),
-                          timeout=CLIENT_TIMEOUT)
+                          timeout=CLIENT_TIMEOUT, **popen)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return parse(proc.stdout)
 
@@ -432,7 +436,10 @@ def test_nodes_have_the_topology_modes(server):
     assert sorted(os.listdir(server.dev_dir)) == ["2", "vfio"]
     assert os.stat(server.container_path).st_mode & 0o777 == 0o666
     assert os.stat(server.group_path(2)).st_mode & 0o777 == 0o600
-    assert os.stat(server.runtime_dir).st_mode & 0o777 == 0o700
+    # Every user reaches the hand-off socket by its name; nobody lists or changes the directory.
+    assert os.stat(server.runtime_dir).st_mode & 0o777 == 0o711
+    assert os.stat(server.socket_path).st_mode & 0o777 == 0o666
+    assert os.stat(server.device_mount).st_mode & 0o777 == 0o700
 
 
 def test_container_ioctls(client, server):
@@ -602,3 +609,37 @@ def test_an_unredeemed_device_fd_is_released(machine, tmp_path):
         s.stop()
         _unmount(s.dev_dir)
         _unmount(s.device_mount)
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory every user can reach (pytest's own are 0700): the client, the nodes, the runtime dir."""
+    d = tempfile.mkdtemp(prefix="cuse-vfio-clients.")
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_an_unprivileged_owner_of_the_group_gets_its_device_fd(client, machine, shared_dir):
+    exe = os.path.join(shared_dir, "vfio-client")
+    shutil.copy(client, exe)
+    os.chmod(exe, 0o755)
+    dev_dir = "/dev/cuse-vfio-test" if TRANSPORT == "cuse" else os.path.join(shared_dir, "vfio")
+    s = Server(machine.dispatcher, [GroupNode(2, uid=NOBODY, gid=NOBODY, mode=0o600)], transport=TRANSPORT,
+               dev_dir=dev_dir, runtime_dir=os.path.join(shared_dir, "run"))
+    try:
+        s.start()
+        st = os.stat(s.group_path(2))
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (NOBODY, NOBODY, 0o600)
+        v = run(exe, s, "device-fd", user=NOBODY, group=NOBODY, extra_groups=[])
+        assert v["device"] >= 3 and v["cloexec"] == 1
+        assert v["id"] == EDU_ID
+        assert v["unknown_device"] == -errno.ENODEV
+        # Another unprivileged user reaches the node but may not open it.
+        v = run(exe, s, "status", user=SOMEBODY_ELSE, group=SOMEBODY_ELSE, extra_groups=[])
+        assert v["open"] == -errno.EACCES
+    finally:
+        mounts = (s.dev_dir, s.device_mount if s.runtime_dir else None)
+        s.stop()
+        for path in mounts:
+            _unmount(path)

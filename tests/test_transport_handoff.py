@@ -2,7 +2,8 @@
 
 The hand-off is spoken here the way csrc/preload.c speaks it: connect, wait
 for the greeting, send a 4-byte token, receive a 4-byte status and maybe an
-fd by SCM_RIGHTS.  Waits are bounded by generous timeouts that only turn a
+fd by SCM_RIGHTS; or send an mmap request (OP_MMAP and the caller's mmap
+arguments), receive status, start and maybe the memfd.  Waits are bounded by generous timeouts that only turn a
 hang into a failure.
 """
 
@@ -15,13 +16,24 @@ import select
 import socket
 import struct
 import threading
+import time
 
 import pytest
 
 from cuse_vfio.errors import VfioError
 from cuse_vfio.memory import ProcessMemory, fetch_fd, tgid_of
 from cuse_vfio.transport.eventfd import ClientEventfd, EventfdPoller, is_eventfd
-from cuse_vfio.transport.handoff import HELLO, TOKEN_MIN, Handoff
+from cuse_vfio.transport import handoff as handoff_module
+from cuse_vfio.transport.handoff import (
+    HELLO,
+    MMAP_REPLY,
+    MMAP_REQUEST,
+    NOT_MINE,
+    OP_MMAP,
+    TOKEN_MIN,
+    Handoff,
+    NotADeviceFile,
+)
 
 BOUND = 10.0
 
@@ -50,6 +62,17 @@ def redeem(s, token):
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload)
     return struct.unpack("<i", data)[0], (fds[0] if fds else None)
+
+
+def ask_map(s, fd, offset=0, length=4096, prot=3, flags=1):
+    s.sendall(MMAP_REQUEST.pack(OP_MMAP, fd, prot, flags, offset, length))
+    data, ancdata, _, _ = s.recvmsg(MMAP_REPLY.size, socket.CMSG_SPACE(4), socket.MSG_WAITALL)
+    fds = array.array("i")
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload)
+    status, _, start = MMAP_REPLY.unpack(data)
+    return status, start, (fds[0] if fds else None)
 
 
 def wait_eof(fd):
@@ -113,6 +136,86 @@ def test_stop_closes_what_is_on_offer(tmp_path):
     h.stop()
     wait_eof(r)
     assert not os.path.exists(h.path)
+
+
+def test_an_mmap_request_is_answered_by_the_mapper(tmp_path):
+    memfd = os.memfd_create("test")
+    os.ftruncate(memfd, 3 * mmap.PAGESIZE)
+    calls = []
+
+    def mapper(pid, fd, offset, length, prot, flags):
+        calls.append((pid, fd, offset, length, prot, flags))
+        if fd == 1:
+            return memfd, 2 * mmap.PAGESIZE
+        if fd == 2:
+            raise VfioError(errno.EINVAL, "not mappable")
+        if fd == 3:
+            raise NotADeviceFile("a pipe")
+        raise RuntimeError("a bug in the mapper")
+
+    h = Handoff(str(tmp_path / "sock"), ttl=60, mapper=mapper)
+    h.start()
+    try:
+        s = connect(h)
+        status, start, fd = ask_map(s, 1, offset=5 << 40, length=100, prot=1, flags=0x8001)
+        assert (status, start) == (0, 2 * mmap.PAGESIZE) and fd is not None
+        assert calls == [(os.getpid(), 1, 5 << 40, 100, 1, 0x8001)]
+        os.write(fd, b"same file")
+        assert os.pread(memfd, 9, 0) == b"same file"
+        os.close(fd)
+        os.fstat(memfd)  # the mapper's memfd is only sent, never closed
+        # Several answers on one connection, and a token after them.
+        assert ask_map(s, 2)[:2] == (errno.EINVAL, 0) and ask_map(s, 2)[2] is None
+        assert ask_map(s, 3) == (NOT_MINE, 0, None)
+        assert ask_map(s, 4) == (errno.EIO, 0, None)
+        r, w = os.pipe()
+        token = h.offer(os.getpid(), w, "a pipe")
+        assert redeem(s, token)[0] == 0
+        s.close()
+        os.close(r)
+    finally:
+        h.stop()
+        os.close(memfd)
+
+
+def test_without_a_mapper_nothing_is_a_device_file(handoff):
+    s = connect(handoff)
+    assert ask_map(s, 0) == (NOT_MINE, 0, None)
+    s.close()
+
+
+def test_a_slow_or_bad_client_holds_nobody_up(handoff):
+    slow = connect(handoff)
+    slow.sendall(MMAP_REQUEST.pack(OP_MMAP, 0, 0, 0, 0, 0)[:7])  # and then nothing
+    bad = connect(handoff)
+    bad.sendall(struct.pack("<I", 12345))  # neither a token nor an operation
+    assert bad.recv(1) == b""  # disconnected
+    s = connect(handoff)
+    r, w = os.pipe()
+    token = handoff.offer(os.getpid(), w, "a pipe")
+    status, fd = redeem(s, token)
+    assert status == 0
+    os.close(fd)
+    s.close()
+    slow.close()
+    bad.close()
+    os.close(r)
+
+
+def test_one_user_cannot_hold_every_connection(handoff, monkeypatch):
+    monkeypatch.setattr(handoff_module, "MAX_CONNECTIONS_PER_UID", 2)
+    a, b = connect(handoff), connect(handoff)
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.settimeout(BOUND)
+    c.connect(handoff.path)
+    assert c.recv(1) == b""  # refused: this uid holds its share
+    a.close()
+    deadline = time.monotonic() + BOUND
+    while handoff.connections() > 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    d = connect(handoff)  # a connection closed, so another is welcome
+    for s in (b, c, d):
+        s.close()
 
 
 # -- memory and fds of another process -----------------------------------------------

@@ -96,5 +96,15 @@ class DeviceFile:
     def write(self, data: bytes, offset: int) -> int:
         return self._ops("write")(data, offset)
 
-    def mmap(self, *args) -> object:
-        return self._ops("mmap")(*args)
+    def mmap(self, offset: int, length: int, shared: bool = True) -> object:
+        """vfio_device_fops_mmap: the driver's mmap of ``length`` bytes at ``offset`` (whole pages).
+
+        Device memory is only ever mapped shared: vfio-pci (as every vfio
+        driver that maps) refuses a mapping without VM_SHARED, before it
+        looks at the range.  The driver decides the rest; vfio-pci answers
+        ``(memory, start)``.
+        """
+        op = self._ops("mmap")
+        if not shared:
+            raise VfioError(errno.EINVAL, f"device fd of {self.device.name}: a mapping must be MAP_SHARED")
+        return op(offset, length)

@@ -1,4 +1,4 @@
-"""Device fds to clients: one-time tokens redeemed over a Unix socket with SCM_RIGHTS.
+"""The hand-off socket: device fds to clients by SCM_RIGHTS, and the memory behind their mmaps.
 
 A FUSE or CUSE server cannot create an fd in its caller, so
 VFIO_GROUP_GET_DEVICE_FD answers with a token and the server keeps the
@@ -11,6 +11,27 @@ A token is good once, only for the process (tgid, by SO_PEERCRED) that
 asked, and only for ``ttl`` seconds, or until that process's last
 connection closes.  A token that is not redeemed has its device file
 closed, which releases the device fd as the client's close would.
+
+FUSE cannot share the model's pages through an mmap of a device file, so the
+library also asks here when its process maps a device fd: the ``mapper``
+(the server) looks at the fd *in the peer's own fd table*, so a process is
+answered only for a device file it holds, and answers with the memfd of the
+region and the offset in it; the library maps that memfd.
+
+The protocol, little-endian, on a stream connection: the server greets with
+``HELLO``; then any number of requests, each a u32 first:
+
+* ``>= TOKEN_MIN``: a token.  Answer: i32 status (0 or an errno), with the
+  device fd by SCM_RIGHTS when it is 0.
+* ``OP_MMAP``: then i32 fd, i32 prot, i32 flags, u64 offset, u64 length (the
+  caller's mmap arguments).  Answer: i32 status (0, an errno, or
+  ``NOT_MINE``: not a device file of this server, map it as any file),
+  u32 reserved, u64 start in the memfd; the memfd by SCM_RIGHTS when 0.
+
+The socket is reachable by every local user (its directory is 0711): the
+peer's pid, never the socket's mode, decides what it gets.  The thread never
+waits for one client: requests are read without blocking, and a peer that
+sends garbage, floods or does not read its answers is disconnected.
 """
 
 from __future__ import annotations
@@ -25,18 +46,39 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass
-from typing import Dict, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+from ..errors import VfioError
 
 log = logging.getLogger(__name__)
 
 #: Tokens live above any fd number (fs.nr_open is at most 2^30 - 8), so the
-#: library can tell a token from a real kernel fd.
+#: library can tell a token from a real kernel fd, and a request's first u32
+#: from an operation.
 TOKEN_MIN = 1 << 30
 HELLO = b"R"
-_TOKEN = struct.Struct("<I")
+OP_MMAP = 1
+#: An mmap answer: the fd is no device file of this server (the library maps it itself).
+NOT_MINE = -1
+_U32 = struct.Struct("<I")
 _STATUS = struct.Struct("<i")
 _UCRED = struct.Struct("3i")
+MMAP_REQUEST = struct.Struct("<IiiiQQ")   # op, fd, prot, flags, offset, length
+MMAP_REPLY = struct.Struct("<iIQ")        # status, reserved, start
+#: Connections one user may hold at once; more are refused, so that nobody can
+#: keep the others from their device fds by opening connections.
+MAX_CONNECTIONS_PER_UID = 64
+_MAX_BUFFERED = 4096
+
+
+class NotADeviceFile(Exception):
+    """What a mapper raises for an fd that is not one of the server's device files."""
+
+
+#: ``mapper(pid, fd, offset, length, prot, flags) -> (memfd, start)``: the memfd
+#: stays the mapper's (it is only sent).  Raises VfioError or NotADeviceFile.
+Mapper = Callable[[int, int, int, int, int, int], Tuple[int, int]]
 
 
 @dataclass
@@ -48,15 +90,23 @@ class _Offer:
     deadline: float
 
 
+@dataclass
+class _Peer:
+    pid: int
+    uid: int
+    buf: bytearray = field(default_factory=bytearray)
+
+
 class Handoff:
     """The socket, its thread, and the tokens on offer."""
 
-    def __init__(self, path: str, ttl: float = 5.0):
+    def __init__(self, path: str, ttl: float = 5.0, mapper: Optional[Mapper] = None):
         self.path = path
         self.ttl = ttl
+        self.mapper = mapper
         self._lock = threading.Lock()
         self._offers: Dict[int, _Offer] = {}
-        self._clients: Dict[socket.socket, int] = {}  # connection -> peer pid
+        self._clients: Dict[socket.socket, _Peer] = {}
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._listener: Optional[socket.socket] = None
@@ -71,8 +121,8 @@ class Handoff:
         except FileNotFoundError:
             pass
         listener.bind(self.path)
-        # Anyone who can reach the (0700) directory may connect; the peer's
-        # pid, not the socket's mode, decides who gets which fd.
+        # Any local user may connect (the directory is 0711): the peer's pid,
+        # not the socket's mode, decides who gets which fd.
         os.chmod(self.path, 0o666)
         listener.listen(64)
         listener.setblocking(False)
@@ -110,7 +160,7 @@ class Handoff:
     def has_client(self, pid: int) -> bool:
         """Whether process ``pid`` is connected (its ioctl went through the preload library)."""
         with self._lock:
-            return pid in self._clients.values()
+            return any(peer.pid == pid for peer in self._clients.values())
 
     def offer(self, pid: int, fd: int, what: str) -> int:
         """Keep ``fd`` for process ``pid``; the token it redeems it with. Takes ownership of ``fd``."""
@@ -129,6 +179,10 @@ class Handoff:
     def pending(self) -> int:
         with self._lock:
             return len(self._offers)
+
+    def connections(self) -> int:
+        with self._lock:
+            return len(self._clients)
 
     # -- the thread ----------------------------------------------------------
     def _wake(self) -> None:
@@ -161,54 +215,104 @@ class Handoff:
             conn, _ = self._listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        pid, _uid, _gid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-        conn.setblocking(True)
-        conn.settimeout(2.0)
+        pid, uid, _gid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
         with self._lock:
-            self._clients[conn] = pid
+            held = sum(1 for peer in self._clients.values() if peer.uid == uid)
+            if held >= MAX_CONNECTIONS_PER_UID:
+                log.warning("fd hand-off: uid %d (pid %d) already holds %d connections: refused", uid, pid, held)
+                conn.close()
+                return
+            self._clients[conn] = _Peer(pid, uid)
+        conn.setblocking(False)
         self._sel.register(conn, selectors.EVENT_READ, "client")
-        try:
-            conn.sendall(HELLO)
-        except OSError:
+        if not self._send(conn, [HELLO]):
             self._drop(conn)
 
     def _serve(self, conn: socket.socket) -> None:
         try:
-            data = conn.recv(_TOKEN.size, socket.MSG_WAITALL)
+            data = conn.recv(_MAX_BUFFERED)
+        except (BlockingIOError, InterruptedError):
+            return
         except OSError:
             data = b""
-        if len(data) != _TOKEN.size:
+        peer = self._clients.get(conn)
+        if not data or peer is None:
             self._drop(conn)
             return
-        (token,) = _TOKEN.unpack(data)
+        buf = peer.buf
+        buf += data
+        while len(buf) >= _U32.size:
+            (op,) = _U32.unpack_from(buf)
+            if op >= TOKEN_MIN:
+                del buf[:_U32.size]
+                ok = self._redeem(conn, peer.pid, op)
+            elif op == OP_MMAP:
+                if len(buf) < MMAP_REQUEST.size:
+                    break
+                _, fd, prot, flags, offset, length = MMAP_REQUEST.unpack_from(buf)
+                del buf[:MMAP_REQUEST.size]
+                ok = self._map(conn, peer.pid, fd, offset, length, prot, flags)
+            else:
+                log.warning("fd hand-off: pid %d sent request %d, which is none of ours: disconnected", peer.pid, op)
+                ok = False
+            if not ok:
+                self._drop(conn)
+                return
+        if len(buf) > _MAX_BUFFERED:
+            self._drop(conn)
+
+    def _redeem(self, conn: socket.socket, pid: int, token: int) -> bool:
         with self._lock:
-            pid = self._clients.get(conn)
             offer = self._offers.get(token)
             if offer is not None and offer.pid == pid:
                 del self._offers[token]
         if offer is None:
             log.warning("fd hand-off: pid %s presented token %d, which is unknown or expired", pid, token)
-            self._reply(conn, errno.ENOENT)
-            return
+            return self._send(conn, [_STATUS.pack(errno.ENOENT)])
         if offer.pid != pid:
             log.warning("fd hand-off: pid %s presented the token of pid %d (%s): refused", pid, offer.pid, offer.what)
-            self._reply(conn, errno.EPERM)
-            return
+            return self._send(conn, [_STATUS.pack(errno.EPERM)])
         try:
-            self._reply(conn, 0, offer.fd)
+            sent = self._send(conn, [_STATUS.pack(0)], offer.fd)
         finally:
             # The fd in flight keeps the open alive; ours must go, or the
             # client's close would never be the last one.
             os.close(offer.fd)
         log.debug("fd hand-off: %s sent to pid %d", offer.what, pid)
+        return sent
+
+    def _map(self, conn: socket.socket, pid: int, fd: int, offset: int, length: int, prot: int, flags: int) -> bool:
+        memfd, start = None, 0
+        if self.mapper is None:
+            status = NOT_MINE
+        else:
+            try:
+                memfd, start = self.mapper(pid, fd, offset, length, prot, flags)
+                status = 0
+            except NotADeviceFile:
+                status = NOT_MINE
+            except VfioError as e:
+                log.info("pid %d: mmap of fd %d at 0x%x (+0x%x): %s", pid, fd, offset, length, e.strerror)
+                status = e.errno
+            except Exception:
+                log.exception("pid %d: mmap of fd %d failed inside the server", pid, fd)
+                status = errno.EIO
+        return self._send(conn, [MMAP_REPLY.pack(status, 0, start)], memfd)
 
     @staticmethod
-    def _reply(conn: socket.socket, status: int, fd: Optional[int] = None) -> None:
+    def _send(conn: socket.socket, parts, fd: Optional[int] = None) -> bool:
+        """One answer, whole or not at all; False when the peer is gone or does not read."""
         ancillary = [] if fd is None else [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+        size = sum(len(p) for p in parts)
         try:
-            conn.sendmsg([_STATUS.pack(status)], ancillary)
+            sent = conn.sendmsg(parts, ancillary)
+        except BlockingIOError:
+            log.warning("fd hand-off: a client does not read its answers: disconnected")
+            return False
         except OSError as e:
             log.warning("fd hand-off: the client went away before its answer: %s", e.strerror)
+            return False
+        return sent == size
 
     def _drop(self, conn: socket.socket) -> None:
         try:
@@ -216,16 +320,16 @@ class Handoff:
         except (KeyError, ValueError):
             pass
         with self._lock:
-            pid = self._clients.pop(conn, None)
+            peer = self._clients.pop(conn, None)
             orphans = []
-            if pid is not None and pid not in self._clients.values():
+            if peer is not None and not any(p.pid == peer.pid for p in self._clients.values()):
                 # The process has no connection left: nobody can redeem its tokens.
-                orphans = [o for o in self._offers.values() if o.pid == pid]
+                orphans = [o for o in self._offers.values() if o.pid == peer.pid]
                 for o in orphans:
                     del self._offers[o.token]
         conn.close()
         for offer in orphans:
-            self._discard(offer, f"pid {pid} closed its hand-off connection without fetching it")
+            self._discard(offer, f"pid {offer.pid} closed its hand-off connection without fetching it")
 
     def _expire(self) -> None:
         now = time.monotonic()

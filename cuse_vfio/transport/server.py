@@ -14,6 +14,15 @@ thread, except the few that need the server's own files while they run
 a worker and are answered from there later, since doing them inline would
 make the loop wait for itself.
 
+A device fd is mapped through the hand-off socket (``map_device_file``): the
+preload library asks for the memfd behind a region and maps that, since a
+FUSE file cannot share the model's pages.
+
+Clients need not be root: the runtime directory is 0711 and the hand-off
+socket 0666 (what a peer gets is decided by its pid), both mounts are
+``allow_other`` with ``default_permissions``, so the modes and owners the
+topology gives the group nodes are what the kernel enforces.
+
 Nothing here knows a VFIO rule: requests become Dispatcher calls, and their
 answers become replies.
 """
@@ -22,8 +31,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import itertools
 import logging
+import mmap
 import os
 import secrets
 import shutil
@@ -37,7 +48,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Uni
 
 from ..dispatch import Dispatcher, Node, RetryRequest, node_kind
 from ..errors import VfioError
-from ..memory import ProcessMemory, tgid_of
+from ..memory import ProcessMemory, fetch_fd, tgid_of
 from ..uapi.ioctls import (
     VFIO_DEVICE_PCI_HOT_RESET,
     VFIO_GROUP_GET_DEVICE_FD,
@@ -46,7 +57,7 @@ from ..uapi.ioctls import (
 )
 from .caller import RequestCaller
 from .eventfd import EventfdPoller
-from .handoff import Handoff
+from .handoff import Handoff, NotADeviceFile
 from .retry import CuseIoctlArg, RetryMemory, RetryState
 from .shim import (
     OP_GETATTR,
@@ -185,6 +196,7 @@ class Server:
         self._device_inos = itertools.count(2)
         self._our_devs: set = set()                   # st_dev of our mounts
         self._our_rdevs: set = set()                  # st_rdev of our CUSE nodes
+        self._device_dev: Optional[int] = None        # st_dev of the device-file mount
         self._created_dev_dir = False
         self._created_runtime_dir = False
         self._started = False
@@ -207,7 +219,7 @@ class Server:
 
     @property
     def device_mount(self) -> str:
-        """The FUSE mount device fds are files of (inside the 0700 runtime dir)."""
+        """The FUSE mount device fds are files of (inside the 0711 runtime dir, 0700 itself)."""
         return os.path.join(self.runtime_dir or "", "devices")
 
     @property
@@ -256,7 +268,7 @@ class Server:
     def _start(self) -> None:
         self._make_runtime_dir()
         self.eventfd_poller = EventfdPoller()
-        self._handoff = Handoff(self.socket_path, ttl=self.handoff_ttl)
+        self._handoff = Handoff(self.socket_path, ttl=self.handoff_ttl, mapper=self.map_device_file)
         self._handoff.start()
         self._workers = ThreadPoolExecutor(max_workers=self._workers_count, thread_name_prefix="cuse-vfio-worker")
         self._loop = Loop()
@@ -284,7 +296,8 @@ class Server:
             self._finish_cuse_nodes()
         else:
             self._our_devs.add(os.stat(self.dev_dir).st_dev)
-        self._our_devs.add(os.stat(self.device_mount).st_dev)
+        self._device_dev = os.stat(self.device_mount).st_dev
+        self._our_devs.add(self._device_dev)
 
     def _make_runtime_dir(self) -> None:
         if self._runtime_dir_arg:
@@ -294,7 +307,9 @@ class Server:
             base = "/run" if os.access("/run", os.W_OK) else None
             self.runtime_dir = tempfile.mkdtemp(prefix="cuse-vfio.", dir=base)
             self._created_runtime_dir = True
-        os.chmod(self.runtime_dir, 0o700)
+        # Every local user must reach the hand-off socket by its name (a client
+        # need not be root), but nobody lists or changes what is in here.
+        os.chmod(self.runtime_dir, 0o711)
 
     def _add_session(self, session: Session) -> None:
         self._sessions.append(session)
@@ -541,6 +556,37 @@ class Server:
         # From here the open owns devfile: closing fd releases it.
         return self._handoff.offer(pid, fd, f"{device_name} for pid {pid}")
 
+    # -- mmap of a device fd (the hand-off thread asks for the preload library) --------------
+    def map_device_file(self, pid: int, fd: int, offset: int, length: int, prot: int,
+                        flags: int) -> Tuple[int, int]:
+        """The hand-off's mapper: ``(memfd, start)`` for process ``pid``'s ``mmap(.., prot, flags, fd, offset)``.
+
+        The fd is taken from the process's own table (pidfd_getfd) and known
+        by its open, as SET_CONTAINER's container fd is, so a process is
+        answered only for a device file it holds.  Then do_mmap's checks for a
+        file, and the device's own (DeviceFile.mmap).  The memfd stays the
+        model's: the hand-off only sends it.  NotADeviceFile for anything but
+        one of our device files: the library maps that as the kernel would.
+        """
+        mine = fetch_fd(pid, fd)
+        try:
+            st = os.fstat(mine)
+            if not stat.S_ISREG(st.st_mode) or st.st_dev != self._device_dev:
+                raise NotADeviceFile(f"fd {fd} of pid {pid} is not a device file of this server")
+            file_object = self.identify(mine, f"fd {fd} of pid {pid}")
+            if node_kind(file_object) is not NodeKind.DEVICE:
+                raise NotADeviceFile(f"fd {fd} of pid {pid} is not a device fd")
+            length, shared = file_mmap_rules(offset, length, prot, flags, fcntl.fcntl(mine, fcntl.F_GETFL))
+            memory, start = file_object.mmap(offset, length, shared=shared)
+            try:
+                memfd = memory.fileno()
+            except ValueError:  # the model closed it: the device is going away
+                raise VfioError(errno.ENODEV, f"the memory of fd {fd} of pid {pid} is gone") from None
+            log.debug("pid %d: mmap of fd %d at 0x%x (+0x%x): memfd at 0x%x", pid, fd, offset, length, start)
+            return memfd, start
+        finally:
+            self.close_fetched(mine)
+
     # -- requests every kind of node answers the same way -----------------------------
     def _common(self, rq: Request, r) -> None:
         op = r.op
@@ -777,6 +823,41 @@ class Server:
         """How many opens clients hold (tests: a killed client leaves nothing)."""
         with self._lock:
             return len(self._handles)
+
+
+def file_mmap_rules(offset: int, length: int, prot: int, flags: int, file_flags: int) -> Tuple[int, bool]:
+    """do_mmap's checks of a file mapping before the file's own mmap: (length in whole pages, VM_SHARED).
+
+    The system call's part of mmap(), which a FUSE file cannot get from the
+    kernel once the preload library maps a memfd in its place: the offset on
+    a page, a length, the mapping type, and what the file's open mode allows
+    (``file_flags`` is its F_GETFL).  A shared mapping of a file open only
+    for reading loses VM_SHARED, so the device's mmap sees a private one.
+    """
+    page = mmap.PAGESIZE
+    if offset % page:
+        raise VfioError(errno.EINVAL, f"mmap offset 0x{offset:x} is not on a page")
+    if length == 0:
+        raise VfioError(errno.EINVAL, "mmap of 0 bytes")
+    length = (length + page - 1) // page * page
+    if length >= 1 << 64:
+        raise VfioError(errno.ENOMEM, "mmap length overflows")
+    access = file_flags & os.O_ACCMODE
+    kind = flags & 0x0F  # MAP_TYPE
+    if kind in (mmap.MAP_SHARED, _MAP_SHARED_VALIDATE):
+        if prot & mmap.PROT_WRITE and access == os.O_RDONLY:
+            raise VfioError(errno.EACCES, "a writable shared mapping of a file not open for writing")
+        shared = access != os.O_RDONLY
+    elif kind == mmap.MAP_PRIVATE:
+        shared = False
+    else:
+        raise VfioError(errno.EINVAL, f"mmap flags 0x{flags:x} are neither shared nor private")
+    if access == os.O_WRONLY:
+        raise VfioError(errno.EACCES, "mapping a file not open for reading")
+    return length, shared
+
+
+_MAP_SHARED_VALIDATE = 0x03
 
 
 def _group_node(g) -> GroupNode:

@@ -1,0 +1,509 @@
+"""mmap of a device fd through the hand-off library: the client and the model share the BAR's bytes.
+
+A device fd is a FUSE direct_io file, which cannot share the model's pages,
+so csrc/preload.c wraps mmap(): for a device fd it asks the server over the
+hand-off socket for the memfd behind the region and maps that.  These tests
+run a C client written only against <linux/vfio.h> (as the other transport
+tests do) against a small model whose BAR0 is plain memory with the MSI-X
+table in its middle, so GET_REGION_INFO offers two sparse-mmap areas.  Then
+the protocol itself, spoken from Python as the library speaks it, and
+do_mmap's file rules without any I/O.
+
+Needs root and /dev/fuse, as tests/test_transport_clients.py; runs on either
+transport (CUSE_VFIO_TEST_TRANSPORT=cuse inside scripts/vm).
+"""
+
+import array
+import errno
+import fcntl
+import mmap
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import tempfile
+
+import pytest
+
+from cuse_vfio.cli.machine import Machine
+from cuse_vfio.cli.topology import parse
+from cuse_vfio.devices import MmioBar, MsixCapability, PciDevice, RamBar, register_model
+from cuse_vfio.errors import VfioError
+from cuse_vfio.transport.handoff import HELLO, MMAP_REPLY, MMAP_REQUEST, NOT_MINE, OP_MMAP
+from cuse_vfio.transport.server import Server, file_mmap_rules
+
+TRANSPORT = os.environ.get("CUSE_VFIO_TEST_TRANSPORT", "fuse")
+needs_server = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/fuse") or (TRANSPORT == "cuse" and not os.path.exists("/dev/cuse")),
+    reason="needs root and /dev/fuse (and /dev/cuse for the CUSE transport)")
+
+BDF = "0000:00:04.0"
+GROUP = 4
+CLIENT_TIMEOUT = 60  # a bound for a hung client, never a measurement
+BOUND = 10.0
+NOBODY = 65534
+PAGE = mmap.PAGESIZE
+
+
+@register_model("mmap-test-ram")
+class MappedRam(PciDevice):
+    """BAR0: 64 KiB of memory with the MSI-X table and PBA in its page at 0x4000; BAR2: one register."""
+
+    vendor_id, device_id = 0x1B36, 0x00FE
+    class_code = 0xFF0000
+
+    def __init__(self, name=None, **options):
+        super().__init__(name, **options)
+        self.ram = self.add_bar(0, RamBar(0x10000))
+        self.add_bar(2, MmioBar(4096, self.regs_read, self.regs_write))
+        self.add_capability(MsixCapability(vectors=4, table_bar=0, table_offset=0x4000))
+
+    def regs_read(self, offset, size):
+        return 0
+
+    def regs_write(self, offset, size, value):
+        if offset == 0:  # the model stores into its own memory
+            self.ram.backing[0x30:0x34] = value.to_bytes(4, "little")
+
+
+TOPOLOGY = f"""
+[[device]]
+bdf = "{BDF}"
+model = "mmap-test-ram"
+group = {GROUP}
+
+[group.{GROUP}]
+owner = {NOBODY}
+group = {NOBODY}
+mode = "0600"
+"""
+
+CLIENT_C = r"""
+/* Maps BAR0 of a device through its device fd; one check per line, name=value (negative: -errno). */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <linux/vfio.h>
+
+#define REGION(i, off) (((off_t)(i) << 40) + (off))
+#define BAR0(off) REGION(VFIO_PCI_BAR0_REGION_INDEX, off)
+
+static char node[4096];
+static const char *dir, *bdf;
+static int group_id;
+static long page;
+
+static const char *path(const char *name) { snprintf(node, sizeof node, "%s/%s", dir, name); return node; }
+static long rc(long r) { return r < 0 ? -errno : r; }
+static long mrc(void *p) { return p == MAP_FAILED ? -errno : 0; }
+static void say(const char *k, long v) { printf("%s=%ld\n", k, v); fflush(stdout); }
+static uint32_t rd32(int d, off_t off) { uint32_t v = 0; if (pread(d, &v, 4, off) != 4) say("pread_failed", -errno); return v; }
+static void wr32(int d, off_t off, uint32_t v) { if (pwrite(d, &v, 4, off) != 4) say("pwrite_failed", -errno); }
+static uint32_t at(void *p, size_t off) { return *(volatile uint32_t *)((char *)p + off); }
+static void put(void *p, size_t off, uint32_t v) { *(volatile uint32_t *)((char *)p + off) = v; }
+static void *map(int d, size_t len, int prot, int flags, off_t off) { return mmap(NULL, len, prot, flags, d, off); }
+
+static int device(int *gp)
+{
+	char g[16];
+	int c = open(path("vfio"), O_RDWR), grp, d;
+
+	snprintf(g, sizeof g, "%d", group_id);
+	grp = open(path(g), O_RDWR);
+	say("open_group", rc(grp));
+	if (c < 0 || grp < 0 || ioctl(grp, VFIO_GROUP_SET_CONTAINER, &c) || ioctl(c, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU)) {
+		say("setup", -errno);
+		return -1;
+	}
+	d = ioctl(grp, VFIO_GROUP_GET_DEVICE_FD, bdf);
+	say("device", rc(d));
+	if (d >= 0) {
+		uint16_t cmd = 0;
+		pread(d, &cmd, 2, REGION(VFIO_PCI_CONFIG_REGION_INDEX, 4));
+		cmd |= 0x2; /* memory decode, for the pread/pwrite comparisons */
+		pwrite(d, &cmd, 2, REGION(VFIO_PCI_CONFIG_REGION_INDEX, 4));
+	}
+	if (gp)
+		*gp = grp;
+	return d;
+}
+
+static int cmd_share(void)
+{
+	struct vfio_region_info reg = { .argsz = sizeof reg, .index = VFIO_PCI_BAR0_REGION_INDEX };
+	int g, d = device(&g), d2, d3, file;
+	void *p, *q, *r, *m2, *m3, *f, *a;
+
+	if (d < 0)
+		return 1;
+	say("region_info", rc(ioctl(d, VFIO_DEVICE_GET_REGION_INFO, &reg)));
+	say("region_mmap_flag", !!(reg.flags & VFIO_REGION_INFO_FLAG_MMAP));
+
+	p = map(d, 0x4000, PROT_READ | PROT_WRITE, MAP_SHARED, BAR0(0));
+	say("map", mrc(p));
+	if (p == MAP_FAILED)
+		return 1;
+	put(p, 0x10, 0xdeadbeef);                        /* a store through the mapping... */
+	say("pread_sees_store", rd32(d, BAR0(0x10)) == 0xdeadbeef);  /* ...is the model's memory */
+	wr32(d, BAR0(0x20), 0x1234);                     /* a write through the device fd... */
+	say("map_sees_pwrite", at(p, 0x20) == 0x1234);   /* ...is in the mapping */
+	wr32(d, REGION(VFIO_PCI_BAR2_REGION_INDEX, 0), 0xcafe);  /* the model stores into its RAM */
+	say("map_sees_model", at(p, 0x30) == 0xcafe);
+
+	q = map(d, 100, PROT_READ, MAP_SHARED, BAR0(0));  /* a length that is not whole pages */
+	say("short_length", mrc(q));
+	say("short_length_reads", q != MAP_FAILED && at(q, 0x10) == 0xdeadbeef);
+	r = map(d, 0xb000, PROT_READ | PROT_WRITE, MAP_SHARED, BAR0(0x5000));  /* the area after the MSI-X page */
+	say("second_area", mrc(r));
+	if (r != MAP_FAILED) {
+		put(r, 0, 0x55aa);
+		say("second_area_offset", rd32(d, BAR0(0x5000)) == 0x55aa);
+	}
+	a = mmap(NULL, 2 * page, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	f = mmap(a, page, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, d, BAR0(0));
+	say("fixed_at_address", f == a);
+	say("fixed_reads", f != MAP_FAILED && at(f, 0x10) == 0xdeadbeef);
+
+	d2 = dup(d);                                     /* any fd of the same open is the device fd */
+	m2 = map(d2, page, PROT_READ | PROT_WRITE, MAP_SHARED, BAR0(0));
+	say("dup", mrc(m2));
+	say("dup_same_memory", m2 != MAP_FAILED && at(m2, 0x10) == 0xdeadbeef);
+	d3 = fcntl(d, F_DUPFD_CLOEXEC, 300);
+	m3 = map(d3, page, PROT_READ, MAP_SHARED_VALIDATE, BAR0(0));
+	say("dupfd_validate", mrc(m3));
+
+	say("private", mrc(map(d, page, PROT_READ, MAP_PRIVATE, BAR0(0))));
+	say("bad_type", mrc(map(d, page, PROT_READ, 0, BAR0(0))));
+	say("msix_page", mrc(map(d, page, PROT_READ | PROT_WRITE, MAP_SHARED, BAR0(0x4000))));
+	say("across_msix", mrc(map(d, 0x5000, PROT_READ, MAP_SHARED, BAR0(0))));
+	say("unaligned", mrc(map(d, page, PROT_READ, MAP_SHARED, BAR0(0x10))));
+	say("past_end", mrc(map(d, 2 * page, PROT_READ, MAP_SHARED, BAR0(0x10000 - page))));
+	say("beyond", mrc(map(d, page, PROT_READ, MAP_SHARED, BAR0(0x10000))));
+	say("registers", mrc(map(d, page, PROT_READ, MAP_SHARED, REGION(VFIO_PCI_BAR2_REGION_INDEX, 0))));
+	say("config", mrc(map(d, page, PROT_READ, MAP_SHARED, REGION(VFIO_PCI_CONFIG_REGION_INDEX, 0))));
+	say("rom", mrc(map(d, page, PROT_READ, MAP_SHARED, REGION(VFIO_PCI_ROM_REGION_INDEX, 0))));
+	say("no_region", mrc(map(d, page, PROT_READ, MAP_SHARED, REGION(20, 0))));
+	say("zero_length", mrc(map(d, 0, PROT_READ, MAP_SHARED, BAR0(0))));
+	say("sync_validate", mrc(map(d, page, PROT_READ, MAP_SHARED_VALIDATE | MAP_SYNC, BAR0(0))));
+	say("group_fd", mrc(map(g, page, PROT_READ, MAP_SHARED, 0)));
+	say("not_open", mrc(map(999, page, PROT_READ, MAP_SHARED, 0)));
+
+	/* Other files still map as they always did. */
+	file = open("/proc/self/exe", O_RDONLY);
+	f = map(file, page, PROT_READ, MAP_PRIVATE, 0);
+	say("elf_file", f != MAP_FAILED && !memcmp(f, "\177ELF", 4));
+	f = mmap(NULL, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	say("anonymous", mrc(f));
+
+	say("munmap", rc(munmap(p, 0x4000)));
+	close(d3);
+	close(d2);
+	close(d);
+	/* As with the kernel's, a mapping outlives the fd it was made through. */
+	say("after_close", at(m2, 0x10) == 0xdeadbeef);
+	return 0;
+}
+
+static int cmd_fork(void)
+{
+	int d = device(NULL), status = -1;
+	pid_t pid;
+
+	if (d < 0)
+		return 1;
+	pid = fork();
+	if (pid == 0) {  /* the child holds the inherited device fd: it may map it */
+		void *p = map(d, page, PROT_READ | PROT_WRITE, MAP_SHARED, BAR0(0));
+		if (p == MAP_FAILED)
+			_exit(10);
+		put(p, 0x40, 0x77);
+		_exit(0);
+	}
+	waitpid(pid, &status, 0);
+	say("child", WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+	say("parent_sees_child", rd32(d, BAR0(0x40)) == 0x77);
+	return 0;
+}
+
+static int cmd_hold(void)
+{
+	int d = device(NULL);
+	char c;
+
+	if (d < 0)
+		return 1;
+	say("held_fd", rc(dup2(d, 500)));
+	say("ready", 1);
+	while (read(0, &c, 1) > 0)
+		;
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc < 5)
+		return 2;
+	dir = argv[1];
+	group_id = atoi(argv[2]);
+	bdf = argv[3];
+	page = sysconf(_SC_PAGESIZE);
+	if (!strcmp(argv[4], "share")) return cmd_share();
+	if (!strcmp(argv[4], "fork")) return cmd_fork();
+	if (!strcmp(argv[4], "hold")) return cmd_hold();
+	return 2;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def shared_dir():
+    """A directory every user can reach (pytest's own are 0700): the client, the nodes, the runtime dir."""
+    d = tempfile.mkdtemp(prefix="cuse-vfio-mmap.")
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def client(shared_dir):
+    src = os.path.join(shared_dir, "mmap-client.c")
+    with open(src, "w") as f:
+        f.write(CLIENT_C)
+    exe = os.path.join(shared_dir, "mmap-client")
+    subprocess.run(["gcc", "-O1", "-Wall", "-Werror", "-o", exe, src], check=True)
+    os.chmod(exe, 0o755)
+    return exe
+
+
+def _unmount(path):
+    if path and os.path.ismount(path):
+        subprocess.run(["umount", "-l", path], check=False)
+
+
+@pytest.fixture
+def machine():
+    m = Machine(parse(TOPOLOGY, "<mmap test topology>"))
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def server(machine, shared_dir):
+    base = tempfile.mkdtemp(dir=shared_dir)
+    os.chmod(base, 0o755)
+    dev_dir = "/dev/cuse-vfio-test" if TRANSPORT == "cuse" else os.path.join(base, "vfio")
+    s = Server(machine.dispatcher, machine.topology.groups.values(), transport=TRANSPORT, dev_dir=dev_dir,
+               runtime_dir=os.path.join(base, "run"))
+    try:
+        s.start()
+        yield s
+    finally:
+        mounts = (s.dev_dir, s.device_mount if s.runtime_dir else None)
+        s.stop()
+        for path in mounts:
+            _unmount(path)
+
+
+def parse_lines(text):
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition("=")
+        out[key] = int(value)
+    return out
+
+
+def read_until(proc, key):
+    values = {}
+    for line in proc.stdout:
+        name, _, value = line.strip().partition("=")
+        values[name] = int(value)
+        if name == key:
+            return values
+    raise AssertionError(f"client ended before {key}: {values}")
+
+
+def run(client, server, command, **popen):
+    proc = subprocess.run([client, server.dev_dir, str(GROUP), BDF, command], capture_output=True, text=True,
+                          env=server.client_env(os.environ), timeout=CLIENT_TIMEOUT, **popen)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return parse_lines(proc.stdout)
+
+
+def ram(machine):
+    return machine.vdevs[BDF].function.bars[0].backing
+
+
+def u32(value):
+    return value.to_bytes(4, "little")
+
+
+# -- the C client ----------------------------------------------------------------------------
+@needs_server
+@pytest.mark.parametrize("as_user", [0, NOBODY], ids=["root", "unprivileged"])
+def test_a_mapping_shares_the_bar_with_the_model(client, server, machine, as_user):
+    # Group 4 belongs to uid 65534 (the topology's [group.4]): root and its owner may both use it.
+    v = run(client, server, "share", user=as_user, group=as_user, extra_groups=[])
+    assert v["open_group"] >= 0 and v["device"] >= 3
+    assert v["region_info"] == 0 and v["region_mmap_flag"] == 1
+    assert v["map"] == 0
+    assert v["pread_sees_store"] == 1 and v["map_sees_pwrite"] == 1 and v["map_sees_model"] == 1
+    assert v["short_length"] == 0 and v["short_length_reads"] == 1
+    assert v["second_area"] == 0 and v["second_area_offset"] == 1
+    assert v["fixed_at_address"] == 1 and v["fixed_reads"] == 1
+    assert v["dup"] == 0 and v["dup_same_memory"] == 1 and v["dupfd_validate"] == 0
+    for name in ("private", "bad_type", "msix_page", "across_msix", "unaligned", "past_end", "beyond",
+                 "registers", "config", "rom", "no_region", "zero_length"):
+        assert v[name] == -errno.EINVAL, name
+    assert v["sync_validate"] == -errno.EOPNOTSUPP
+    assert v["group_fd"] == -errno.ENODEV  # as the kernel's group fd, which has no mmap
+    assert v["not_open"] == -errno.EBADF
+    assert v["elf_file"] == 1 and v["anonymous"] == 0
+    assert v["munmap"] == 0 and v["after_close"] == 1
+    # What the client stored through its mapping is in the model's memory.
+    assert ram(machine)[0x10:0x14] == u32(0xDEADBEEF)
+    assert ram(machine)[0x5000:0x5004] == u32(0x55AA)
+
+
+@needs_server
+def test_a_forked_child_maps_the_device_fd_it_inherited(client, server, machine):
+    v = run(client, server, "fork")
+    assert v["child"] == 0 and v["parent_sees_child"] == 1
+    assert ram(machine)[0x40:0x44] == u32(0x77)
+
+
+# -- the protocol, spoken from Python as csrc/preload.c speaks it -----------------------------------
+def connect(path):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(BOUND)
+    s.connect(path)
+    assert s.recv(1) == HELLO
+    return s
+
+
+def call(s, request, size):
+    s.sendall(request)
+    data, ancdata, _, _ = s.recvmsg(size, socket.CMSG_SPACE(4), socket.MSG_WAITALL)
+    fds = array.array("i")
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload)
+    return data, (fds[0] if fds else None)
+
+
+def ask_map(path, fd, offset, length, prot=mmap.PROT_READ | mmap.PROT_WRITE, flags=mmap.MAP_SHARED):
+    with connect(path) as s:
+        data, memfd = call(s, MMAP_REQUEST.pack(OP_MMAP, fd, prot, flags, offset, length), MMAP_REPLY.size)
+    status, _, start = MMAP_REPLY.unpack(data)
+    return status, memfd, start
+
+
+def get_device_fd(server):
+    """This process as a client with the library: greeted, the raw ioctl, the token redeemed."""
+    conn = connect(server.socket_path)
+    c = os.open(server.container_path, os.O_RDWR)
+    g = os.open(server.group_path(GROUP), os.O_RDWR)
+    fcntl.ioctl(g, 0x3B68, struct.pack("<i", c))                  # VFIO_GROUP_SET_CONTAINER
+    fcntl.ioctl(c, 0x3B66, 3)                                     # VFIO_SET_IOMMU, TYPE1v2
+    token = fcntl.ioctl(g, 0x3B6A, bytearray(BDF.encode() + b"\0"))  # VFIO_GROUP_GET_DEVICE_FD
+    data, device = call(conn, struct.pack("<I", token), 4)
+    conn.close()
+    assert struct.unpack("<i", data)[0] == 0 and device is not None
+    return c, g, device
+
+
+@needs_server
+def test_the_server_answers_only_for_a_device_file_the_asker_holds(client, server, machine):
+    c, g, device = get_device_fd(server)
+    try:
+        status, memfd, start = ask_map(server.socket_path, device, 0x1000, 0x1000)
+        assert (status, start) == (0, 0x1000) and memfd is not None
+        view = mmap.mmap(memfd, 0x2000, mmap.MAP_SHARED)
+        os.close(memfd)
+        view[0x1008:0x100C] = u32(0x600DF00D)
+        assert ram(machine)[0x1008:0x100C] == u32(0x600DF00D)
+        view.close()
+        # This process's own fds that are no device file: the library maps them itself.
+        r, w = os.pipe()
+        assert ask_map(server.socket_path, r, 0, 0x1000) == (NOT_MINE, None, 0)
+        assert ask_map(server.socket_path, g, 0, 0x1000) == (NOT_MINE, None, 0)
+        assert ask_map(server.socket_path, c, 0, 0x1000) == (NOT_MINE, None, 0)
+        # The device's rules come back as an errno, with no fd.
+        assert ask_map(server.socket_path, device, 0x4000, 0x1000) == (errno.EINVAL, None, 0)
+        assert ask_map(server.socket_path, device, 0, 0x1000, flags=mmap.MAP_PRIVATE) == (errno.EINVAL, None, 0)
+        assert ask_map(server.socket_path, device, 0, 0x1000, prot=mmap.PROT_WRITE, flags=0) == (errno.EINVAL, None, 0)
+    finally:
+        for fd in (device, g, c):
+            os.close(fd)
+
+    # Another process holds the device fd as its number 500; here 500 is nothing, then a pipe.
+    held = subprocess.Popen([client, server.dev_dir, str(GROUP), BDF, "hold"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=server.client_env(os.environ))
+    try:
+        values = read_until(held, "ready")
+        assert values["device"] >= 3 and values["held_fd"] == 500
+        with pytest.raises(OSError):
+            os.fstat(500)
+        assert ask_map(server.socket_path, 500, 0, 0x1000) == (errno.EBADF, None, 0)
+        os.dup2(r, 500)
+        try:
+            assert ask_map(server.socket_path, 500, 0, 0x1000) == (NOT_MINE, None, 0)
+        finally:
+            os.close(500)
+    finally:
+        os.close(r)
+        os.close(w)
+        held.stdin.close()
+        assert held.wait(timeout=CLIENT_TIMEOUT) == 0
+
+
+@needs_server
+def test_a_garbage_request_costs_only_its_connection(server):
+    bad = connect(server.socket_path)
+    bad.sendall(struct.pack("<I", 7))
+    assert bad.recv(16) == b""  # disconnected
+    half = connect(server.socket_path)
+    half.sendall(MMAP_REQUEST.pack(OP_MMAP, 0, 0, 0, 0, 0)[:10])  # and then nothing
+    r, w = os.pipe()
+    try:
+        assert ask_map(server.socket_path, r, 0, 0x1000) == (NOT_MINE, None, 0)  # not held up by `half`
+    finally:
+        os.close(r)
+        os.close(w)
+        half.close()
+        bad.close()
+
+
+# -- do_mmap's file rules, no I/O ---------------------------------------------------------------------
+def rule_errno(*args):
+    try:
+        file_mmap_rules(*args)
+    except VfioError as e:
+        return e.errno
+    return 0
+
+
+def test_file_mmap_rules():
+    rw, shared, private = os.O_RDWR, mmap.MAP_SHARED, mmap.MAP_PRIVATE
+    read, write = mmap.PROT_READ, mmap.PROT_READ | mmap.PROT_WRITE
+    assert file_mmap_rules(0, 1, read, shared, rw) == (PAGE, True)
+    assert file_mmap_rules(PAGE, 3 * PAGE, write, shared | 0x03, rw) == (3 * PAGE, True)  # SHARED_VALIDATE
+    assert file_mmap_rules(0, PAGE, read, private, rw) == (PAGE, False)
+    # A shared mapping of a read-only open is not VM_SHARED: the device's mmap refuses it.
+    assert file_mmap_rules(0, PAGE, read, shared, os.O_RDONLY) == (PAGE, False)
+    assert rule_errno(0, PAGE, write, shared, os.O_RDONLY) == errno.EACCES
+    assert rule_errno(0, PAGE, read, shared, os.O_WRONLY) == errno.EACCES
+    assert rule_errno(0, PAGE, read, private, os.O_WRONLY) == errno.EACCES
+    assert rule_errno(0x10, PAGE, read, shared, rw) == errno.EINVAL
+    assert rule_errno(0, 0, read, shared, rw) == errno.EINVAL
+    assert rule_errno(0, PAGE, read, 0, rw) == errno.EINVAL
+    assert rule_errno(0, (1 << 64) - 1, read, shared, rw) == errno.ENOMEM
+
