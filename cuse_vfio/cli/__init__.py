@@ -14,9 +14,11 @@ def _serving_options(p: argparse.ArgumentParser) -> None:
                         "auto picks CUSE when /dev/cuse works")
     p.add_argument("--topology", metavar="FILE", help="a TOML topology (default: one edu at 0000:00:02.0, group 2)")
     p.add_argument("--dev-dir", metavar="DIR",
-                   help="where the nodes appear (CUSE: a /dev subdirectory such as /dev/vfio; "
-                        "FUSE: a mount point); default /dev/vfio, or a private one when it is taken")
-    p.add_argument("--sysfs-dir", metavar="DIR", help="where the sysfs view is mounted")
+                   help="where the nodes appear (CUSE: a /dev subdirectory; FUSE: a mount point); default "
+                        "for CUSE /dev/vfio (/dev/cuse-vfio when the kernel's vfio module owns /dev/vfio/vfio), "
+                        "for FUSE dev/ in the runtime directory; `run` shows them to CMD as /dev/vfio")
+    p.add_argument("--sysfs-dir", metavar="DIR",
+                   help="where the sysfs view is mounted (default: sys/ in the runtime directory)")
     p.add_argument("--trace", metavar="FILE", help="append every request, decoded, as JSON lines")
     p.add_argument("--fault-log", metavar="FILE",
                    help="append every IOMMU fault as a JSON line (they are also logged as they happen)")
