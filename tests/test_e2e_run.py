@@ -16,9 +16,11 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -371,6 +373,32 @@ def test_the_edu_client_passes_every_step(rt, edu_client):
                  "device fd is close-on-exec"):
         assert step in text
     assert f"{TRANSPORT.upper()} transport" in done.stderr
+
+
+def test_a_client_of_another_user_owning_the_group_completes_the_flow(edu_client, tmp_path):
+    """The topology gives /dev/vfio/2 to "nobody"; the client drops root before it starts."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv(1)")
+    topology = tmp_path / "nobody.toml"
+    topology.write_text('[[device]]\nbdf = "0000:00:02.0"\nmodel = "edu"\ngroup = 2\n\n'
+                        '[group.2]\nowner = "nobody"\nmode = "0600"\n')
+    # pytest's own tmp dirs are root-only: the program and the runtime dir must be reachable by nobody
+    public = tempfile.mkdtemp(prefix="cuse-vfio-e2e.")
+    rt = os.path.join(public, "rt")
+    try:
+        os.chmod(public, 0o755)
+        exe = shutil.copy(edu_client, public)
+        done = run(rt, "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", exe,
+                   options=("--topology", str(topology)))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.stdout.splitlines()[-1] == "PASSED: 0 failure(s)"
+        # another user is refused the group, as the node's owner and mode say
+        other = run(rt, "setpriv", "--reuid=daemon", "--regid=daemon", "--clear-groups", exe,
+                    options=("--topology", str(topology)))
+        assert other.returncode == 1 and "FAIL open /dev/vfio/2" in other.stdout
+        assert not os.path.exists(rt) and not [m for m in _mounts() if m.startswith(public)]
+    finally:
+        shutil.rmtree(public)
 
 
 # -- errno rules -------------------------------------------------------------------------

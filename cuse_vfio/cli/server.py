@@ -124,6 +124,13 @@ class Serving:
             raise ServeError(f"cannot serve the nodes in {dev_dir}: {e.strerror}"
                              + ("" if os.geteuid() == 0 else " (run as root)")) from None
 
+        owners = sorted({g.uid for g in topology.groups.values() if g.uid != 0})
+        closed = _first_closed_parent(self.server.socket_path)
+        if owners and closed:
+            self.notes.append(f"{closed} is not searchable by other users, so the group owners' clients (uid "
+                              f"{', '.join(map(str, owners))}) cannot reach the hand-off socket and get no "
+                              "device fd: give a --runtime-dir they can reach (the default is under /run)")
+
         self.sysfs_dir = self._mount_point(getattr(opts, "sysfs_dir", None), "sys", "--sysfs-dir")
         cwd = os.getcwd()
         try:
@@ -546,6 +553,24 @@ def _remove_tree(path: str) -> None:
         log.warning("%s is left in place: something is still mounted in it", path)
         return
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _first_closed_parent(path: str) -> Optional[str]:
+    """The first directory above ``path`` that other users cannot search (None: all can)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    chain = []
+    while True:
+        chain.append(parent)
+        if parent == "/":
+            break
+        parent = os.path.dirname(parent)
+    for directory in reversed(chain):
+        try:
+            if not os.stat(directory).st_mode & stat.S_IXOTH:
+                return directory
+        except OSError:
+            return directory
+    return None
 
 
 # -- what the machine has ----------------------------------------------------------------------
