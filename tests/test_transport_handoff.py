@@ -21,7 +21,7 @@ import time
 import pytest
 
 from cuse_vfio.errors import VfioError
-from cuse_vfio.memory import ProcessMemory, fetch_fd, tgid_of
+from cuse_vfio.memory import ProcessMemory, fetch_fd, pidfd_getfd, tgid_of
 from cuse_vfio.transport.eventfd import ClientEventfd, EventfdPoller, is_eventfd
 from cuse_vfio.transport import handoff as handoff_module
 from cuse_vfio.transport.handoff import (
@@ -138,13 +138,20 @@ def test_stop_closes_what_is_on_offer(tmp_path):
     assert not os.path.exists(h.path)
 
 
-def test_an_mmap_request_is_answered_by_the_mapper(tmp_path):
+@pytest.mark.parametrize("peer_pidfd", ["SO_PEERPIDFD", "pidfd_open"])
+def test_an_mmap_request_is_answered_by_the_mapper(tmp_path, monkeypatch, peer_pidfd):
+    if peer_pidfd == "pidfd_open":  # a kernel before 6.5: no such socket option
+        monkeypatch.setattr(handoff_module, "SO_PEERPIDFD", 9999)
     memfd = os.memfd_create("test")
     os.ftruncate(memfd, 3 * mmap.PAGESIZE)
     calls = []
 
-    def mapper(pid, fd, offset, length, prot, flags):
-        calls.append((pid, fd, offset, length, prot, flags))
+    def mapper(peer, fd, offset, length, prot, flags):
+        # The peer's fds are reached through a pidfd taken when it connected.
+        mine = pidfd_getfd(peer.pidfd, memfd)
+        assert os.path.samestat(os.fstat(mine), os.fstat(memfd))
+        os.close(mine)
+        calls.append((peer.pid, fd, offset, length, prot, flags))
         if fd == 1:
             return memfd, 2 * mmap.PAGESIZE
         if fd == 2:

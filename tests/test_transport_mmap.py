@@ -274,14 +274,22 @@ def shared_dir():
 
 
 @pytest.fixture(scope="module")
-def client(shared_dir):
+def clients(shared_dir):
+    """The client as most programs are built, and with 64-bit file offsets (QEMU's way: it calls mmap64)."""
     src = os.path.join(shared_dir, "mmap-client.c")
     with open(src, "w") as f:
         f.write(CLIENT_C)
-    exe = os.path.join(shared_dir, "mmap-client")
-    subprocess.run(["gcc", "-O1", "-Wall", "-Werror", "-o", exe, src], check=True)
-    os.chmod(exe, 0o755)
-    return exe
+    built = {}
+    for name, flags in (("mmap", []), ("mmap64", ["-D_FILE_OFFSET_BITS=64"])):
+        exe = built[name] = os.path.join(shared_dir, f"{name}-client")
+        subprocess.run(["gcc", "-O1", "-Wall", "-Werror", *flags, "-o", exe, src], check=True)
+        os.chmod(exe, 0o755)
+    return built
+
+
+@pytest.fixture(scope="module")
+def client(clients):
+    return clients["mmap"]
 
 
 def _unmount(path):
@@ -348,10 +356,11 @@ def u32(value):
 
 # -- the C client ----------------------------------------------------------------------------
 @needs_server
-@pytest.mark.parametrize("as_user", [0, NOBODY], ids=["root", "unprivileged"])
-def test_a_mapping_shares_the_bar_with_the_model(client, server, machine, as_user):
+@pytest.mark.parametrize("as_user, build", [(0, "mmap"), (NOBODY, "mmap"), (0, "mmap64")],
+                         ids=["root", "unprivileged", "mmap64"])
+def test_a_mapping_shares_the_bar_with_the_model(clients, server, machine, as_user, build):
     # Group 4 belongs to uid 65534 (the topology's [group.4]): root and its owner may both use it.
-    v = run(client, server, "share", user=as_user, group=as_user, extra_groups=[])
+    v = run(clients[build], server, "share", user=as_user, group=as_user, extra_groups=[])
     assert v["open_group"] >= 0 and v["device"] >= 3
     assert v["region_info"] == 0 and v["region_mmap_flag"] == 1
     assert v["map"] == 0
@@ -463,6 +472,23 @@ def test_the_server_answers_only_for_a_device_file_the_asker_holds(client, serve
         os.close(w)
         held.stdin.close()
         assert held.wait(timeout=CLIENT_TIMEOUT) == 0
+
+
+@needs_server
+@pytest.mark.xfail(strict=True, reason="devices.SharedMemory creates its memfd without MFD_ALLOW_SEALING: a client "
+                                       "holding a device fd can truncate the memfd and SIGBUS the server")
+def test_the_memfd_a_client_gets_cannot_shrink_under_the_model(server):
+    c, g, device = get_device_fd(server)
+    try:
+        status, memfd, _ = ask_map(server.socket_path, device, 0, 0x1000)
+        assert status == 0
+        # Never try the truncation itself: the model's mapping lives in this (pytest) process.
+        seals = fcntl.fcntl(memfd, 1034)  # F_GET_SEALS
+        os.close(memfd)
+        assert seals & 0x0002 and seals & 0x0004  # F_SEAL_SHRINK, F_SEAL_GROW
+    finally:
+        for fd in (device, g, c):
+            os.close(fd)
 
 
 @needs_server

@@ -16,7 +16,11 @@ FUSE cannot share the model's pages through an mmap of a device file, so the
 library also asks here when its process maps a device fd: the ``mapper``
 (the server) looks at the fd *in the peer's own fd table*, so a process is
 answered only for a device file it holds, and answers with the memfd of the
-region and the offset in it; the library maps that memfd.
+region and the offset in it; the library maps that memfd.  The peer's table
+is reached through a pidfd taken when it connected (SO_PEERPIDFD, or
+pidfd_open of its SO_PEERCRED pid where the kernel predates 6.5), so a
+connection handed to another process after its own died, whose pid came
+back as someone else's, asks about nobody's fds.
 
 The protocol, little-endian, on a stream connection: the server greets with
 ``HELLO``; then any number of requests, each a u32 first:
@@ -50,6 +54,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
 from ..errors import VfioError
+from ..memory import pidfd_open
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,7 @@ NOT_MINE = -1
 _U32 = struct.Struct("<I")
 _STATUS = struct.Struct("<i")
 _UCRED = struct.Struct("3i")
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5
 MMAP_REQUEST = struct.Struct("<IiiiQQ")   # op, fd, prot, flags, offset, length
 MMAP_REPLY = struct.Struct("<iIQ")        # status, reserved, start
 #: Connections one user may hold at once; more are refused, so that nobody can
@@ -76,9 +82,19 @@ class NotADeviceFile(Exception):
     """What a mapper raises for an fd that is not one of the server's device files."""
 
 
-#: ``mapper(pid, fd, offset, length, prot, flags) -> (memfd, start)``: the memfd
+@dataclass
+class Peer:
+    """The process at the other end of a connection, as it was when it connected."""
+
+    pid: int
+    uid: int
+    pidfd: int  # what to take its fds through (pidfd_getfd): never another process
+    buf: bytearray = field(default_factory=bytearray)
+
+
+#: ``mapper(peer, fd, offset, length, prot, flags) -> (memfd, start)``: the memfd
 #: stays the mapper's (it is only sent).  Raises VfioError or NotADeviceFile.
-Mapper = Callable[[int, int, int, int, int, int], Tuple[int, int]]
+Mapper = Callable[[Peer, int, int, int, int, int], Tuple[int, int]]
 
 
 @dataclass
@@ -90,13 +106,6 @@ class _Offer:
     deadline: float
 
 
-@dataclass
-class _Peer:
-    pid: int
-    uid: int
-    buf: bytearray = field(default_factory=bytearray)
-
-
 class Handoff:
     """The socket, its thread, and the tokens on offer."""
 
@@ -106,7 +115,7 @@ class Handoff:
         self.mapper = mapper
         self._lock = threading.Lock()
         self._offers: Dict[int, _Offer] = {}
-        self._clients: Dict[socket.socket, _Peer] = {}
+        self._clients: Dict[socket.socket, Peer] = {}
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._listener: Optional[socket.socket] = None
@@ -143,8 +152,9 @@ class Handoff:
             offers, self._offers = list(self._offers.values()), {}
         for offer in offers:
             self._discard(offer, "the server is stopping")
-        for conn in list(self._clients):
+        for conn, peer in list(self._clients.items()):
             conn.close()
+            os.close(peer.pidfd)
         self._clients.clear()
         if self._listener is not None:
             self._listener.close()
@@ -218,11 +228,16 @@ class Handoff:
         pid, uid, _gid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
         with self._lock:
             held = sum(1 for peer in self._clients.values() if peer.uid == uid)
-            if held >= MAX_CONNECTIONS_PER_UID:
-                log.warning("fd hand-off: uid %d (pid %d) already holds %d connections: refused", uid, pid, held)
-                conn.close()
-                return
-            self._clients[conn] = _Peer(pid, uid)
+        if held >= MAX_CONNECTIONS_PER_UID:
+            log.warning("fd hand-off: uid %d (pid %d) already holds %d connections: refused", uid, pid, held)
+            conn.close()
+            return
+        pidfd = _peer_pidfd(conn, pid)
+        if pidfd is None:
+            conn.close()  # it is gone already
+            return
+        with self._lock:
+            self._clients[conn] = Peer(pid, uid, pidfd)
         conn.setblocking(False)
         self._sel.register(conn, selectors.EVENT_READ, "client")
         if not self._send(conn, [HELLO]):
@@ -251,7 +266,7 @@ class Handoff:
                     break
                 _, fd, prot, flags, offset, length = MMAP_REQUEST.unpack_from(buf)
                 del buf[:MMAP_REQUEST.size]
-                ok = self._map(conn, peer.pid, fd, offset, length, prot, flags)
+                ok = self._map(conn, peer, fd, offset, length, prot, flags)
             else:
                 log.warning("fd hand-off: pid %d sent request %d, which is none of ours: disconnected", peer.pid, op)
                 ok = False
@@ -281,13 +296,13 @@ class Handoff:
         log.debug("fd hand-off: %s sent to pid %d", offer.what, pid)
         return sent
 
-    def _map(self, conn: socket.socket, pid: int, fd: int, offset: int, length: int, prot: int, flags: int) -> bool:
-        memfd, start = None, 0
+    def _map(self, conn: socket.socket, peer: Peer, fd: int, offset: int, length: int, prot: int, flags: int) -> bool:
+        memfd, start, pid = None, 0, peer.pid
         if self.mapper is None:
             status = NOT_MINE
         else:
             try:
-                memfd, start = self.mapper(pid, fd, offset, length, prot, flags)
+                memfd, start = self.mapper(peer, fd, offset, length, prot, flags)
                 status = 0
             except NotADeviceFile:
                 status = NOT_MINE
@@ -328,6 +343,8 @@ class Handoff:
                 for o in orphans:
                     del self._offers[o.token]
         conn.close()
+        if peer is not None:
+            os.close(peer.pidfd)
         for offer in orphans:
             self._discard(offer, f"pid {offer.pid} closed its hand-off connection without fetching it")
 
@@ -346,3 +363,20 @@ class Handoff:
         # Closing our only copy is the client's close: the file's release
         # releases the device fd in the core.
         os.close(offer.fd)
+
+
+def _peer_pidfd(conn: socket.socket, pid: int) -> Optional[int]:
+    """A pidfd of the process that connected; None when it has exited."""
+    try:
+        return conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError as e:
+        if e.errno == errno.ESRCH:
+            return None
+        if e.errno != errno.ENOPROTOOPT:
+            raise
+    # Before 6.5: the pid, looked up at once (the peer is blocked waiting for
+    # the greeting, so it is very likely still the process that connected).
+    try:
+        return pidfd_open(pid)
+    except VfioError:
+        return None

@@ -48,7 +48,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Uni
 
 from ..dispatch import Dispatcher, Node, RetryRequest, node_kind
 from ..errors import VfioError
-from ..memory import ProcessMemory, fetch_fd, tgid_of
+from ..memory import ProcessMemory, pidfd_getfd, tgid_of
 from ..uapi.ioctls import (
     VFIO_DEVICE_PCI_HOT_RESET,
     VFIO_GROUP_GET_DEVICE_FD,
@@ -57,7 +57,7 @@ from ..uapi.ioctls import (
 )
 from .caller import RequestCaller
 from .eventfd import EventfdPoller
-from .handoff import Handoff, NotADeviceFile
+from .handoff import Handoff, NotADeviceFile, Peer
 from .retry import CuseIoctlArg, RetryMemory, RetryState
 from .shim import (
     OP_GETATTR,
@@ -197,6 +197,7 @@ class Server:
         self._our_devs: set = set()                   # st_dev of our mounts
         self._our_rdevs: set = set()                  # st_rdev of our CUSE nodes
         self._device_dev: Optional[int] = None        # st_dev of the device-file mount
+        self._unsealed_warned = False
         self._created_dev_dir = False
         self._created_runtime_dir = False
         self._started = False
@@ -557,18 +558,21 @@ class Server:
         return self._handoff.offer(pid, fd, f"{device_name} for pid {pid}")
 
     # -- mmap of a device fd (the hand-off thread asks for the preload library) --------------
-    def map_device_file(self, pid: int, fd: int, offset: int, length: int, prot: int,
+    def map_device_file(self, peer: Peer, fd: int, offset: int, length: int, prot: int,
                         flags: int) -> Tuple[int, int]:
-        """The hand-off's mapper: ``(memfd, start)`` for process ``pid``'s ``mmap(.., prot, flags, fd, offset)``.
+        """The hand-off's mapper: ``(memfd, start)`` for the peer's ``mmap(.., prot, flags, fd, offset)``.
 
-        The fd is taken from the process's own table (pidfd_getfd) and known
+        The fd is taken from the peer's own table (pidfd_getfd) and known
         by its open, as SET_CONTAINER's container fd is, so a process is
         answered only for a device file it holds.  Then do_mmap's checks for a
         file, and the device's own (DeviceFile.mmap).  The memfd stays the
         model's: the hand-off only sends it.  NotADeviceFile for anything but
         one of our device files: the library maps that as the kernel would.
         """
-        mine = fetch_fd(pid, fd)
+        pid = peer.pid
+        if fd < 0:
+            raise VfioError(errno.EBADF, f"{fd} is not a file descriptor")
+        mine = pidfd_getfd(peer.pidfd, fd)
         try:
             st = os.fstat(mine)
             if not stat.S_ISREG(st.st_mode) or st.st_dev != self._device_dev:
@@ -582,10 +586,28 @@ class Server:
                 memfd = memory.fileno()
             except ValueError:  # the model closed it: the device is going away
                 raise VfioError(errno.ENODEV, f"the memory of fd {fd} of pid {pid} is gone") from None
+            self._check_seals(memfd, file_object)
             log.debug("pid %d: mmap of fd %d at 0x%x (+0x%x): memfd at 0x%x", pid, fd, offset, length, start)
             return memfd, start
         finally:
             self.close_fetched(mine)
+
+    def _check_seals(self, memfd: int, file_object: object) -> None:
+        # The client gets the memfd itself.  Unless it is sealed against
+        # shrinking, a client that truncates it makes the model's own mapping
+        # of it fault, and SIGBUS ends the whole server.  The seals are the
+        # model's to set (only the memfd's creator can allow them): say so once.
+        if self._unsealed_warned:
+            return
+        try:
+            seals = fcntl.fcntl(memfd, _F_GET_SEALS)
+        except OSError:
+            seals = 0
+        if not seals & _F_SEAL_SHRINK:
+            self._unsealed_warned = True
+            log.warning("the memory a client maps from %r is a memfd not sealed against shrinking: a client "
+                        "that truncates it crashes this server (create it with MFD_ALLOW_SEALING and add "
+                        "F_SEAL_SHRINK | F_SEAL_GROW)", file_object)
 
     # -- requests every kind of node answers the same way -----------------------------
     def _common(self, rq: Request, r) -> None:
@@ -858,6 +880,7 @@ def file_mmap_rules(offset: int, length: int, prot: int, flags: int, file_flags:
 
 
 _MAP_SHARED_VALIDATE = 0x03
+_F_GET_SEALS, _F_SEAL_SHRINK = 1034, 0x0002
 
 
 def _group_node(g) -> GroupNode:
