@@ -23,6 +23,7 @@ import socket
 import struct
 import subprocess
 import tempfile
+import time
 
 import pytest
 
@@ -489,6 +490,62 @@ def test_the_memfd_a_client_gets_cannot_shrink_under_the_model(server):
     finally:
         for fd in (device, g, c):
             os.close(fd)
+
+
+STALLING_FS = r"""
+import errno, os, stat, sys, time
+from mfusepy import FUSE, FuseOSError, Operations
+
+armed = sys.argv[2]
+class Stalling(Operations):
+    # One file; once `armed` exists, every getattr and flush waits until it is gone.
+    use_ns = True
+
+    def _stall(self):
+        while os.path.exists(armed):
+            time.sleep(0.01)
+    def getattr(self, path, fh=None):
+        if path == "/":
+            return {"st_mode": stat.S_IFDIR | 0o755, "st_nlink": 2}
+        if path != "/f":
+            raise FuseOSError(errno.ENOENT)
+        self._stall()
+        return {"st_mode": stat.S_IFREG | 0o644, "st_nlink": 1, "st_size": 4096}
+    def readdir(self, path, fh):
+        return [".", "..", "f"]
+    def open(self, path, flags):
+        return 0
+    def flush(self, path, fh):
+        self._stall()
+        return 0
+FUSE(Stalling(), sys.argv[1], foreground=True, attr_timeout=0.0, entry_timeout=0.0)
+"""
+
+
+@needs_server
+def test_a_file_of_a_stalling_file_system_does_not_hold_up_the_hand_off(server, tmp_path):
+    # Any user may ask about any fd of theirs; if the server fstat'ed or closed it, a
+    # FUSE daemon of their own that never answers would stop every hand-off.
+    mnt, armed = tmp_path / "stall", tmp_path / "armed"
+    mnt.mkdir()
+    fs = subprocess.Popen([os.sys.executable, "-c", STALLING_FS, str(mnt), str(armed)])
+    try:
+        deadline = time.monotonic() + BOUND
+        while not os.path.ismount(mnt):
+            assert time.monotonic() < deadline and fs.poll() is None, "the stalling file system did not mount"
+            time.sleep(0.01)
+        fd = os.open(mnt / "f", os.O_RDONLY)
+        armed.touch()
+        started = time.monotonic()
+        assert ask_map(server.socket_path, fd, 0, 0x1000) == (NOT_MINE, None, 0)
+        assert time.monotonic() - started < BOUND / 2
+        armed.unlink()
+        os.close(fd)
+    finally:
+        if armed.exists():
+            armed.unlink()
+        _unmount(str(mnt))
+        fs.wait(timeout=BOUND)
 
 
 @needs_server

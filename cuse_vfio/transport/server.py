@@ -38,6 +38,7 @@ import mmap
 import os
 import secrets
 import shutil
+import signal
 import stat
 import tempfile
 import threading
@@ -197,6 +198,7 @@ class Server:
         self._our_devs: set = set()                   # st_dev of our mounts
         self._our_rdevs: set = set()                  # st_rdev of our CUSE nodes
         self._device_dev: Optional[int] = None        # st_dev of the device-file mount
+        self._device_mount_id: Optional[int] = None   # and its mount id
         self._unsealed_warned = False
         self._created_dev_dir = False
         self._created_runtime_dir = False
@@ -298,6 +300,11 @@ class Server:
         else:
             self._our_devs.add(os.stat(self.dev_dir).st_dev)
         self._device_dev = os.stat(self.device_mount).st_dev
+        root = os.open(self.device_mount, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self._device_mount_id = _fd_mount_id(os.getpid(), root)
+        finally:
+            os.close(root)
         self._our_devs.add(self._device_dev)
 
     def _make_runtime_dir(self) -> None:
@@ -568,10 +575,26 @@ class Server:
         file, and the device's own (DeviceFile.mmap).  The memfd stays the
         model's: the hand-off only sends it.  NotADeviceFile for anything but
         one of our device files: the library maps that as the kernel would.
+
+        Any local user may ask, about any fd of theirs, so nothing is done to
+        the fd before its mount says it is ours: an fstat or a close of a file
+        on a FUSE mount of their own would wait for their daemon, and with it
+        every hand-off.  The mount is read from /proc/<pid>/fdinfo, which
+        never reaches the file system, and the peer's pidfd vouches that the
+        pid still was the peer's while it was read.
         """
         pid = peer.pid
         if fd < 0:
             raise VfioError(errno.EBADF, f"{fd} is not a file descriptor")
+        mount_id = _fd_mount_id(pid, fd)
+        try:
+            signal.pidfd_send_signal(peer.pidfd, 0)
+        except ProcessLookupError:
+            raise VfioError(errno.ESRCH, f"pid {pid} has exited") from None
+        if mount_id is None:
+            raise VfioError(errno.EBADF, f"fd {fd} is not open in pid {pid}")
+        if mount_id != self._device_mount_id:
+            raise NotADeviceFile(f"fd {fd} of pid {pid} is not a device file of this server")
         mine = pidfd_getfd(peer.pidfd, fd)
         try:
             st = os.fstat(mine)
@@ -881,6 +904,20 @@ def file_mmap_rules(offset: int, length: int, prot: int, flags: int, file_flags:
 
 _MAP_SHARED_VALIDATE = 0x03
 _F_GET_SEALS, _F_SEAL_SHRINK = 1034, 0x0002
+
+
+def _fd_mount_id(pid: int, fd: int) -> Optional[int]:
+    """The mount id of process ``pid``'s ``fd`` (None: no such fd), without touching the file."""
+    try:
+        with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
+            for line in f:
+                if line.startswith(b"mnt_id:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError as e:
+        raise VfioError(e.errno, f"/proc/{pid}/fdinfo/{fd}: {e.strerror}") from None
+    raise VfioError(errno.EIO, f"/proc/{pid}/fdinfo/{fd} names no mount")
 
 
 def _group_node(g) -> GroupNode:
