@@ -476,8 +476,6 @@ def test_the_server_answers_only_for_a_device_file_the_asker_holds(client, serve
 
 
 @needs_server
-@pytest.mark.xfail(strict=True, reason="devices.SharedMemory creates its memfd without MFD_ALLOW_SEALING: a client "
-                                       "holding a device fd can truncate the memfd and SIGBUS the server")
 def test_the_memfd_a_client_gets_cannot_shrink_under_the_model(server):
     c, g, device = get_device_fd(server)
     try:
@@ -590,3 +588,18 @@ def test_file_mmap_rules():
     assert rule_errno(0, PAGE, read, 0, rw) == errno.EINVAL
     assert rule_errno(0, (1 << 64) - 1, read, shared, rw) == errno.ENOMEM
 
+
+
+def test_unsealed_model_memory_is_never_handed_to_a_client():
+    sealed = os.memfd_create("sealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    unsealed = os.memfd_create("unsealed", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(sealed, 4096)
+        fcntl.fcntl(sealed, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        Server._check_seals(sealed, "sealed model")
+        with pytest.raises(VfioError) as e:
+            Server._check_seals(unsealed, "unsealed model")
+        assert e.value.errno == errno.EPERM
+    finally:
+        os.close(sealed)
+        os.close(unsealed)

@@ -69,6 +69,7 @@ from __future__ import annotations
 import collections
 import enum
 import errno
+import fcntl
 import logging
 import mmap
 import os
@@ -362,9 +363,12 @@ class SharedMemory:
         if size <= 0:
             raise ValueError("shared memory needs at least one byte")
         self.size = size
-        self._fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        self._fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self._fd, size)
+            # A client gets this very memfd: sealed, it can neither shrink it
+            # under our mapping (a SIGBUS in the server) nor grow it.
+            fcntl.fcntl(self._fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError:
             os.close(self._fd)

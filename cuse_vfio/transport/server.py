@@ -199,7 +199,6 @@ class Server:
         self._our_rdevs: set = set()                  # st_rdev of our CUSE nodes
         self._device_dev: Optional[int] = None        # st_dev of the device-file mount
         self._device_mount_id: Optional[int] = None   # and its mount id
-        self._unsealed_warned = False
         self._created_dev_dir = False
         self._created_runtime_dir = False
         self._started = False
@@ -615,22 +614,21 @@ class Server:
         finally:
             self.close_fetched(mine)
 
-    def _check_seals(self, memfd: int, file_object: object) -> None:
+    @staticmethod
+    def _check_seals(memfd: int, file_object: object) -> None:
         # The client gets the memfd itself.  Unless it is sealed against
         # shrinking, a client that truncates it makes the model's own mapping
-        # of it fault, and SIGBUS ends the whole server.  The seals are the
-        # model's to set (only the memfd's creator can allow them): say so once.
-        if self._unsealed_warned:
-            return
+        # of it fault, and SIGBUS ends the whole server: such memory is never
+        # handed out.  (devices.SharedMemory seals what it creates.)
         try:
             seals = fcntl.fcntl(memfd, _F_GET_SEALS)
         except OSError:
             seals = 0
         if not seals & _F_SEAL_SHRINK:
-            self._unsealed_warned = True
-            log.warning("the memory a client maps from %r is a memfd not sealed against shrinking: a client "
-                        "that truncates it crashes this server (create it with MFD_ALLOW_SEALING and add "
-                        "F_SEAL_SHRINK | F_SEAL_GROW)", file_object)
+            log.error("%r: its mappable memory is a memfd not sealed against shrinking, which a client could "
+                      "truncate and crash this server; mmap refused (create it with MFD_ALLOW_SEALING and "
+                      "add F_SEAL_SHRINK | F_SEAL_GROW, as devices.SharedMemory does)", file_object)
+            raise VfioError(errno.EPERM, f"{file_object!r}: mappable memory is not sealed")
 
     # -- requests every kind of node answers the same way -----------------------------
     def _common(self, rq: Request, r) -> None:
