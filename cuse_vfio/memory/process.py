@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import threading
 
 from ..errors import VfioError
 
@@ -26,8 +27,23 @@ _process_vm_readv = _libc.process_vm_readv
 _process_vm_writev = _libc.process_vm_writev
 for _fn in (_process_vm_readv, _process_vm_writev):
     _fn.restype = ctypes.c_ssize_t
-    _fn.argtypes = [ctypes.c_int, ctypes.POINTER(_iovec), ctypes.c_ulong,
-                    ctypes.POINTER(_iovec), ctypes.c_ulong, ctypes.c_ulong]
+    # iovec pointers as plain addresses: every ioctl argument crosses here, and
+    # byref() plus two new structures per call cost more than the syscall.
+    _fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
+
+
+class _IovecPair(threading.local):
+    """One local and one remote iovec per thread, reused by every transfer."""
+
+    def __init__(self) -> None:
+        self.iov = (_iovec * 2)()
+        self.local = self.iov[0]
+        self.remote = self.iov[1]
+        self.local_addr = ctypes.addressof(self.iov)
+        self.remote_addr = self.local_addr + ctypes.sizeof(_iovec)
+
+
+_iovecs = _IovecPair()
 
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
@@ -107,9 +123,10 @@ class ProcessMemory:
     def _transfer(self, fn, local: int, remote: int, size: int, verb: str) -> None:
         if remote < 0 or remote + size > 1 << 64:
             raise VfioError(errno.EFAULT, f"pid {self.pid}: 0x{remote:x} is not a user address")
-        liov = _iovec(local, size)
-        riov = _iovec(remote, size)
-        done = fn(self.pid, ctypes.byref(liov), 1, ctypes.byref(riov), 1, 0)
+        iov = _iovecs
+        iov.local.iov_base, iov.local.iov_len = local, size
+        iov.remote.iov_base, iov.remote.iov_len = remote, size
+        done = fn(self.pid, iov.local_addr, 1, iov.remote_addr, 1, 0)
         if done == size:
             return
         err = ctypes.get_errno() if done < 0 else errno.EFAULT
