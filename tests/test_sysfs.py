@@ -488,6 +488,17 @@ def test_mounting_leaves_sigterm_and_sighup_alone(view, tmp_path):
         assert caught() == before  # libfuse's takeover is undone: SIGTERM still ends the process
 
 
+def test_mounting_leaves_the_working_directory_alone(view, tmp_path):
+    (tmp_path / "mnt").mkdir()
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with view.mount("mnt"):
+            assert os.getcwd() == str(tmp_path)  # libfuse moved the process to "/"; it is moved back
+    finally:
+        os.chdir(here)
+
+
 def test_unmount_is_idempotent_and_ends_the_loop(view, tmp_path):
     handle = view.mount(str(tmp_path))
     assert handle.serving and _mounted(str(tmp_path))

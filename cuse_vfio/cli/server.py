@@ -132,15 +132,10 @@ class Serving:
                               "device fd: give a --runtime-dir they can reach (the default is under /run)")
 
         self.sysfs_dir = self._mount_point(getattr(opts, "sysfs_dir", None), "sys", "--sysfs-dir")
-        cwd = os.getcwd()
         try:
             self.sysfs_mount = self.machine.sysfs_view().mount(self.sysfs_dir)
         except SysfsViewError as e:
             raise ServeError(str(e)) from None
-        finally:
-            # libfuse's fuse_main (under mfusepy) moves the whole process to "/";
-            # CMD and relative paths given later must still mean what the user meant.
-            os.chdir(cwd)
 
     def _load_topology(self):
         for path in getattr(self.options, "model_file", None) or ():

@@ -692,6 +692,7 @@ class SysfsMount:
         # libfuse takes over SIGTERM and SIGHUP for its loop when they are at
         # their default (so a SIGTERM would only unmount the view).  Give them
         # back once the loop runs (its init callback comes after the takeover).
+        cwd = os.getcwd()
         main = threading.current_thread() is threading.main_thread()
         saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)} if main else {}
         self._thread = threading.Thread(target=self._serve, name=f"sysfs view {self.mountpoint}", daemon=True)
@@ -703,6 +704,10 @@ class SysfsMount:
         for sig, handler in saved.items():
             if handler is not None:
                 signal.signal(sig, handler)
+        # libfuse's fuse_main moves the whole process to "/" (fuse_daemonize does,
+        # even in the foreground): relative paths the caller uses later must keep
+        # meaning what they meant.
+        os.chdir(cwd)
         if not self._ready.is_set():
             if self._thread.is_alive():
                 self.unmount()
