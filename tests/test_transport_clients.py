@@ -537,6 +537,19 @@ def test_client_without_the_preload_library_gets_an_errno(client, server, machin
     assert server._handoff.pending() == 0
 
 
+def test_preloaded_client_that_cannot_reach_the_socket_is_told_so(client, server, machine, caplog, tmp_path):
+    caplog.set_level(logging.WARNING, logger="cuse_vfio.transport.server")
+    env = server.client_env(os.environ)
+    env["CUSE_VFIO_SOCKET"] = str(tmp_path / "no-such.sock")
+    proc = subprocess.run([client, server.dev_dir, "2", "device-fd"], capture_output=True, text=True, env=env,
+                          timeout=CLIENT_TIMEOUT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert parse(proc.stdout)["device"] == -errno.EOPNOTSUPP
+    sentences = [r.getMessage() for r in caplog.records if "never reached the hand-off socket" in r.getMessage()]
+    assert sentences and server.socket_path in sentences[0]
+    assert device_opens(machine) == 0
+
+
 def test_exception_inside_the_server_is_eio_and_serving_goes_on(client, server, monkeypatch):
     original = server.dispatcher.read
 

@@ -117,6 +117,15 @@ class GroupNode:
     mode: int = 0o600
 
 
+def _maps_library(pid: int, library: str) -> bool:
+    """Whether process ``pid`` has ``library`` mapped (it was preloaded), as /proc/<pid>/maps says."""
+    try:
+        with open(f"/proc/{pid}/maps", "rb") as maps:
+            return any(line.rstrip().endswith(library.encode()) for line in maps)
+    except OSError:
+        return False
+
+
 def choose_transport(requested: str = "auto") -> Tuple[str, str]:
     """("cuse" | "fuse", why): auto takes CUSE when /dev/cuse can be opened."""
     if requested in ("cuse", "fuse"):
@@ -537,12 +546,19 @@ class Server:
         """GET_DEVICE_FD's install_fd: open a device file for ``devfile``, keep it for ``pid``, return the token."""
         if not self._handoff.has_client(pid):
             name = getattr(getattr(devfile, "device", None), "name", "the device")
-            log.warning("pid %d asked for a device fd of %s without the fd hand-off library, so it cannot "
-                        "receive one: start it with `cuse-vfio run -- CMD`, or with LD_PRELOAD=%s and "
-                        "CUSE_VFIO_SOCKET=%s in its environment", pid, name, self.preload_library,
-                        self.socket_path)
-            raise VfioError(errno.EOPNOTSUPP, f"pid {pid} cannot receive a device fd: it runs without "
-                                              f"{os.path.basename(self.preload_library)}")
+            library = os.path.basename(self.preload_library)
+            if _maps_library(pid, library):
+                log.warning("pid %d asked for a device fd of %s: its %s is loaded but never reached the "
+                            "hand-off socket, so it cannot receive one: give it CUSE_VFIO_SOCKET=%s and make "
+                            "sure every directory above that socket is searchable for its user", pid, name,
+                            library, self.socket_path)
+            else:
+                log.warning("pid %d asked for a device fd of %s without the fd hand-off library, so it "
+                            "cannot receive one: start it with `cuse-vfio run -- CMD`, or with LD_PRELOAD=%s "
+                            "and CUSE_VFIO_SOCKET=%s in its environment", pid, name, self.preload_library,
+                            self.socket_path)
+            raise VfioError(errno.EOPNOTSUPP, f"pid {pid} cannot receive a device fd: no {library} "
+                                              "connection from it")
         device_name = getattr(getattr(devfile, "device", None), "name", "device")
         with self._lock:
             ino = next(self._device_inos)
