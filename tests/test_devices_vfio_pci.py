@@ -734,6 +734,25 @@ def test_ioeventfd_writes_the_bar_when_signalled():
     assert errno_of(ioctl, vdev, VFIO_DEVICE_IOEVENTFD, beyond, caller) == errno.EINVAL
 
 
+def test_ioeventfd_releases_its_eventfd_on_removal_and_on_release():
+    # each IOEVENTFD fetched the client's eventfd into the server: removing it,
+    # or the device's last close, must give that fd back
+    vdev = make(Recorder())
+    caller = FakeCaller()
+    fd, efd = caller.eventfd()
+    req = struct.pack("<IIQQiI", 32, 4, region_offset(0, 0x40), 1, fd, 0)
+    assert ioctl(vdev, VFIO_DEVICE_IOEVENTFD, req, caller)[0] == 0
+    assert not efd.released
+    remove = struct.pack("<IIQQiI", 32, 4, region_offset(0, 0x40), 1, -1, 0)
+    assert ioctl(vdev, VFIO_DEVICE_IOEVENTFD, remove, caller)[0] == 0
+    assert efd.released and not efd.watchers
+    fd2, efd2 = caller.eventfd()
+    req2 = struct.pack("<IIQQiI", 32, 4, region_offset(0, 0x44), 2, fd2, 0)
+    assert ioctl(vdev, VFIO_DEVICE_IOEVENTFD, req2, caller)[0] == 0
+    vdev.release()
+    assert efd2.released and not efd2.watchers and not vdev.ioeventfds
+
+
 # -- DMA through the function's port -------------------------------------------------------
 def test_dma_needs_bus_master_and_an_iommu():
     fn = Recorder()

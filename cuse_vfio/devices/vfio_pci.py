@@ -743,7 +743,8 @@ class VfioPciDevice:
         self.err_trigger = None
         self.req_trigger = None
         self.reset_works = False
-        self.ioeventfds: Dict[tuple, Callable[[], None]] = {}
+        #: (bar, offset, data, size) -> (the fetched eventfd, the cancel of its watch)
+        self.ioeventfds: Dict[tuple, tuple] = {}
         #: low-power mode the user asked for (VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY*)
         self.pm_runtime_engaged = False
         self.pm_wake_eventfd = None
@@ -794,8 +795,9 @@ class VfioPciDevice:
             self._clear_master()  # stop the device from further DMA
             if self.irq_type is not None:
                 self._set_irqs_ioctl(VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, self.irq_type, 0, 0, b"", None)
-            for cancel in self.ioeventfds.values():
+            for efd, cancel in self.ioeventfds.values():
                 cancel()
+                _release_eventfd(efd)
             self.ioeventfds.clear()
             self.virq_disabled = False
             # INTx and MSI off (and decoding) around the reset, as pci_reset_function does;
@@ -1452,7 +1454,10 @@ class VfioPciDevice:
         key = (bar_index, pos, req.data, count)
         if key in self.ioeventfds:
             if req.fd == -1:
-                self.ioeventfds.pop(key)()
+                # vfio_pci_ioctl_ioeventfd removal: the virqfd goes, and with it the eventfd reference
+                efd, cancel = self.ioeventfds.pop(key)
+                cancel()
+                _release_eventfd(efd)
                 return 0
             raise VfioError(errno.EEXIST, "IOEVENTFD: already registered")
         if req.fd < 0:
@@ -1462,9 +1467,15 @@ class VfioPciDevice:
         efd = self._eventfd(arg.caller, req.fd)
         watch = getattr(efd, "watch", None)
         if watch is None:
+            _release_eventfd(efd)
             raise VfioError(errno.EOPNOTSUPP, "this transport cannot watch an eventfd (ioeventfd)")
         data = req.data.to_bytes(8, "little")[:count]
-        self.ioeventfds[key] = watch(lambda: self._ioeventfd_write(data, req.offset))
+        try:
+            cancel = watch(lambda: self._ioeventfd_write(data, req.offset))
+        except BaseException:
+            _release_eventfd(efd)
+            raise
+        self.ioeventfds[key] = (efd, cancel)
         return 0
 
     def _ioeventfd_write(self, data: bytes, offset: int) -> None:
