@@ -13,6 +13,8 @@ import ctypes
 import errno
 import os
 import threading
+import weakref
+from typing import Optional
 
 from ..errors import VfioError
 
@@ -137,6 +139,106 @@ class ProcessMemory:
             raise VfioError(errno.EFAULT, f"pid {self.pid} has exited")
         # A short transfer means a later page is not mapped: copy_*_user's EFAULT.
         raise VfioError(errno.EFAULT, f"pid {self.pid}: {size} bytes at 0x{remote:x} cannot be {verb}")
+
+
+class ProcessImage:
+    """The memory of one process *image*, as pinned pages are to a device.
+
+    The kernel pins the pages MAP_DMA names, so a device's DMA lands in the
+    memory that was mapped and nowhere else: not in the program the process
+    execs next, not in a later process that gets the same pid.  A pid alone
+    (``ProcessMemory``) cannot promise that; an fd of ``/proc/<pid>/mem`` can,
+    since it stays bound to the address space it was opened on, and once that
+    is gone (exit, exec) every access through it moves nothing.  DMA mappings
+    keep one of these; ``process_image(pid)`` shares it between the mappings
+    of one image.
+    """
+
+    __slots__ = ("pid", "_fd", "_finalizer", "__weakref__")
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        try:
+            self._fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise VfioError(errno.ESRCH, f"pid {pid} has exited") from None
+        except PermissionError:
+            raise VfioError(errno.EPERM, f"cannot reach the memory of pid {pid}: run the server as root") from None
+        self._finalizer = weakref.finalize(self, os.close, self._fd)
+
+    def __repr__(self) -> str:
+        return f"ProcessImage({self.pid})"
+
+    def _gone(self) -> VfioError:
+        return VfioError(errno.EFAULT, f"the memory pid {self.pid} mapped is gone (it exited or exec'd)")
+
+    def read(self, addr: int, size: int) -> bytes:
+        if size == 0:
+            return b""
+        try:
+            data = os.pread(self._fd, size, addr)
+        except (OSError, OverflowError):
+            raise VfioError(errno.EFAULT, f"pid {self.pid}: {size} bytes at 0x{addr:x} cannot be read") from None
+        if not data:
+            raise self._gone()
+        if len(data) != size:
+            raise VfioError(errno.EFAULT, f"pid {self.pid}: {size} bytes at 0x{addr:x} cannot be read")
+        return data
+
+    def write(self, addr: int, data: bytes) -> None:
+        if not data:
+            return
+        try:
+            done = os.pwrite(self._fd, data, addr)
+        except (OSError, OverflowError):
+            raise VfioError(errno.EFAULT, f"pid {self.pid}: {len(data)} bytes at 0x{addr:x} "
+                                          "cannot be written") from None
+        if done == 0:
+            raise self._gone()
+        if done != len(data):
+            raise VfioError(errno.EFAULT, f"pid {self.pid}: {len(data)} bytes at 0x{addr:x} cannot be written")
+
+    def probe(self, addr: int, size: int, write: bool) -> None:
+        """What pinning checks (the mappings of the process now), and that this image is its current one."""
+        ProcessMemory(self.pid).probe(addr, size, write)
+        if size > 0 and not self.current(addr):
+            raise self._gone()
+
+    def current(self, addr: int) -> bool:
+        """Whether this image is still the process's: a byte of a mapped ``addr`` reads through it."""
+        try:
+            return len(os.pread(self._fd, 1, addr)) == 1
+        except (OSError, OverflowError):
+            return True  # unmapped, but the address space is alive
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+_images: "weakref.WeakValueDictionary[int, ProcessImage]" = weakref.WeakValueDictionary()
+_images_lock = threading.Lock()
+
+
+def _first_mapped(pid: int) -> Optional[int]:
+    try:
+        with open(f"/proc/{pid}/maps", "rb") as maps:
+            line = maps.readline()
+    except OSError:
+        return None
+    return int(line.split(b"-", 1)[0], 16) if line else None
+
+
+def process_image(pid: int) -> ProcessImage:
+    """The current image of process ``pid``, shared by every caller while someone holds it."""
+    with _images_lock:
+        image = _images.get(pid)
+        if image is not None:
+            first = _first_mapped(pid)
+            if first is not None and image.current(first):
+                return image
+        image = ProcessImage(pid)
+        _images[pid] = image
+        return image
 
 
 def pidfd_open(pid: int) -> int:

@@ -1,7 +1,7 @@
 """The process behind one FUSE/CUSE request, as the dispatcher and the core ask for it.
 
 What ``LocalProcess`` is in-process, ``RequestCaller`` is for a real client:
-``pid`` (the tgid of the calling thread), ``memory`` (process_vm_*),
+``pid`` (the tgid of the calling thread), ``memory`` (its current image),
 ``resolve_fd`` (SET_CONTAINER's container fd, hot reset's group fds),
 ``install_fd`` (GET_DEVICE_FD), ``get_eventfd`` (SET_IRQS).  Files fetched
 from the client stay open until the request is over, as ``fdget`` holds a
@@ -17,7 +17,7 @@ import threading
 from typing import TYPE_CHECKING, List, Optional
 
 from ..errors import VfioError
-from ..memory import ProcessMemory, fetch_fd, tgid_of
+from ..memory import ProcessImage, fetch_fd, process_image, tgid_of
 from .eventfd import ClientEventfd, is_eventfd
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ class RequestCaller:
         self.tid = tid
         self.uid = uid
         self._pid: Optional[int] = None
-        self._memory: Optional[ProcessMemory] = None
+        self._memory: Optional[ProcessImage] = None
         self._held: List[int] = []
 
     def __repr__(self) -> str:
@@ -50,9 +50,11 @@ class RequestCaller:
         return self._pid
 
     @property
-    def memory(self) -> ProcessMemory:
+    def memory(self) -> ProcessImage:
+        # Bound to the process image of this request: a DMA mapping made now
+        # keeps reaching this memory, never the program the client execs next.
         if self._memory is None:
-            self._memory = ProcessMemory(self.pid)
+            self._memory = process_image(self.pid)
         return self._memory
 
     # -- fds in arguments ----------------------------------------------------
