@@ -2,6 +2,7 @@
 
 import ctypes
 import errno
+import fcntl
 import logging
 import mmap
 import os
@@ -260,6 +261,39 @@ def test_sparse_mmap_areas_leave_out_the_msix_table_and_pba():
     assert areas == [(0, 0x4000), (0x5000, 0xB000)]  # table and PBA share the page at 0x4000
     assert errno_of(vdev.mmap, region_offset(0, 0x4000), 0x1000) == errno.EINVAL
     assert vdev.mmap(region_offset(0, 0x5000), 0xB000)[1] == 0x5000
+
+
+def test_a_mapping_taken_before_the_last_close_no_longer_aliases_the_bar():
+    # Client A maps the RAM BAR and closes every fd, keeping its mapping; the
+    # next open (client B) must not share bytes with A's stale mapping.
+    fn = Recorder()
+    vdev = make(fn)
+    memory, start = vdev.mmap(region_offset(2), 0x4000)
+    old_fd = memory.fileno()
+    stale = mmap.mmap(os.dup(old_fd), 0x4000, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        stale[0:4] = b"keep"
+        vdev.release()
+        assert memory.closed  # this side of the old memfd is let go
+        vdev.open()
+        assert vdev.read(4, region_offset(2)) == b"keep"  # the bytes went along
+        new_memory, _ = vdev.mmap(region_offset(2), 0x4000)
+        assert new_memory is not memory and new_memory is fn.bars[2].memory and not new_memory.closed
+        # still sealed against shrinking and growing (the transport refuses it otherwise)
+        seals = fcntl.fcntl(new_memory.fileno(), fcntl.F_GET_SEALS)
+        assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW and seals & fcntl.F_SEAL_SEAL
+        stale[0:4] = b"A>B!"  # A's store goes nowhere B or the model looks
+        assert vdev.read(4, region_offset(2)) == b"keep" and bytes(fn.bars[2].backing[0:4]) == b"keep"
+        bar_write(vdev, 2, 0x10, 4, 0x5EC2E7)  # and B's (or the model's) bytes never reach A
+        assert stale[0x10:0x14] == bytes(4)
+        fresh = mmap.mmap(os.dup(new_memory.fileno()), 0x4000, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            fresh[0x20] = 0x77  # a mapping of the new open works as before
+            assert bar_read(vdev, 2, 0x20, 1) == 0x77
+        finally:
+            fresh.close()
+    finally:
+        stale.close()
 
 
 def test_shared_memory_closes_with_the_function():

@@ -425,6 +425,22 @@ class RamBar(Bar):
         if self._on_write is not None:
             self._on_write(offset, size)
 
+    def renew_memory(self) -> None:
+        """Move the bytes into a fresh memfd and let go of this side of the old one.
+
+        Every mapping a client took of the old memfd stays on pages nothing
+        else sees any more: the model, and whoever maps the BAR next, use the
+        new memory.  vfio-pci calls it at the device's last close, since here
+        (unlike in Linux, where a mapping holds the device file open) a
+        mapping can outlive the open it came from.
+        """
+        old = self.memory
+        new = SharedMemory(self.size, "cuse-vfio-bar")
+        new.view[:] = old.view
+        self.memory = new
+        self.backing = new.view
+        old.close()
+
     def close(self) -> None:
         self.memory.close()
 

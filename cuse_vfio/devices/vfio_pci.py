@@ -816,6 +816,27 @@ class VfioPciDevice:
                 if getattr(self, attr) is not None:
                     _release_eventfd(getattr(self, attr))
                     setattr(self, attr, None)
+            self._revoke_mappings()
+
+    def _revoke_mappings(self) -> None:
+        """Cut off every client mapping of the BARs' memory (taken before this last close).
+
+        In Linux a mapping holds the device file, so the device cannot be
+        closed (nor its group opened by anyone else) while it exists.  Here a
+        client's mapping is of a memfd, which outlives the device fd: each
+        plain-memory BAR moves to a fresh memfd with the same bytes, and the
+        earlier mappings keep only orphaned pages no model or later client sees.
+        """
+        for bar in self.function.bars:
+            renew = getattr(bar, "renew_memory", None)
+            if renew is None:
+                continue
+            try:
+                renew()
+            except OSError as e:
+                # no memfd for the copy: the old memory stays, and so does the stale alias
+                log.error("%s: cannot move a BAR to fresh memory at close (%s); earlier mappings still see it",
+                          self.name, e)
 
     def request(self, count: int) -> None:
         """Hot removal is waiting for the user: ask through the REQ eventfd (vfio_pci_core_request)."""
