@@ -57,7 +57,7 @@ from cuse_vfio.uapi import (
     VFIO_PCI_MSI_IRQ_INDEX,
     VFIO_PCI_MSIX_IRQ_INDEX,
     VFIO_PCI_REQ_IRQ_INDEX,
-    VFIO_REGION_INFO_CAP_SPARSE_MMAP,
+    VFIO_REGION_INFO_CAP_MSIX_MAPPABLE,
     VFIO_REGION_INFO_FLAG_CAPS,
     VFIO_REGION_INFO_FLAG_MMAP,
     VFIO_REGION_INFO_FLAG_READ,
@@ -208,15 +208,14 @@ def test_rom_reads_image_then_ff_and_refuses_writes():
     assert errno_of(vdev.write, b"\0", region_offset(6)) == errno.EINVAL
 
 
-def test_sparse_mmap_capability_for_plain_memory():
+def test_a_mappable_bar_has_no_capability_as_on_6_1():
+    # vfio_pci_ioctl_get_region_info (6.1): READ|WRITE|MMAP and nothing else, whatever argsz offers
     vdev = make()
+    rwm = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE | VFIO_REGION_INFO_FLAG_MMAP
     info, out = region_info(vdev, 2, argsz=32)
-    assert info.flags & VFIO_REGION_INFO_FLAG_CAPS and info.argsz > 32 and info.cap_offset == 0
-    info, out = region_info(vdev, 2, argsz=info.argsz)
-    assert info.cap_offset == 32
-    cap_id, version, nxt, nr_areas = struct.unpack_from("<HHII", out, 32)
-    assert (cap_id, version, nxt, nr_areas) == (VFIO_REGION_INFO_CAP_SPARSE_MMAP, 1, 0, 1)
-    assert struct.unpack_from("<QQ", out, 32 + 16) == (0, 0x4000)
+    assert (info.argsz, info.flags, info.cap_offset) == (32, rwm, 0)
+    info, out = region_info(vdev, 2, argsz=64)
+    assert (info.argsz, info.flags, info.cap_offset) == (64, rwm, 0) and out[32:] == bytes(32)
     assert not region_info(vdev, 0)[0].flags & VFIO_REGION_INFO_FLAG_MMAP  # registers: no mmap
 
 
@@ -244,7 +243,7 @@ def test_mmap_hands_out_the_bars_shared_memory():
         assert errno_of(vdev.region_memory, index) == errno.EINVAL
 
 
-def test_sparse_mmap_areas_leave_out_the_msix_table_and_pba():
+def test_the_msix_bar_is_mapped_whole_and_says_msix_mappable():
     class MsixInRam(PciDevice):
         vendor_id, device_id = 0x1234, 0x0002
 
@@ -254,13 +253,20 @@ def test_sparse_mmap_areas_leave_out_the_msix_table_and_pba():
             self.add_capability(MsixCapability(vectors=4, table_bar=0, table_offset=0x4000))
 
     vdev = make(MsixInRam())
-    info, out = region_info(vdev, 0, argsz=256)
-    assert info.flags & VFIO_REGION_INFO_FLAG_MMAP and info.flags & VFIO_REGION_INFO_FLAG_CAPS
-    nr_areas = struct.unpack_from("<I", out, info.cap_offset + 8)[0]
-    areas = [struct.unpack_from("<QQ", out, info.cap_offset + 16 + 16 * i) for i in range(nr_areas)]
-    assert areas == [(0, 0x4000), (0x5000, 0xB000)]  # table and PBA share the page at 0x4000
-    assert errno_of(vdev.mmap, region_offset(0, 0x4000), 0x1000) == errno.EINVAL
-    assert vdev.mmap(region_offset(0, 0x5000), 0xB000)[1] == 0x5000
+    rwm = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE | VFIO_REGION_INFO_FLAG_MMAP
+    info, out = region_info(vdev, 0, argsz=32)
+    assert (info.argsz, info.flags, info.cap_offset) == (40, rwm | VFIO_REGION_INFO_FLAG_CAPS, 0)
+    info, out = region_info(vdev, 0, argsz=40)
+    assert (info.argsz, info.flags, info.cap_offset) == (40, rwm | VFIO_REGION_INFO_FLAG_CAPS, 32)
+    assert struct.unpack_from("<HHI", out, 32) == (VFIO_REGION_INFO_CAP_MSIX_MAPPABLE, 1, 0)  # the only one
+    # vfio_pci_core_mmap: any whole pages of the BAR, the table and PBA page included
+    assert vdev.mmap(region_offset(0, 0x4000), 0x1000)[1] == 0x4000
+    assert vdev.mmap(region_offset(0), 0x10000)[1] == 0
+    assert errno_of(vdev.mmap, region_offset(0, 0x4000), 0xD000) == errno.EINVAL  # past the end
+    # a table in a register BAR: no mmap, so no capability either
+    reg = make(Recorder(msix=True))
+    info, _ = region_info(reg, 4, argsz=64)
+    assert (info.argsz, info.flags, info.cap_offset) == (64, VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE, 0)
 
 
 def test_a_mapping_taken_before_the_last_close_no_longer_aliases_the_bar():
@@ -1053,7 +1059,7 @@ def test_example_scratchpad_ram_is_shared_memory():
     finally:
         client.close()
     info, out = region_info(vdev, 0, argsz=64)
-    assert info.cap_offset == 32 and struct.unpack_from("<QQ", out, 48) == (0, 64 * 1024)
+    assert info.flags & VFIO_REGION_INFO_FLAG_MMAP and not info.flags & VFIO_REGION_INFO_FLAG_CAPS
 
 
 def test_example_scratchpad_dma_through_the_iommu():

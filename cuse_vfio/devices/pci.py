@@ -39,8 +39,8 @@ identity -> BARs and capabilities -> register handlers -> reset::
   edu.  A reset puts config space back to power-on and then calls ``reset()``.
 * BARs: :class:`MmioBar` / :class:`IoBar` (register handlers, for registers
   with side effects: clients use pread/pwrite), :class:`RamBar` (plain memory in
-  a memfd, :class:`SharedMemory`, offered for mmap with the sparse-mmap
-  capability); ``bits64`` / ``prefetchable``; :class:`Rom` for the expansion ROM.
+  a memfd, :class:`SharedMemory`, offered for mmap whole, MSI-X table included,
+  as 6.1 does); ``bits64`` / ``prefetchable``; :class:`Rom` for the expansion ROM.
 * Capabilities: :class:`PmCapability`, :class:`MsiCapability`,
   :class:`MsixCapability` (table and PBA inside a BAR),
   :class:`ExpressCapability` (makes config space 4 KiB),
@@ -303,7 +303,7 @@ class Bar:
     """One base address register's resource: its size, its type, and what accesses do."""
 
     io = False
-    #: a BAR of plain memory may be mapped by the client (sparse-mmap areas)
+    #: a BAR of plain memory may be mapped by the client (the whole BAR, VFIO_REGION_INFO_FLAG_MMAP)
     mmappable = False
 
     def __init__(self, size: int, *, bits64: bool = False, prefetchable: bool = False):
@@ -401,7 +401,7 @@ class RamBar(Bar):
     """Plain memory: reads return what was written.  Offered for mmap.
 
     The bytes live in a memfd (:class:`SharedMemory`): vfio-pci offers the BAR
-    with the sparse-mmap capability and hands ``memory`` to a transport, which
+    for mmap (VFIO_REGION_INFO_FLAG_MMAP) and hands ``memory`` to a transport, which
     passes the fd to the client; the client's stores through its mapping and
     the model's through ``backing`` are the same memory.  ``on_write(offset,
     size)`` (optional) is told after a write through the device fd; writes

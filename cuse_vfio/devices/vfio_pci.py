@@ -94,7 +94,7 @@ from ..uapi import (
     VFIO_PCI_REQ_IRQ_INDEX,
     VFIO_PCI_ROM_REGION_INDEX,
     VFIO_PCI_VGA_REGION_INDEX,
-    VFIO_REGION_INFO_CAP_SPARSE_MMAP,
+    VFIO_REGION_INFO_CAP_MSIX_MAPPABLE,
     VFIO_REGION_INFO_FLAG_CAPS,
     VFIO_REGION_INFO_FLAG_MMAP,
     VFIO_REGION_INFO_FLAG_READ,
@@ -111,8 +111,6 @@ from ..uapi import (
     vfio_pci_hot_reset,
     vfio_pci_hot_reset_info,
     vfio_region_info,
-    vfio_region_info_cap_sparse_mmap,
-    vfio_region_sparse_mmap_area,
 )
 from ..uapi.caps import CapChain
 from .pci import (
@@ -950,49 +948,44 @@ class VfioPciDevice:
         return 0
 
     def _region(self, index: int):
-        """(size, flags, mmap areas) of a region, or None when the index is not a region of this device."""
+        """(size, flags, msix_mappable) of a region, or None when the index is not a region of this device."""
         fn = self.function
         if index == VFIO_PCI_CONFIG_REGION_INDEX:
-            return fn.config.size, VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE, []
+            return fn.config.size, VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE, False
         if index <= VFIO_PCI_BAR5_REGION_INDEX:
             bar = fn.bars[index]
             if bar is None:
-                return 0, 0, []
+                return 0, 0, False
             flags = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE
-            areas = self._mmap_areas(index)
-            if areas:
+            msix_mappable = False
+            if self._mmap_supported(index):
                 flags |= VFIO_REGION_INFO_FLAG_MMAP
-            return bar.size, flags, areas
+                # vdev->msix_bar is the table's BIR (the PBA's BAR gets nothing)
+                msix_mappable = fn.msix is not None and fn.msix.table_bar == index
+            return bar.size, flags, msix_mappable
         if index == VFIO_PCI_ROM_REGION_INDEX:
             rom = fn.rom
             if rom is None or not rom.image_size():
-                return 0, 0, []  # no ROM, or pci_map_rom finds no valid image
-            return rom.size, VFIO_REGION_INFO_FLAG_READ, []
+                return 0, 0, False  # no ROM, or pci_map_rom finds no valid image
+            return rom.size, VFIO_REGION_INFO_FLAG_READ, False
         return None  # VGA (this device has none) and anything beyond
 
-    def _mmap_areas(self, index: int) -> List[tuple]:
-        """The page-aligned parts of a plain-memory BAR a client may map (MSI-X table and PBA excluded)."""
+    def _mmap_supported(self, index: int) -> bool:
+        """vdev->bar_mmap_supported: a plain-memory BAR of at least a page, mapped whole.
+
+        As 6.1 (since 4.16's "vfio-pci: Allow mapping MSIX BAR"), the MSI-X
+        table and PBA are no holes: a client may map them with the rest.  Its
+        stores there land in the BAR's memory, never in the emulated table
+        (which pread/pwrite reach; vectors are routed by SET_IRQS), so they
+        cannot steer interrupts, as MSIX_MAPPABLE promises.  A
+        sub-page BAR is not offered (Linux pads it to a page with a dummy
+        resource; a memfd of the BAR's size cannot be).
+        """
         bar = self.function.bars[index]
-        if bar is None or not bar.mmappable or bar.io or bar.size < PAGE_SIZE:
-            return []
-        holes = []
-        msix = self.function.msix
-        if msix is not None:
-            if msix.table_bar == index:
-                holes.append((msix.table_offset, msix.table_size))
-            if msix.pba_bar == index:
-                holes.append((msix.pba_offset, msix.pba_size))
-        areas, start = [], 0
-        for off, size in sorted(holes):
-            lo, hi = off & ~(PAGE_SIZE - 1), (off + size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
-            if lo > start:
-                areas.append((start, lo - start))
-            start = max(start, hi)
-        if start < bar.size:
-            areas.append((start, bar.size - start))
-        return areas
+        return bar is not None and bar.mmappable and not bar.io and bar.size >= PAGE_SIZE
 
     def _get_region_info(self, arg) -> int:
+        """vfio_pci_ioctl_get_region_info (6.1): the only BAR capability is MSIX_MAPPABLE on the table's BAR."""
         minsz = offsetofend(vfio_region_info, "offset")
         info = arg.fetch_struct(vfio_region_info, minsz)
         region = self._region(info.index) if info.index < VFIO_PCI_NUM_REGIONS else None
@@ -1000,14 +993,11 @@ class VfioPciDevice:
             raise VfioError(errno.EINVAL, f"{self.name}: no region {info.index}"
                             + (" (no VGA)" if info.index == VFIO_PCI_VGA_REGION_INDEX else ""))
         info.offset = VFIO_PCI_INDEX_TO_OFFSET(info.index)
-        info.size, info.flags, areas = region
+        info.size, info.flags, msix_mappable = region
         # cap_offset goes back as the caller passed it unless a capability is placed
-        if areas:
-            # A plain-memory BAR: which parts the client may map (never the MSI-X table or PBA).
+        if msix_mappable:
             chain = CapChain()
-            trailing = b"".join(bytes(vfio_region_sparse_mmap_area(offset=off, size=size)) for off, size in areas)
-            chain.add_struct(vfio_region_info_cap_sparse_mmap(nr_areas=len(areas)),
-                             VFIO_REGION_INFO_CAP_SPARSE_MMAP, 1, trailing)
+            chain.add(VFIO_REGION_INFO_CAP_MSIX_MAPPABLE, 1, b"")  # msix_mmappable_cap: a bare header
             caps = chain.place(info, VFIO_REGION_INFO_FLAG_CAPS)
             if caps:
                 arg.write(ctypes.sizeof(vfio_region_info), caps)
@@ -1727,11 +1717,11 @@ class VfioPciDevice:
         """The shared memory behind a mappable region (a plain-memory BAR), for a transport.
 
         A transport sends ``region_memory(i).fileno()`` (a memfd) to the client,
-        which maps the areas GET_REGION_INFO's sparse-mmap capability lists, at
-        the same offsets into the memfd as into the BAR.  EINVAL for a region
-        that cannot be mapped (registers, I/O, config, ROM, VGA).
+        which maps any page-aligned part of the BAR at the same offset into the
+        memfd as into the BAR.  EINVAL for a region that cannot be mapped
+        (registers, I/O, config, ROM, VGA).
         """
-        if not 0 <= index <= VFIO_PCI_BAR5_REGION_INDEX or not self._mmap_areas(index):
+        if not 0 <= index <= VFIO_PCI_BAR5_REGION_INDEX or not self._mmap_supported(index):
             raise VfioError(errno.EINVAL, f"{self.name}: region {index} cannot be mapped")
         return self.function.bars[index].memory
 
@@ -1739,7 +1729,8 @@ class VfioPciDevice:
         """vfio_pci_core_mmap's checks for a client mapping ``length`` bytes at file ``offset``.
 
         Returns ``(memory, start)``: map ``memory.fileno()`` at ``start`` for
-        ``length`` bytes.  The range must lie inside one sparse-mmap area.
+        ``length`` bytes.  Any whole pages of a mappable BAR, the MSI-X table
+        and PBA included (6.1).
         """
         index = offset >> VFIO_PCI_OFFSET_SHIFT
         pos = offset & VFIO_PCI_OFFSET_MASK
@@ -1749,7 +1740,10 @@ class VfioPciDevice:
             raise VfioError(errno.EINVAL, f"{self.name}: mmap must start on a page")
         with self.lock:
             self._pm_resume()
-            for start, size in self._mmap_areas(index):
-                if start <= pos and pos + length <= start + size:
-                    return self.function.bars[index].memory, pos
+            if not self._mmap_supported(index):
+                raise VfioError(errno.EINVAL, f"{self.name}: BAR{index} cannot be mapped")
+            bar = self.function.bars[index]
+            phys_len = (bar.size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+            if pos + length <= phys_len:
+                return bar.memory, pos
         raise VfioError(errno.EINVAL, f"{self.name}: 0x{pos:x}+0x{length:x} of BAR{index} is not mappable")
