@@ -3,8 +3,24 @@
 ``ClientEventfd`` is what ``caller.get_eventfd(fd)`` returns (the kernel's
 ``eventfd_ctx``): ``signal()`` adds to the counter the client (or KVM, or
 QEMU's irqfd) reads; ``watch(callback)`` is the other direction, used for
-INTx unmask eventfds the client writes.  One ``EventfdPoller`` thread serves
-every watch of a server.
+INTx unmask eventfds the client writes.  One ``EventfdPoller`` per server
+serves every eventfd with two threads:
+
+* the *watch* thread waits for any watched eventfd to become readable,
+  consumes it and calls back;
+* the *writer* thread delivers signals.  ``signal()`` never writes inline: the
+  client owns the file's blocking mode (``O_NONBLOCK`` is per open file
+  description, shared with the client, so the server must not change it) and
+  a client that fills the counter to 2^64-2 would block a write for ever.  So
+  ``signal()`` only adds to a pending count and wakes the writer, which polls
+  ``POLLOUT`` and writes only what fits.  A client racing its own writes in
+  between can at worst stall the writer thread, never the serving loop or a
+  device lock holder.
+
+Each thread works on its own duplicate of the eventfd and is the only one to
+close it, so ``release()`` and ``cancel()`` close nothing another thread may
+still be polling or writing, never wait, and a number reused by a later open
+is never touched.
 """
 
 from __future__ import annotations
@@ -21,6 +37,8 @@ from ..errors import VfioError
 
 log = logging.getLogger(__name__)
 _COUNT = struct.Struct("<Q")
+#: The largest counter an eventfd holds; a write that would pass it blocks.
+_EFD_MAX = (1 << 64) - 2
 
 
 def is_eventfd(fd: int) -> bool:
@@ -28,6 +46,25 @@ def is_eventfd(fd: int) -> bool:
         return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
     except OSError:
         return False
+
+
+def _room(fd: int) -> int:
+    """How much can be added to the eventfd's counter right now (0 if unknown)."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+            for line in f:
+                if line.startswith(b"eventfd-count:"):
+                    return max(0, _EFD_MAX - int(line.split()[1], 16))
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 class ClientEventfd:
@@ -44,22 +81,24 @@ class ClientEventfd:
         return f"ClientEventfd(fd={self.fd}{', ' + self.owner if self.owner else ''})"
 
     def signal(self, value: int = 1) -> None:
-        fd = self.fd
-        if fd < 0:
-            return
-        try:
-            os.write(fd, _COUNT.pack(value))
-        except BlockingIOError:
-            pass  # the counter is saturated: the client has not read it, an interrupt is pending anyway
-        except OSError as e:
-            log.warning("%r: signal failed: %s", self, e.strerror)
+        """Add ``value`` to the client's counter, soon; never blocks."""
+        with self._lock:
+            if self.fd < 0:
+                return
+            try:
+                self.poller.signal(self, self.fd, value)
+            except OSError as e:
+                log.warning("%r: signal failed: %s", self, e.strerror)
 
     def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
-        """Call ``callback`` each time the client writes the eventfd; returns the cancel function."""
-        if self.fd < 0:
-            raise VfioError(errno.EBADF, f"{self!r} is released")
-        cancel = self.poller.add(self.fd, callback)
+        """Call ``callback`` each time the client writes the eventfd; returns the cancel function.
+
+        Cancelling never waits: a callback already running may still complete.
+        """
         with self._lock:
+            if self.fd < 0:
+                raise VfioError(errno.EBADF, f"{self!r} is released")
+            cancel = self.poller.add(self.fd, callback, key=self)
             self._watches.append(cancel)
 
         def cancel_once() -> None:
@@ -77,83 +116,121 @@ class ClientEventfd:
         for cancel in watches:
             cancel()
         if fd >= 0:
+            self.poller.forget(self)
             os.close(fd)
 
 
+class _Watched:
+    """One watched eventfd: the watch thread's duplicate and the callbacks."""
+
+    __slots__ = ("fd", "callbacks")
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.callbacks: List[Callable[[], None]] = []
+
+
+class _Signalled:
+    """One signalled eventfd: the writer thread's duplicate and the count not yet written."""
+
+    __slots__ = ("fd", "count", "released")
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.count = 0
+        self.released = False
+
+
 class EventfdPoller:
-    """A thread that waits for any watched eventfd to become readable, consumes it, calls back."""
+    """The watch thread and the writer thread of a server's eventfds (see the module)."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._watches: Dict[int, List[Callable[[], None]]] = {}
+        self._stopping = False
+        # The watch thread: keyed by the ClientEventfd (or the fd for direct callers).
+        self._watched: Dict[object, _Watched] = {}
+        self._unwatched: List[int] = []  # duplicates no longer watched, for the watch thread to close
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._thread: Optional[threading.Thread] = None
-        self._stopping = False
-        self._idle = threading.Condition(self._lock)
-        self._polling: frozenset = frozenset()
+        self._watch_exited = False
+        # The writer thread.
+        self._signalled: Dict[object, _Signalled] = {}
+        self._wwake_r, self._wwake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._writer: Optional[threading.Thread] = None
+        self._writer_exited = False
 
-    def add(self, fd: int, callback: Callable[[], None]) -> Callable[[], None]:
+    # -- watches -----------------------------------------------------------------------
+    def add(self, fd: int, callback: Callable[[], None], key: object = None) -> Callable[[], None]:
+        if key is None:
+            key = fd
         with self._lock:
             if self._stopping:
                 raise VfioError(errno.ESHUTDOWN, "the server is stopping")
-            self._watches.setdefault(fd, []).append(callback)
+            watched = self._watched.get(key)
+            if watched is None:
+                watched = self._watched[key] = _Watched(os.dup(fd))
+            watched.callbacks.append(callback)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="cuse-vfio-eventfd", daemon=True)
                 self._thread.start()
-        self._wake()
+        _wake(self._wake_w)
 
         def cancel() -> None:
+            # Never waits (the caller may hold a lock a running callback wants):
+            # the watch thread closes its duplicate once it no longer polls it.
             with self._lock:
-                callbacks = self._watches.get(fd)
-                if callbacks and callback in callbacks:
-                    callbacks.remove(callback)
-                    if not callbacks:
-                        del self._watches[fd]
-                # The fd may be closed right after: make sure poll() lets go of it first.
-                gone = fd not in self._watches
-                if gone and fd in self._polling and threading.current_thread() is not self._thread:
-                    self._wake()
-                    self._idle.wait_for(lambda: fd not in self._polling or self._stopping, timeout=5)
+                if self._watched.get(key) is not watched or callback not in watched.callbacks:
+                    return
+                watched.callbacks.remove(callback)
+                if watched.callbacks:
+                    return
+                del self._watched[key]
+                if self._watch_exited:
+                    _close(watched.fd)
+                    return
+                self._unwatched.append(watched.fd)
+            _wake(self._wake_w)
 
         return cancel
 
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass
-
     def _run(self) -> None:
-        while True:
-            with self._lock:
-                if self._stopping:
-                    self._polling = frozenset()
-                    self._idle.notify_all()
-                    return
-                fds = frozenset(self._watches)
-                self._polling = fds
-                self._idle.notify_all()
-            poller = select.poll()
-            poller.register(self._wake_r, select.POLLIN)
-            for fd in fds:
-                poller.register(fd, select.POLLIN)
-            events = poller.poll()
-            for fd, mask in events:
-                if fd == self._wake_r:
-                    try:
-                        os.read(self._wake_r, 4096)
-                    except BlockingIOError:
-                        pass
-                    continue
-                if not self._consume(fd):
-                    continue
+        try:
+            while True:
                 with self._lock:
-                    callbacks = list(self._watches.get(fd, ()))
-                for callback in callbacks:
-                    try:
-                        callback()
-                    except Exception:
-                        log.exception("eventfd %d: watch callback failed", fd)
+                    closing, self._unwatched = self._unwatched, []
+                    if self._stopping:
+                        break
+                    by_fd = {w.fd: w for w in self._watched.values()}
+                for fd in closing:  # not in this round's poll set, nor any later one
+                    _close(fd)
+                poller = select.poll()
+                poller.register(self._wake_r, select.POLLIN)
+                for fd in by_fd:
+                    poller.register(fd, select.POLLIN)
+                for fd, mask in poller.poll():
+                    if fd == self._wake_r:
+                        _drain(self._wake_r)
+                        continue
+                    watched = by_fd[fd]
+                    with self._lock:
+                        # Under the lock (the read never blocks): once cancel()
+                        # returned, a later write stays unread by the server.
+                        if watched.fd in self._unwatched or not self._consume(fd):
+                            continue
+                        callbacks = list(watched.callbacks)
+                    for callback in callbacks:
+                        try:
+                            callback()
+                        except Exception:
+                            log.exception("eventfd %d: watch callback failed", fd)
+        finally:
+            with self._lock:
+                self._watch_exited = True
+                closing = self._unwatched + [w.fd for w in self._watched.values()]
+                self._unwatched = []
+                self._watched.clear()
+            for fd in closing:
+                _close(fd)
 
     @staticmethod
     def _consume(fd: int) -> bool:
@@ -171,12 +248,130 @@ class EventfdPoller:
                 return True
             return False
 
+    # -- signals -----------------------------------------------------------------------
+    def signal(self, key: object, fd: int, value: int = 1) -> None:
+        """Add ``value`` to eventfd ``fd`` (identified by ``key``) from the writer thread."""
+        if value <= 0:
+            return
+        with self._lock:
+            if self._stopping:
+                return
+            entry = self._signalled.get(key)
+            if entry is None or entry.released:
+                entry = self._signalled[key] = _Signalled(os.dup(fd))
+            entry.count = min(entry.count + value, _EFD_MAX)
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_run, name="cuse-vfio-eventfd-signal", daemon=True)
+                self._writer.start()
+        _wake(self._wwake_w)
+
+    def forget(self, key: object) -> None:
+        """The eventfd is released: the writer delivers what fits now, then closes its duplicate."""
+        with self._lock:
+            entry = self._signalled.pop(key, None)
+            if entry is None:
+                return
+            entry.released = True
+            if self._writer_exited:
+                _close(entry.fd)
+                return
+            self._signalled[(_Released, id(entry))] = entry
+        _wake(self._wwake_w)
+
+    def _write_run(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    if self._stopping:
+                        break
+                    for k, e in list(self._signalled.items()):
+                        if e.released and e.count == 0:
+                            del self._signalled[k]
+                            _close(e.fd)
+                    due = [(k, e) for k, e in self._signalled.items() if e.count > 0]
+                poller = select.poll()
+                poller.register(self._wwake_r, select.POLLIN)
+                for _, e in due:
+                    poller.register(e.fd, select.POLLOUT)
+                writable = set()
+                for fd, mask in poller.poll():
+                    if fd == self._wwake_r:
+                        _drain(self._wwake_r)
+                    elif mask & select.POLLOUT:
+                        writable.add(fd)
+                    # POLLERR/POLLHUP do not happen on an eventfd; anything else is retried
+                for key, e in due:
+                    if e.fd in writable:
+                        self._deliver(e)
+                    if e.released:
+                        # One chance after release: what did not fit is dropped (the
+                        # counter is not zero then, so the client has its interrupt).
+                        with self._lock:
+                            e.count = 0
+        finally:
+            with self._lock:
+                self._writer_exited = True
+                entries = list(self._signalled.values())
+                self._signalled.clear()
+            for e in entries:
+                _close(e.fd)
+
+    def _deliver(self, e: _Signalled) -> None:
+        # POLLOUT guarantees room for 1; more only as far as the counter shows room.
+        with self._lock:
+            n = e.count
+        if n > 1:
+            n = max(1, min(n, _room(e.fd)))
+        with self._lock:
+            e.count -= n
+        try:
+            os.write(e.fd, _COUNT.pack(n))  # blocks only if the client raced us to the top
+        except BlockingIOError:
+            with self._lock:  # the client's file is non-blocking and it raced us: retry later
+                e.count = min(e.count + n, _EFD_MAX)
+        except OSError as err:
+            log.warning("eventfd: signal failed: %s", err.strerror)
+
+    # -- teardown ----------------------------------------------------------------------
     def stop(self) -> None:
         with self._lock:
             self._stopping = True
-            thread = self._thread
-        self._wake()
-        if thread is not None:
-            thread.join(timeout=5)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+            threads = [(self._thread, self._wake_r, self._wake_w), (self._writer, self._wwake_r, self._wwake_w)]
+        for _, _, w in threads:
+            _wake(w)
+        for thread, r, w in threads:
+            if thread is not None:
+                thread.join(timeout=5)
+                if thread.is_alive():
+                    # Stuck in a callback or a raced write: it still uses its pipe.
+                    log.warning("%s did not stop; leaving it", thread.name)
+                    continue
+            _close(r)
+            _close(w)
+        with self._lock:  # duplicates of a thread that never started
+            if self._thread is None:
+                for w in self._watched.values():
+                    _close(w.fd)
+                self._watched.clear()
+            if self._writer is None:
+                for e in self._signalled.values():
+                    _close(e.fd)
+                self._signalled.clear()
+
+
+class _Released:
+    """Key tag of released eventfds still in the writer's hands."""
+
+
+def _wake(fd: int) -> None:
+    try:
+        os.write(fd, b"x")
+    except (BlockingIOError, OSError):
+        pass
+
+
+def _drain(fd: int) -> None:
+    try:
+        os.read(fd, 4096)
+    except (BlockingIOError, OSError):
+        pass

@@ -1,0 +1,109 @@
+"""Eventfds fetched from a client: signals never block the caller, cancels never wait."""
+
+import os
+import select
+import threading
+import time
+
+from cuse_vfio.memory import fetch_fd
+from cuse_vfio.transport.eventfd import ClientEventfd, EventfdPoller
+
+BOUND = 10.0
+FULL = (1 << 64) - 2  # the counter's maximum: any further write blocks (or EAGAIN)
+
+
+def open_fds():
+    return set(os.listdir("/proc/self/fd"))
+
+
+def returns_within(fn, seconds):
+    done = threading.Event()
+
+    def run():
+        fn()
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    return done.wait(seconds)
+
+
+def test_signal_does_not_block_on_a_full_blocking_eventfd():
+    # The client's eventfd is blocking (its choice; the server must not change
+    # O_NONBLOCK, shared with the client) and its counter is at the top.
+    poller = EventfdPoller()
+    client_side = os.eventfd(0)
+    os.eventfd_write(client_side, FULL)
+    efd = ClientEventfd(fetch_fd(os.getpid(), client_side), poller)
+    try:
+        assert returns_within(efd.signal, 1.0), "signal() blocked on a full eventfd"
+        assert returns_within(lambda: efd.signal(5), 1.0)
+        assert os.get_blocking(client_side)
+        # The client reads: what was signalled arrives now, coalesced, in order.
+        assert os.eventfd_read(client_side) == FULL
+        total, deadline = 0, time.monotonic() + BOUND
+        while total < 6 and time.monotonic() < deadline:
+            if select.select([client_side], [], [], 0.05)[0]:
+                total += os.eventfd_read(client_side)
+        assert total == 6
+    finally:
+        efd.release()
+        poller.stop()
+    os.close(client_side)
+
+
+def test_release_with_pending_signals_neither_blocks_nor_leaks():
+    poller = EventfdPoller()
+    client_side = os.eventfd(0)
+    os.eventfd_write(client_side, FULL)
+    before = open_fds()
+    efd = ClientEventfd(fetch_fd(os.getpid(), client_side), poller)
+    efd.signal(3)
+    assert returns_within(efd.release, 1.0)
+    deadline = time.monotonic() + BOUND
+    while open_fds() != before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert open_fds() == before, "the writer kept a duplicate of a released eventfd"
+    assert returns_within(poller.stop, BOUND)
+    assert os.eventfd_read(client_side) == FULL  # the undeliverable count was dropped
+    os.close(client_side)
+
+
+def test_cancel_does_not_wait_for_a_running_callback():
+    # The device layer cancels holding its lock; the callback (INTx unmask)
+    # takes that lock: cancel() must return at once, not wait for the poller.
+    poller = EventfdPoller()
+    client_side = os.eventfd(0)
+    before = open_fds()
+    efd = ClientEventfd(fetch_fd(os.getpid(), client_side), poller)
+    lock = threading.Lock()
+    entered, calls = threading.Event(), []
+
+    def callback():
+        entered.set()
+        with lock:
+            calls.append(1)
+
+    try:
+        with lock:
+            cancel = efd.watch(callback)
+            os.eventfd_write(client_side, 1)
+            assert entered.wait(BOUND)
+            t0 = time.monotonic()
+            cancel()
+            efd.release()
+            assert time.monotonic() - t0 < 1.0, "cancel() waited for the poller"
+        # The running callback completed harmlessly; later writes call nothing.
+        deadline = time.monotonic() + BOUND
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert calls == [1]
+        os.eventfd_write(client_side, 1)
+        time.sleep(0.1)
+        assert calls == [1]
+        # The poller closed its duplicate once it let go of it.
+        while open_fds() != before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert open_fds() == before
+    finally:
+        poller.stop()
+    os.close(client_side)
