@@ -37,6 +37,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -99,11 +100,13 @@ static ioctl_fn real_ioctl_fn(void)
  */
 static mmap_fn real_mmap;
 static mmap64_fn real_mmap64;
+static void cv_atfork_child(void);
 
 __attribute__((constructor)) static void cv_init(void)
 {
 	__atomic_store_n(&real_mmap, (mmap_fn)dlsym(RTLD_NEXT, "mmap"), __ATOMIC_RELEASE);
 	__atomic_store_n(&real_mmap64, (mmap64_fn)dlsym(RTLD_NEXT, "mmap64"), __ATOMIC_RELEASE);
+	pthread_atfork(NULL, NULL, cv_atfork_child);
 }
 
 static void *cv_real_mmap(int is64, void *addr, size_t len, int prot, int flags, int fd, off64_t off)
@@ -171,6 +174,56 @@ static int cv_is_device_fd(int fd)
 		if (cv_mounts[i] == st.st_dev)
 			return 1;
 	return 0;
+}
+
+/* -- fork ----------------------------------------------------------------------------- *
+ * A call's hand-off connection lives only as long as the call, but a fork() by
+ * another thread meanwhile copies it into the child, where no thread will ever
+ * close it: it would keep the connection (one of the user's few) open as long
+ * as the child lives.  So calls register their connection here and the child
+ * closes what it inherited.  The mounts lock may be held by a thread that does
+ * not exist in the child: released there (the table is written before it is
+ * published, so a half-done update is simply not seen).
+ */
+#define CV_MAX_INFLIGHT 64
+static int cv_inflight[CV_MAX_INFLIGHT]; /* fd + 1, 0 for a free slot */
+
+static int cv_track(int s)
+{
+	int i, free_slot;
+
+	if (s < 0)
+		return -1;
+	for (i = 0; i < CV_MAX_INFLIGHT; i++) {
+		free_slot = 0;
+		if (__atomic_compare_exchange_n(&cv_inflight[i], &free_slot, s + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+			return i;
+	}
+	return -1; /* untracked: only the fork case above is affected */
+}
+
+/* Close a call's connection (if any) and free its slot. */
+static void cv_untrack(int slot, int s)
+{
+	int e = errno;
+
+	if (slot >= 0)
+		__atomic_store_n(&cv_inflight[slot], 0, __ATOMIC_RELEASE);
+	if (s >= 0)
+		close(s);
+	errno = e;
+}
+
+static void cv_atfork_child(void)
+{
+	int i, v;
+
+	for (i = 0; i < CV_MAX_INFLIGHT; i++) {
+		v = __atomic_exchange_n(&cv_inflight[i], 0, __ATOMIC_ACQ_REL);
+		if (v > 0)
+			close(v - 1);
+	}
+	__atomic_store_n(&cv_mounts_lock, 0, __ATOMIC_RELEASE);
 }
 
 /* -- the hand-off socket ------------------------------------------------------------- */
@@ -265,25 +318,37 @@ static int cv_fetch(int s, int token)
 static int cv_get_device_fd(int group, unsigned long request, void *arg)
 {
 	ioctl_fn real = real_ioctl_fn();
-	int s, ret, e;
+	int s, slot, ret, e = errno;
 
 	s = cv_connect();
+	slot = cv_track(s);
+	errno = e;
 	ret = real(group, request, arg);
-	if (s == -1)
-		return ret; /* no server to ask: whatever the ioctl said */
 	if (ret < CV_TOKEN_MIN) {
+		/* An error or a real kernel fd: whatever the ioctl said. */
 		e = errno;
-		close(s);
+		cv_untrack(slot, s);
 		errno = e;
 		return ret;
 	}
+	if (s == -1) {
+		/*
+		 * A token, though this call could not reach the server: another
+		 * connection of this process (another thread's call) made the server
+		 * issue it.  It is no fd: never return it.  The server releases the
+		 * device file when the token expires.
+		 */
+		errno = EIO;
+		return -1;
+	}
 	ret = cv_fetch(s, ret);
-	close(s);
+	cv_untrack(slot, s);
 	if (ret < 0) {
 		errno = -ret;
 		return -1;
 	}
 	cv_remember(ret);
+	errno = e;
 	return ret;
 }
 
@@ -317,13 +382,14 @@ static int cv_ask_map(int fd, int prot, int flags, uint64_t off, size_t len, uin
 		.op = CV_OP_MMAP, .fd = fd, .prot = prot, .flags = flags, .offset = off, .length = len,
 	};
 	struct cv_mmap_reply reply = { .status = EIO };
-	int s, memfd, rc;
+	int s, slot, memfd, rc;
 
 	s = cv_connect();
 	if (s == -1)
 		return CV_FALLBACK;
+	slot = cv_track(s);
 	rc = cv_call(s, &req, sizeof(req), &reply, sizeof(reply), &memfd);
-	close(s);
+	cv_untrack(slot, s);
 	if (rc == -1)
 		return -EIO;
 	if (reply.status != 0) {
@@ -357,6 +423,7 @@ static void *cv_mmap(int is64, void *addr, size_t len, int prot, int flags, int 
 		errno = -memfd;
 		return MAP_FAILED;
 	}
+	errno = e; /* a successful mmap leaves the caller's errno as it was */
 	p = cv_real_mmap(is64, addr, len, prot, flags, memfd, (off64_t)start);
 	e = errno;
 	close(memfd);

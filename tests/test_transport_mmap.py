@@ -91,6 +91,8 @@ CLIENT_C = r"""
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <linux/vfio.h>
@@ -249,6 +251,20 @@ static int cmd_hold(void)
 	return 0;
 }
 
+/* Another connection of this process is open (another thread's call) but this call cannot reach the server. */
+static int cmd_token(void)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	char hello = 0;
+
+	snprintf(sa.sun_path, sizeof sa.sun_path, "%s", getenv("CUSE_VFIO_SOCKET"));
+	say("other_connection", rc(connect(s, (struct sockaddr *)&sa, sizeof sa)));
+	say("hello", read(s, &hello, 1) == 1 && hello == 'R');
+	setenv("CUSE_VFIO_SOCKET", "/nonexistent/cuse-vfio.sock", 1);
+	return device(NULL) >= 0;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc < 5)
@@ -260,6 +276,7 @@ int main(int argc, char **argv)
 	if (!strcmp(argv[4], "share")) return cmd_share();
 	if (!strcmp(argv[4], "fork")) return cmd_fork();
 	if (!strcmp(argv[4], "hold")) return cmd_hold();
+	if (!strcmp(argv[4], "token")) return cmd_token();
 	return 2;
 }
 """
@@ -389,6 +406,15 @@ def test_a_forked_child_maps_the_device_fd_it_inherited(client, server, machine)
     v = run(client, server, "fork")
     assert v["child"] == 0 and v["parent_sees_child"] == 1
     assert ram(machine)[0x40:0x44] == u32(0x77)
+
+
+@needs_server
+def test_a_token_is_never_returned_as_an_fd(client, server):
+    # The server issues a token because the process holds a connection, but
+    # this call's own connect failed: the library must fail, not return the token.
+    v = run(client, server, "token")
+    assert v["other_connection"] == 0 and v["hello"] == 1
+    assert v["device"] == -errno.EIO
 
 
 # -- the protocol, spoken from Python as csrc/preload.c speaks it -----------------------------------
