@@ -107,6 +107,39 @@ def test_another_process_cannot_redeem_a_token(handoff):
     os.close(r)
 
 
+def test_a_wrong_token_closes_the_connection(handoff):
+    s = connect(handoff)
+    assert redeem(s, TOKEN_MIN + 12345) == (errno.ENOENT, None)
+    assert s.recv(1) == b""  # no second guess on this connection
+    s.close()
+
+
+def test_a_token_is_refused_once_the_connecting_process_has_exited(handoff):
+    # A child connects; the parent keeps the connection after the child exits
+    # (as a process that inherited it would): the child's token is not sent.
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(BOUND)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            s.connect(handoff.path)
+            os._exit(0 if s.recv(1) == HELLO else 1)
+        finally:
+            os._exit(2)
+    assert os.waitpid(pid, 0)[1] == 0
+    deadline = time.monotonic() + BOUND
+    while not handoff.has_client(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    r, w = os.pipe()
+    token = handoff.offer(pid, w, "the child's pipe")
+    status, fd = redeem(s, token)
+    assert (status, fd) == (errno.ESRCH, None)
+    assert s.recv(1) == b""
+    wait_eof(r)  # the connection is gone, and the offer with it
+    s.close()
+    os.close(r)
+
+
 def test_an_unredeemed_token_expires_and_closes_its_file(tmp_path):
     h = Handoff(str(tmp_path / "sock"), ttl=0.01)
     h.start()

@@ -46,6 +46,7 @@ import logging
 import os
 import secrets
 import selectors
+import signal
 import socket
 import struct
 import threading
@@ -260,7 +261,7 @@ class Handoff:
             (op,) = _U32.unpack_from(buf)
             if op >= TOKEN_MIN:
                 del buf[:_U32.size]
-                ok = self._redeem(conn, peer.pid, op)
+                ok = self._redeem(conn, peer, op)
             elif op == OP_MMAP:
                 if len(buf) < MMAP_REQUEST.size:
                     break
@@ -276,17 +277,37 @@ class Handoff:
         if len(buf) > _MAX_BUFFERED:
             self._drop(conn)
 
-    def _redeem(self, conn: socket.socket, pid: int, token: int) -> bool:
+    def _redeem(self, conn: socket.socket, peer: Peer, token: int) -> bool:
+        """Send the fd behind ``token``; False (the connection is dropped) on any refusal."""
+        pid = peer.pid
+        try:
+            # As map_device_file: the process that connected must still be
+            # the one alive under its pid (not a child that inherited the
+            # connection after it exited, nor a reuse of the pid).
+            signal.pidfd_send_signal(peer.pidfd, 0)
+        except ProcessLookupError:
+            log.warning("fd hand-off: pid %d has exited, but its connection presented a token: refused", pid)
+            self._send(conn, [_STATUS.pack(errno.ESRCH)])
+            return False
+        except OSError as e:
+            if e.errno != errno.EPERM:  # EPERM: alive, only not ours to signal
+                log.warning("fd hand-off: pid %d cannot be checked (%s): refused", pid, e.strerror)
+                self._send(conn, [_STATUS.pack(errno.ESRCH)])
+                return False
         with self._lock:
             offer = self._offers.get(token)
             if offer is not None and offer.pid == pid:
                 del self._offers[token]
         if offer is None:
-            log.warning("fd hand-off: pid %s presented token %d, which is unknown or expired", pid, token)
-            return self._send(conn, [_STATUS.pack(errno.ENOENT)])
+            # No second guess on the same connection.
+            log.warning("fd hand-off: pid %s presented token %d, which is unknown or expired: disconnected", pid, token)
+            self._send(conn, [_STATUS.pack(errno.ENOENT)])
+            return False
         if offer.pid != pid:
-            log.warning("fd hand-off: pid %s presented the token of pid %d (%s): refused", pid, offer.pid, offer.what)
-            return self._send(conn, [_STATUS.pack(errno.EPERM)])
+            log.warning("fd hand-off: pid %s presented the token of pid %d (%s): refused, disconnected",
+                        pid, offer.pid, offer.what)
+            self._send(conn, [_STATUS.pack(errno.EPERM)])
+            return False
         try:
             sent = self._send(conn, [_STATUS.pack(0)], offer.fd)
         finally:
