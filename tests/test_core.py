@@ -348,6 +348,15 @@ def test_get_device_fd_unterminated_or_unmapped_name(topo):
     with pytest.raises(OSError) as e:  # no NUL within PAGE_SIZE
         p.ioctl(gfd, VFIO_GROUP_GET_DEVICE_FD, b"x" * 5000)
     assert errname(e) == "EINVAL"
+    with pytest.raises(OSError) as e:  # strndup_user(arg, PAGE_SIZE): 4096 bytes and a NUL is one too many
+        p.ioctl(gfd, VFIO_GROUP_GET_DEVICE_FD, b"x" * 4096 + b"\0")
+    assert errname(e) == "EINVAL"
+    # ...and byte 4096 is never read: a page boundary right there is not a fault
+    page = p.memory.alloc(4096)  # followed by an unmapped guard page
+    p.memory.write(page, b"x" * 4096)
+    with pytest.raises(OSError) as e:
+        p.ioctl(gfd, VFIO_GROUP_GET_DEVICE_FD, page)
+    assert errname(e) == "EINVAL"
 
 
 def test_get_device_fd_name_ending_just_before_an_unmapped_page(topo):

@@ -62,11 +62,13 @@ class IoctlArg:
         return _INT.unpack(self.read(0, 4))[0]
 
     def fetch_string(self, limit: int = PAGE_SIZE) -> str:
-        """strndup_user: read page by page, so a string ending just before an unmapped page works."""
+        """strndup_user(arg, limit): the NUL must lie within ``limit`` bytes (EINVAL otherwise,
+        without touching byte ``limit``); read page by page, so a string ending just before
+        an unmapped page works."""
         buf = bytearray()
         addr = self.value
-        while True:
-            chunk = min(PAGE_SIZE - (addr % PAGE_SIZE), limit + 1 - len(buf))
+        while len(buf) < limit:
+            chunk = min(PAGE_SIZE - (addr % PAGE_SIZE), limit - len(buf))
             data = self.read(addr - self.value, chunk)
             nul = data.find(b"\0")
             if nul >= 0:
@@ -74,8 +76,7 @@ class IoctlArg:
                 return buf.decode("utf-8", "surrogateescape")
             buf += data
             addr += chunk
-            if len(buf) > limit:
-                raise VfioError(errno.EINVAL, f"string argument longer than {limit} bytes")
+        raise VfioError(errno.EINVAL, f"string argument longer than {limit - 1} bytes")
 
 
 def _record(buf: bytearray, offset: int, data: bytes) -> None:
