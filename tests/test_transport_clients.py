@@ -656,3 +656,39 @@ def test_an_unprivileged_owner_of_the_group_gets_its_device_fd(client, machine, 
         s.stop()
         for path in mounts:
             _unmount(path)
+
+
+def _mounted(path):
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
+
+
+def test_stop_is_bounded_and_leaves_nothing_mounted(machine, tmp_path):
+    # A deferred request that never ends and a loop that does not stop: stop()
+    # gives up on both after its bound, and detaches the mounts first.
+    s = new_server(machine, tmp_path, machine.topology.groups.values())
+    s.STOP_TIMEOUT = 0.5
+    s.start()
+    mounts = [x.where for x in s._sessions if x.kind == "fuse"]
+    assert mounts and all(_mounted(m) for m in mounts)
+    stuck = threading.Event()
+    s._workers.submit(stuck.wait)
+    loop, real_stop = s._loop, s._loop.stop
+    loop.stop = lambda: None
+    stopped = threading.Event()
+    threading.Thread(target=lambda: (s.stop(), stopped.set()), daemon=True).start()
+    try:
+        assert stopped.wait(8), "stop() did not return"
+        assert not any(_mounted(m) for m in mounts)
+    finally:
+        stuck.set()
+        real_stop()
+        s._loop_thread.join(10)
+        stopped.wait(10)
+        for session in s._sessions:
+            session.free()
+        loop.free()
+        if s.eventfd_poller is not None:
+            s.eventfd_poller.stop()
+        for path in mounts:
+            _unmount(path)

@@ -105,6 +105,8 @@ FUSE_OPTIONS = "allow_other,default_permissions,fsname={name},subtype=vfio"
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
 _libc.ioctl.restype = ctypes.c_int
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_MNT_DETACH, _UMOUNT_NOFOLLOW = 2, 8
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,9 @@ class _Handle:
 
 class Server:
     """Serves one Dispatcher as VFIO nodes (see module doc)."""
+
+    #: How long stop() waits for in-flight requests, and then for the serving loop.
+    STOP_TIMEOUT = 10.0
 
     def __init__(self, dispatcher: Dispatcher, groups: Iterable[Union[int, GroupNode, object]], *,
                  transport: str = "auto", dev_dir: Optional[str] = None, runtime_dir: Optional[str] = None,
@@ -341,9 +346,16 @@ class Server:
         if self._stopping:
             return
         self._stopping = True
-        # 1. Let in-flight deferred requests finish while the loop still serves them.
+        # 1. Let in-flight deferred requests finish while the loop still serves
+        #    them, for a bounded time: a worker stuck (in a client's own FUSE
+        #    file, say) is left behind.
         if self._workers is not None:
-            self._workers.shutdown(wait=True)
+            self._workers.shutdown(wait=False)
+            deadline = time.monotonic() + self.STOP_TIMEOUT
+            for worker in list(getattr(self._workers, "_threads", ())):
+                worker.join(max(0.0, deadline - time.monotonic()))
+                if worker.is_alive():
+                    log.error("%s is still busy after %g s: stopping without it", worker.name, self.STOP_TIMEOUT)
         # 2. Unredeemed device files are closed, which the loop turns into releases.
         if self._handoff is not None:
             self._handoff.stop()
@@ -351,9 +363,11 @@ class Server:
         if self._loop is not None:
             self._loop.stop()
         if self._loop_thread is not None:
-            self._loop_thread.join(timeout=10)
+            self._loop_thread.join(timeout=self.STOP_TIMEOUT)
             if self._loop_thread.is_alive():
-                log.error("the serving loop did not stop; sessions are left to process exit")
+                # The sessions cannot be freed under the loop; at least leave nothing mounted.
+                log.error("the serving loop did not stop; its mounts are detached, sessions left to process exit")
+                self._detach_mounts()
                 return
         for session in reversed(self._sessions):
             session.free()
@@ -375,6 +389,16 @@ class Server:
             _rmdir_quietly(self.device_mount)
             if self._created_runtime_dir:
                 shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    def _detach_mounts(self) -> None:
+        """Lazily unmount every FUSE mount of ours, without a lookup its (stuck) daemon would answer."""
+        for session in self._sessions:
+            if session.kind != "fuse":
+                continue
+            if _libc.umount2(os.fsencode(session.where), _MNT_DETACH | _UMOUNT_NOFOLLOW) != 0:
+                e = ctypes.get_errno()
+                if e != errno.EINVAL:  # EINVAL: not mounted (any more)
+                    log.error("cannot detach %s: %s", session.where, os.strerror(e))
 
     # -- CUSE nodes ----------------------------------------------------------------
     def _cuse_prefix(self) -> str:
