@@ -165,3 +165,11 @@ def test_decoder_names_the_ioctl_fields_flags_and_errno():
     # a short copy says how much crossed and shows only the fields that did
     rec = uapi.decode(uapi.NodeKind.GROUP, uapi.VFIO_GROUP_GET_STATUS, b"\x08\0\0\0", None, -22)
     assert rec["in"] == {"argsz": 8, "truncated": 4}
+
+
+def test_decoder_reads_device_feature_flags_as_a_feature_number_and_operations():
+    arg = bytes(uapi.vfio_device_feature(argsz=8, flags=uapi.VFIO_DEVICE_FEATURE_SET
+                                         | uapi.VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY))
+    rec = uapi.decode(uapi.NodeKind.DEVICE, uapi.VFIO_DEVICE_FEATURE, arg, None, 0)
+    assert rec["in"]["feature"] == "VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY"
+    assert rec["in"]["flags_names"] == ["VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY", "VFIO_DEVICE_FEATURE_SET"]

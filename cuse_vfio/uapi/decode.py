@@ -100,6 +100,27 @@ def _caps(obj, data: bytes) -> Dict:
         return {"caps_error": str(e)}
 
 
+_FEATURES = {value: name for name, value in vars(_ioctls).items()
+             if name.startswith("VFIO_DEVICE_FEATURE_") and isinstance(value, int)
+             and value <= _ioctls.VFIO_DEVICE_FEATURE_MASK and name != "VFIO_DEVICE_FEATURE_MASK"}
+_FEATURE_OPS = [(_ioctls.VFIO_DEVICE_FEATURE_GET, "VFIO_DEVICE_FEATURE_GET"),
+                (_ioctls.VFIO_DEVICE_FEATURE_SET, "VFIO_DEVICE_FEATURE_SET"),
+                (_ioctls.VFIO_DEVICE_FEATURE_PROBE, "VFIO_DEVICE_FEATURE_PROBE")]
+
+
+class _FeatureLayout(_Layout):
+    """VFIO_DEVICE_FEATURE: the low 16 bits of flags are a feature number, not bits."""
+
+    def fields(self, data: Optional[Bytes]) -> Optional[Dict[str, object]]:
+        out = super().fields(data)
+        if out is not None and "flags" in out:
+            feature = out["flags"] & _ioctls.VFIO_DEVICE_FEATURE_MASK
+            out["feature"] = _FEATURES.get(feature, str(feature))
+            out["flags_names"] = [out["feature"]] + _names_of(out["flags"] & ~_ioctls.VFIO_DEVICE_FEATURE_MASK,
+                                                              _FEATURE_OPS)
+        return out
+
+
 def _feature(obj, data: bytes) -> Dict:
     body = data[ctypes.sizeof(obj):]
     return {"data": body.hex()} if body else {}
@@ -122,7 +143,7 @@ _LAYOUTS: Dict[str, _Layout] = {
     "VFIO_DEVICE_PCI_HOT_RESET": _Layout(_s.vfio_pci_hot_reset, "", _group_fds),
     "VFIO_DEVICE_QUERY_GFX_PLANE": _Layout(_s.vfio_device_gfx_plane_info, "VFIO_GFX_PLANE_TYPE_"),
     "VFIO_DEVICE_IOEVENTFD": _Layout(_s.vfio_device_ioeventfd, "VFIO_DEVICE_IOEVENTFD_"),
-    "VFIO_DEVICE_FEATURE": _Layout(_s.vfio_device_feature, "VFIO_DEVICE_FEATURE_", _feature),
+    "VFIO_DEVICE_FEATURE": _FeatureLayout(_s.vfio_device_feature, trailing=_feature),
     "VFIO_DEVICE_BIND_IOMMUFD": _Layout(_s.vfio_device_bind_iommufd, "VFIO_DEVICE_BIND_FLAG_"),
     "VFIO_DEVICE_ATTACH_IOMMUFD_PT": _Layout(_s.vfio_device_attach_iommufd_pt, "VFIO_DEVICE_ATTACH_"),
     "VFIO_DEVICE_DETACH_IOMMUFD_PT": _Layout(_s.vfio_device_detach_iommufd_pt, "VFIO_DEVICE_DETACH_"),
