@@ -781,26 +781,22 @@ class Type1DmaSpace:
         iommu = self._iommu
         data = bytes(data)
         with iommu.lock:
+            # Every segment is translated and permitted, and its memory is there,
+            # before a byte moves.  Past that, as on hardware, what is written
+            # stays written: memory vanishing part way faults the rest, and
+            # nothing is "undone" over bytes the client may have written since.
             segments = self._translate(iova, len(data), True, device)
-            saved: List[bytes] = []
             if len(segments) > 1:
-                # Several processes' or areas' memory: keep what was there, so a
-                # failure part way leaves nothing written.
                 for dma, off, n in segments:
                     try:
-                        saved.append(dma.owner.memory.read(dma.vaddr + off, n))
+                        dma.owner.memory.read(dma.vaddr + off, 1)
                     except OSError as e:
                         self._fault(CLIENT_MEMORY, iova, len(data), True, device, self._memory_text(dma, off, n, e))
             pos = 0
-            for k, (dma, off, n) in enumerate(segments):
+            for dma, off, n in segments:
                 try:
                     dma.owner.memory.write(dma.vaddr + off, data[pos:pos + n])
                 except OSError as e:
-                    for (d, o, _), old in zip(segments[:k], saved):
-                        try:
-                            d.owner.memory.write(d.vaddr + o, old)
-                        except OSError:
-                            log.warning("could not undo a partial DMA write to pid %s", getattr(d.owner, "pid", "?"))
                     self._fault(CLIENT_MEMORY, iova, len(data), True, device, self._memory_text(dma, off, n, e))
                 pos += n
             if iommu.dirty_page_tracking:
