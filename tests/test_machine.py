@@ -98,3 +98,24 @@ def test_unknown_model_is_a_topology_error():
     Machine(topology.parse(text, "<ok>")).close()
     with pytest.raises((TopologyError, KeyError)):
         Machine(topology.parse(text.replace('"edu"', '"no-such-model"'), "<bad>"))
+
+
+@pytest.mark.parametrize("name, result", [
+    (EDU, "ok"), (EDU + "  ", "ok"), (EDU + "x", "ENODEV"), ("0000:00:02", "ENODEV"),
+    (EDU + " foo", "EINVAL"), (EDU + " vf_token=01234567-89ab-cdef-0123-456789abcdef", "EINVAL"),
+    (EDU + " vf_token=zz", "EINVAL"),
+])
+def test_device_names_follow_vfio_pci_match(machine, name, result):
+    import errno
+
+    p = LocalProcess(machine.dispatcher)
+    c = p.open("/dev/vfio/vfio")
+    g = p.open("/dev/vfio/2")
+    p.ioctl(g, uapi.VFIO_GROUP_SET_CONTAINER, struct.pack("<i", c))
+    p.ioctl(c, uapi.VFIO_SET_IOMMU, uapi.VFIO_TYPE1v2_IOMMU)
+    try:
+        p.ioctl(g, uapi.VFIO_GROUP_GET_DEVICE_FD, name.encode() + b"\0")
+        got = "ok"
+    except OSError as e:
+        got = errno.errorcode[e.errno]
+    assert got == result

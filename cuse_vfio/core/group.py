@@ -146,11 +146,23 @@ class Group:
         container, self.container = self.container, None
         container.detach_group(self)
 
+    def _device_by_name(self, name: str) -> Optional[Device]:
+        """vfio_device_get_from_name: the driver's ``match`` where it has one (vfio-pci takes
+        "<bdf> [vf_token=<uuid>]"), else the exact name; a driver's error stops the search."""
+        for device in self.devices:
+            match = getattr(device.ops, "match", None)
+            if match is not None:
+                if match(name):  # raises VfioError for a malformed option
+                    return device
+            elif device.name == name:
+                return device
+        return None
+
     def get_device_fd(self, name: str) -> DeviceFile:
         """VFIO_GROUP_GET_DEVICE_FD: a new open of the device called ``name``."""
         with self.vfio.lock:
             # Kernel 6.1 order: the name is looked up before the container is checked.
-            device = next((d for d in self.devices if d.name == name), None)
+            device = self._device_by_name(name)
             if device is None:
                 raise VfioError(errno.ENODEV, f"group {self.id} has no device {name!r}")
             if not self.container_users or self.container.iommu_data is None:

@@ -118,6 +118,9 @@ class DeviceOps(Protocol):
     def request(self, count: int) -> None:
         """Hot removal waits for the user: ask it (again) to let the device go."""
 
+    # Optional: ``match(name) -> bool`` decides which GET_DEVICE_FD names mean this
+    # device (raising VfioError for a malformed one); without it the name must be exact.
+
 
 class DmaSpace(Protocol):
     """What a device model sees of the container's IOMMU: DMA by IOVA."""

@@ -46,6 +46,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import uuid
 from typing import Callable, Dict, List, Optional
 
 from ..errors import RetryRequest, VfioError
@@ -845,6 +846,36 @@ class VfioPciDevice:
                 self.req_trigger.signal()
             elif count == 0:
                 log.warning("%s: no device request channel registered, blocked until released by user", self.name)
+
+    def match(self, name: str) -> bool:
+        """vfio_pci_core_match: "<bdf>", then optionally spaces and one "vf_token=<uuid>".
+
+        No SR-IOV is emulated, so a well-formed token is still refused
+        (vfio_pci_validate_vf_token: "not a PF or VF"), as 6.1 refuses it.
+        """
+        if not name.startswith(self.name):
+            return False
+        rest = name[len(self.name):]
+        if rest and rest[0] != " ":
+            return False
+        vf_token = False
+        rest = rest.lstrip(" ")
+        while rest:
+            if vf_token or not rest.startswith("vf_token="):
+                raise VfioError(errno.EINVAL, f"{self.name}: unknown or repeated option in device name {name!r}")
+            token = rest[len("vf_token="):][:36]
+            try:
+                uuid.UUID(token)
+            except ValueError:
+                raise VfioError(errno.EINVAL, f"{self.name}: {token!r} is not a vf_token UUID") from None
+            if len(token) != 36:
+                raise VfioError(errno.EINVAL, f"{self.name}: {token!r} is not a vf_token UUID")
+            vf_token = True
+            rest = rest[len("vf_token=") + 36:].lstrip(" ")
+        if vf_token:
+            raise VfioError(errno.EINVAL, f"{self.name}: a VF token was given, but the device is neither a PF "
+                                          "nor a VF")
+        return True
 
     def _enable_device(self) -> None:
         # pci_enable_device: decode on for the resource types the function has

@@ -448,6 +448,20 @@ static void group_device(void)
 	XIOCTL("group.get_device_fd.unknown_name", S.group, VFIO_GROUP_GET_DEVICE_FD, "0000:00:1f.7");
 	XIOCTL("group.get_device_fd.empty_name", S.group, VFIO_GROUP_GET_DEVICE_FD, "");
 	XIOCTL("group.get_device_fd.bad_pointer", S.group, VFIO_GROUP_GET_DEVICE_FD, hole_page());
+	/* vfio-pci's match: "<bdf>", then spaces and at most one vf_token=<uuid>. */
+	static const char *const suffixes[][2] = {
+		{"trailing_space", " "}, {"trailing_spaces", "   "}, {"glued", "x"}, {"option", " foo"},
+		{"vf_token", " vf_token=01234567-89ab-cdef-0123-456789abcdef"}, {"vf_token_short", " vf_token=zz"},
+	};
+	for (size_t i = 0; i < sizeof(suffixes) / sizeof(suffixes[0]); i++) {
+		char name[128], key[96];
+		snprintf(name, sizeof(name), "%s%s", S.bdf, suffixes[i][1]);
+		snprintf(key, sizeof(key), "group.get_device_fd.name.%s", suffixes[i][0]);
+		int fd = ioctl(S.group, VFIO_GROUP_GET_DEVICE_FD, name);
+		put(key, fd < 0 ? "ERR:%s" : "ok", errname(errno));
+		if (fd >= 0)
+			close(fd);
+	}
 	S.device = ioctl(S.group, VFIO_GROUP_GET_DEVICE_FD, S.bdf);
 	if (S.device < 0)
 		put("group.get_device_fd", "ERR:%s", errname(errno));
