@@ -35,6 +35,6 @@ setup(
     setup_requires=["cffi>=1.15"],
     cffi_modules=["csrc/_build_shim.py:ffibuilder"],
     cmdclass={"build_ext": build_ext_with_preload},
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7", "pytest-timeout>=2"]},
     entry_points={"console_scripts": ["cuse-vfio = cuse_vfio.cli:main"]},
 )
