@@ -3,8 +3,10 @@
 import ctypes
 import errno
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -74,3 +76,82 @@ def test_probe_checks_permissions_and_the_image(child):
     image.probe(0x200000000, 4096, write=True)
     with pytest.raises(VfioError):
         image.probe(0x200000000, 8192, write=False)
+
+
+def _nobody():
+    os.setgid(65534)
+    os.setuid(65534)  # drops CAP_IPC_LOCK with the rest
+
+
+LOCKED_CHILD = r"""
+#include <stdio.h>
+#include <sys/mman.h>
+int main(void) {
+    char *p = mmap((void *)0x200000000, 16 * 4096, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+    if (p == MAP_FAILED) return 1;
+    p[0] = 'x';
+    printf("ready\n");
+    fflush(stdout);
+    return getchar() == EOF ? 0 : 0;
+}
+"""
+
+
+@pytest.fixture
+def locked_child():
+    """A process of user nobody (no CAP_IPC_LOCK) with RLIMIT_MEMLOCK of 4 pages and 16 pages of memory."""
+    where = tempfile.mkdtemp(prefix="cuse-vfio-test-")  # nobody must reach it: pytest's tmp_path is 0700
+    os.chmod(where, 0o755)
+    src, exe = os.path.join(where, "child.c"), os.path.join(where, "child")
+    with open(src, "w") as f:
+        f.write(LOCKED_CHILD)
+    subprocess.run(["gcc", "-O2", "-o", exe, src], check=True)
+
+    def prepare():
+        import resource
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (4 * 4096, 4 * 4096))
+        _nobody()
+
+    proc = subprocess.Popen([exe], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, preexec_fn=prepare)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(where, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a child as nobody")
+def test_pinned_bytes_count_against_rlimit_memlock_without_cap_ipc_lock(locked_child):
+    image = ProcessImage(locked_child.pid)
+    image.account_pinned(3 * 4096)
+    image.account_pinned(4096)
+    with pytest.raises(VfioError) as e:
+        image.account_pinned(4096)
+    assert e.value.errno == errno.ENOMEM and "RLIMIT_MEMLOCK" in e.value.strerror
+    image.release_pinned(2 * 4096)
+    image.account_pinned(2 * 4096)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a child as nobody")
+def test_type1_map_is_enomem_past_the_limit_and_unmap_gives_the_pages_back(locked_child):
+    from cuse_vfio.iommu import Type1Driver
+    from cuse_vfio.uapi import VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VFIO_TYPE1v2_IOMMU
+
+    class Owner:
+        pid = locked_child.pid
+        memory = process_image(locked_child.pid)
+
+    iommu = Type1Driver().open(VFIO_TYPE1v2_IOMMU)
+    rw = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE
+    iommu.map(0x100000, 4 * 4096, 0x200000000, rw, Owner)
+    with pytest.raises(VfioError) as e:
+        iommu.map(0x200000, 4096, 0x200000000 + 4 * 4096, rw, Owner)
+    assert e.value.errno == errno.ENOMEM
+    assert iommu.unmap(0x100000, 4 * 4096, 0) == 4 * 4096
+    iommu.map(0x200000, 4096, 0x200000000 + 4 * 4096, rw, Owner)
+    assert Owner.memory.pinned == 4096
+    iommu.release()
+    assert Owner.memory.pinned == 0

@@ -20,7 +20,7 @@ U64_MASK = (1 << 64) - 1
 class DmaMapping:
     """One MAP_DMA: ``size`` bytes at ``iova`` backed by ``owner``'s memory at ``vaddr``."""
 
-    __slots__ = ("iova", "size", "vaddr", "prot", "owner", "vaddr_invalid", "dirty")
+    __slots__ = ("iova", "size", "vaddr", "prot", "owner", "vaddr_invalid", "dirty", "pinned_in")
 
     def __init__(self, iova: int, size: int, vaddr: int, prot: int, owner):
         self.iova = iova
@@ -34,6 +34,8 @@ class DmaMapping:
         self.vaddr_invalid = False
         #: while dirty tracking is on: one bit per smallest page (``dma->bitmap``)
         self.dirty: Optional[bytearray] = None
+        #: the memory whose RLIMIT_MEMLOCK share this mapping holds (None: not accounted)
+        self.pinned_in = None
 
     @property
     def end(self) -> int:

@@ -470,6 +470,7 @@ class Type1Iommu:
                                               f"valid IOVA range {self._ranges_text()}")
             self._pin(owner, vaddr, size, bool(prot & VFIO_DMA_MAP_FLAG_WRITE))
             dma = DmaMapping(iova, size, vaddr, prot, owner)
+            dma.pinned_in = self._account(owner, size)
             if self.dirty_page_tracking:
                 dma.dirty = self._new_bitmap(dma)
             self.dmas.insert(dma)
@@ -482,7 +483,12 @@ class Type1Iommu:
             raise VfioError(errno.EINVAL, f"MAP_DMA with VADDR must name exactly one mapping whose vaddr was "
                                           f"invalidated; found {dma!r}")
         # vfio_change_dma_owner (6.1.16+): the caller (say, the process that
-        # exec'd) now owns the mapping; its memory backs the IOVA from now on.
+        # exec'd) now owns the mapping; its memory backs the IOVA from now on,
+        # and the pinned pages count against its RLIMIT_MEMLOCK, not the old one's.
+        pinned_in = self._account(owner, dma.size)
+        if dma.pinned_in is not None:
+            dma.pinned_in.release_pinned(dma.size)
+        dma.pinned_in = pinned_in
         dma.owner = owner
         dma.vaddr = vaddr
         dma.vaddr_invalid = False
@@ -520,6 +526,17 @@ class Type1Iommu:
             raise VfioError(errno.EFAULT, f"MAP_DMA: pid {getattr(owner, 'pid', '?')} has no "
                                           f"{'writable ' if write else ''}memory at vaddr "
                                           f"[0x{vaddr:x}, 0x{vaddr + size:x}): {e.strerror}") from None
+
+    @staticmethod
+    def _account(owner, size: int):
+        """vfio_lock_acct: the owner's memory counts ``size`` more pinned bytes (ENOMEM past its
+        RLIMIT_MEMLOCK); returns that memory, or None for memory that keeps no account."""
+        memory = owner.memory
+        account = getattr(memory, "account_pinned", None)
+        if account is None:
+            return None
+        account(size)
+        return memory
 
     # UNMAP_DMA ---------------------------------------------------------------
     def _unmap_dma(self, arg) -> int:
@@ -627,6 +644,9 @@ class Type1Iommu:
         for dma in dmas:
             if dma.vaddr_invalid:
                 self.vaddr_invalid_count -= 1
+            if dma.pinned_in is not None:
+                dma.pinned_in.release_pinned(dma.size)
+                dma.pinned_in = None
         self.dma_avail += len(dmas)
 
     # DIRTY_PAGES -------------------------------------------------------------

@@ -154,10 +154,13 @@ class ProcessImage:
     of one image.
     """
 
-    __slots__ = ("pid", "_fd", "_finalizer", "__weakref__")
+    __slots__ = ("pid", "pinned", "_fd", "_finalizer", "_lock", "__weakref__")
 
     def __init__(self, pid: int):
         self.pid = pid
+        #: bytes DMA mappings count as pinned in this image (the kernel's share of mm->locked_vm)
+        self.pinned = 0
+        self._lock = threading.Lock()
         try:
             self._fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -211,8 +214,59 @@ class ProcessImage:
         except (OSError, OverflowError):
             return True  # unmapped, but the address space is alive
 
+    def account_pinned(self, size: int) -> None:
+        """vfio_lock_acct for MAP_DMA: ``size`` more bytes pinned, ENOMEM past RLIMIT_MEMLOCK
+        (what the process has mlock'ed counts too) unless it has CAP_IPC_LOCK."""
+        with self._lock:
+            limit = _memlock_limit(self.pid)
+            if limit is not None:
+                locked = _status_field(self.pid, b"VmLck:") * 1024
+                if (locked + self.pinned + size) // PAGE_SIZE > limit // PAGE_SIZE:
+                    raise VfioError(errno.ENOMEM, f"MAP_DMA: pid {self.pid} would pin {self.pinned + size} bytes "
+                                                  f"(+{locked} locked) past its RLIMIT_MEMLOCK of {limit}: raise "
+                                                  "the limit (ulimit -l) or run it with CAP_IPC_LOCK")
+            self.pinned += size
+
+    def release_pinned(self, size: int) -> None:
+        with self._lock:
+            self.pinned -= size
+
     def close(self) -> None:
         self._finalizer()
+
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+CAP_IPC_LOCK = 14
+
+
+def _status_field(pid: int, key: bytes) -> int:
+    """A number from /proc/<pid>/status (the first word after ``key``); 0 when absent."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(key):
+                    word = line.split()[1]
+                    return int(word, 16) if key == b"CapEff:" else int(word)
+    except OSError:
+        pass
+    return 0
+
+
+def _memlock_limit(pid: int) -> Optional[int]:
+    """The RLIMIT_MEMLOCK pins count against, or None: unlimited, or CAP_IPC_LOCK (``dma->lock_cap``)."""
+    if _status_field(pid, b"CapEff:") >> CAP_IPC_LOCK & 1:
+        return None
+    # /proc/<pid>/limits, not prlimit(2): reading another process's limit that way
+    # needs CAP_SYS_RESOURCE, which a server in a container may not have.
+    try:
+        with open(f"/proc/{pid}/limits", "rb") as f:
+            for line in f:
+                if line.startswith(b"Max locked memory"):
+                    soft = line.split()[3]
+                    return None if soft == b"unlimited" else int(soft)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 _images: "weakref.WeakValueDictionary[int, ProcessImage]" = weakref.WeakValueDictionary()
