@@ -28,10 +28,10 @@ import time
 import pytest
 
 from cuse_vfio.cli.machine import Machine
+from serving_support import CLIENT_TIMEOUT, TRANSPORT, parse_values, serving, unmount
 from cuse_vfio.cli.topology import load
 from cuse_vfio.transport.server import GroupNode, Server
 
-TRANSPORT = os.environ.get("CUSE_VFIO_TEST_TRANSPORT", "fuse")
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="needs root and /dev/fuse"),
@@ -40,7 +40,6 @@ pytestmark = [
 
 EDU_ID = 0x11E81234
 NOBODY, SOMEBODY_ELSE = 65534, 65533
-CLIENT_TIMEOUT = 60  # a bound for a hung client, never a measurement
 
 CLIENT_C = r"""
 /* A VFIO client written only against <linux/vfio.h>: one check per line, name=value. */
@@ -356,10 +355,6 @@ def client(tmp_path_factory):
     return str(exe)
 
 
-def _unmount(path):
-    if path and os.path.ismount(path):
-        subprocess.run(["umount", "-l", path], check=False)
-
 
 @pytest.fixture
 def machine():
@@ -380,22 +375,9 @@ def new_server(machine, tmp_path, groups):
 @pytest.fixture
 def server(machine, tmp_path):
     s = new_server(machine, tmp_path, machine.topology.groups.values())
-    try:
-        s.start()
+    with serving(s):
         yield s
-    finally:
-        mounts = (s.dev_dir, s.device_mount if s.runtime_dir else None)
-        s.stop()
-        for path in mounts:
-            _unmount(path)
 
-
-def parse(text):
-    out = {}
-    for line in text.splitlines():
-        key, _, value = line.partition("=")
-        out[key] = int(value)
-    return out
 
 
 def run(client, server, command, env=True, extra=(), **popen):
@@ -403,7 +385,7 @@ def run(client, server, command, env=True, extra=(), **popen):
                           env=server.client_env(os.environ) if env else dict(os.environ),
                           timeout=CLIENT_TIMEOUT, **popen)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return parse(proc.stdout)
+    return parse_values(proc.stdout)
 
 
 class Held:
@@ -544,7 +526,7 @@ def test_preloaded_client_that_cannot_reach_the_socket_is_told_so(client, server
     proc = subprocess.run([client, server.dev_dir, "2", "device-fd"], capture_output=True, text=True, env=env,
                           timeout=CLIENT_TIMEOUT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert parse(proc.stdout)["device"] == -errno.EOPNOTSUPP
+    assert parse_values(proc.stdout)["device"] == -errno.EOPNOTSUPP
     sentences = [r.getMessage() for r in caplog.records if "never reached the hand-off socket" in r.getMessage()]
     assert sentences and server.socket_path in sentences[0]
     assert device_opens(machine) == 0
@@ -589,8 +571,8 @@ def test_stop_releases_what_clients_still_hold(client, machine, tmp_path):
         held.proc.kill()
         held.proc.wait()
         s.stop()
-        _unmount(s.dev_dir)
-        _unmount(s.device_mount)
+        unmount(s.dev_dir)
+        unmount(s.device_mount)
 
 
 def test_an_unredeemed_device_fd_is_released(machine, tmp_path):
@@ -620,8 +602,8 @@ def test_an_unredeemed_device_fd_is_released(machine, tmp_path):
         os.close(c)
     finally:
         s.stop()
-        _unmount(s.dev_dir)
-        _unmount(s.device_mount)
+        unmount(s.dev_dir)
+        unmount(s.device_mount)
 
 
 @pytest.fixture
@@ -655,7 +637,7 @@ def test_an_unprivileged_owner_of_the_group_gets_its_device_fd(client, machine, 
         mounts = (s.dev_dir, s.device_mount if s.runtime_dir else None)
         s.stop()
         for path in mounts:
-            _unmount(path)
+            unmount(path)
 
 
 def _mounted(path):
@@ -691,4 +673,4 @@ def test_stop_is_bounded_and_leaves_nothing_mounted(machine, tmp_path):
         if s.eventfd_poller is not None:
             s.eventfd_poller.stop()
         for path in mounts:
-            _unmount(path)
+            unmount(path)

@@ -28,20 +28,19 @@ import time
 import pytest
 
 from cuse_vfio.cli.machine import Machine
+from serving_support import CLIENT_TIMEOUT, TRANSPORT, parse_values, serving, unmount
 from cuse_vfio.cli.topology import parse
 from cuse_vfio.devices import MmioBar, MsixCapability, PciDevice, RamBar, register_model
 from cuse_vfio.errors import VfioError
 from cuse_vfio.transport.handoff import HELLO, MMAP_REPLY, MMAP_REQUEST, NOT_MINE, OP_MMAP
 from cuse_vfio.transport.server import Server, file_mmap_rules
 
-TRANSPORT = os.environ.get("CUSE_VFIO_TEST_TRANSPORT", "fuse")
 needs_server = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/fuse") or (TRANSPORT == "cuse" and not os.path.exists("/dev/cuse")),
     reason="needs root and /dev/fuse (and /dev/cuse for the CUSE transport)")
 
 BDF = "0000:00:04.0"
 GROUP = 4
-CLIENT_TIMEOUT = 60  # a bound for a hung client, never a measurement
 BOUND = 10.0
 NOBODY = 65534
 PAGE = mmap.PAGESIZE
@@ -310,10 +309,6 @@ def client(clients):
     return clients["mmap"]
 
 
-def _unmount(path):
-    if path and os.path.ismount(path):
-        subprocess.run(["umount", "-l", path], check=False)
-
 
 @pytest.fixture
 def machine():
@@ -329,22 +324,9 @@ def server(machine, shared_dir):
     dev_dir = "/dev/cuse-vfio-test" if TRANSPORT == "cuse" else os.path.join(base, "vfio")
     s = Server(machine.dispatcher, machine.topology.groups.values(), transport=TRANSPORT, dev_dir=dev_dir,
                runtime_dir=os.path.join(base, "run"))
-    try:
-        s.start()
+    with serving(s):
         yield s
-    finally:
-        mounts = (s.dev_dir, s.device_mount if s.runtime_dir else None)
-        s.stop()
-        for path in mounts:
-            _unmount(path)
 
-
-def parse_lines(text):
-    out = {}
-    for line in text.splitlines():
-        key, _, value = line.partition("=")
-        out[key] = int(value)
-    return out
 
 
 def read_until(proc, key):
@@ -361,7 +343,7 @@ def run(client, server, command, **popen):
     proc = subprocess.run([client, server.dev_dir, str(GROUP), BDF, command], capture_output=True, text=True,
                           env=server.client_env(os.environ), timeout=CLIENT_TIMEOUT, **popen)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return parse_lines(proc.stdout)
+    return parse_values(proc.stdout)
 
 
 def ram(machine):
@@ -569,7 +551,7 @@ def test_a_file_of_a_stalling_file_system_does_not_hold_up_the_hand_off(server, 
     finally:
         if armed.exists():
             armed.unlink()
-        _unmount(str(mnt))
+        unmount(str(mnt))
         fs.wait(timeout=BOUND)
 
 
