@@ -78,7 +78,9 @@ if [ "$BAD" != none ]; then
     say bad_error "$(grep -o 'Input/output error' $work/bad.err | head -n 1)"
     dd_rc before_bad if=$dev of=/dev/null bs=$lba skip=$((BAD - 1)) count=1 iflag=direct
     sleep 1  # the kernel's error lines are printed as the request completes
-    say dmesg_nvme_error "$(dmesg | grep -E "$ns: .*(Read|READ).*@ LBA $BAD\b" | tail -n 1 | sed 's/^\[[^]]*\] //')"
+    # nvme_log_error: "nvme0n1: I/O Cmd(0x2) @ LBA N, 1 blocks, I/O Error (sct 0x2 / sc 0x81) DNR"
+    # (the names are "Read", "Unrecovered Read Error" with CONFIG_NVME_VERBOSE_ERRORS)
+    say dmesg_nvme_error "$(dmesg | grep -E "$ns: .*\(0x2\) @ LBA $BAD, " | tail -n 1 | sed 's/^\[[^]]*\] //')"
     say dmesg_medium_error "$(dmesg | grep -E "critical medium error, dev $ns, sector" | tail -n 1 | sed 's/^\[[^]]*\] //')"
 fi
 
