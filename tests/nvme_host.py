@@ -6,6 +6,7 @@ doorbells, read completions by their phase tag.
 """
 
 import struct
+import time
 
 from cuse_vfio.devices import VfioPciDevice, create_model
 from cuse_vfio.devices.nvme import spec
@@ -162,6 +163,10 @@ class NvmeHost:
         self.put(qid, sqe(opcode, cid, **fields))
         self.ring(qid)
         done = self.completions(qid)
+        deadline = time.monotonic() + 10
+        while not done and self.fn._io is not None and time.monotonic() < deadline:
+            time.sleep(0.002)                # the I/O thread runs it: wait as a polling driver would
+            done = self.completions(qid)
         assert len(done) == 1, f"expected one completion, got {done}"
         assert done[0][3] == cid
         return done[0][4], done[0][0], done[0]
