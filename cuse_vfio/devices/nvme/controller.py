@@ -7,10 +7,9 @@ reset touches.
 
 from __future__ import annotations
 
+import inspect
 import logging
-import uuid
-import hashlib
-from typing import List, Optional
+from typing import Optional
 
 from ..pci import (
     PCI_MSIX_ENTRY_SIZE,
@@ -27,40 +26,19 @@ from . import identify, spec
 from .admin import MQES, AdminCommands
 from .engine import ROUND_BURST, IoThread, QueueEngine
 from .features import Features
-from .inject import Injector
 from .nvm import NvmCommands
-from .queues import map_prps, read_from_host, write_to_host
-from .storage import Backing, carve_namespaces, parse_size
+from .options import LBA_FORMATS, ControllerOptions
+from .queues import data_from_host, data_to_host
 
 log = logging.getLogger(__name__)
 
-LBA_FORMATS = [512, 4096]
 MPSMIN, MPSMAX = 0, 4                 # memory pages of 4 KiB .. 64 KiB
 TEMPERATURE = 0x143                   # 323 K, what QEMU reports
 WCTEMP, CCTEMP = 0x157, 0x175         # warning / critical composite temperature (70 C, 100 C)
 M32 = 0xFFFFFFFF
 
 
-def _text_option(value, name: str, width: int) -> str:
-    if not isinstance(value, str) or not value or len(value) > width or not value.isascii() \
-            or not value.isprintable():
-        raise ValueError(f"{name} must be 1 to {width} printable ASCII characters, not {value!r}")
-    return value
-
-
-def _int_option(value, name: str, low: int, high: int, choices=None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high or \
-            (choices is not None and value not in choices):
-        allowed = " or ".join(map(str, choices)) if choices else f"a whole number from {low} to {high}"
-        raise ValueError(f"{name} must be {allowed}, not {value!r}")
-    return value
-
-
-def _ids(serial: str, nsid: int):
-    """UUID, NGUID and EUI-64 of a namespace: stable for a serial, distinct per namespace."""
-    ns_uuid = uuid.uuid5(uuid.NAMESPACE_URL, f"cuse-vfio:nvme:{serial}:{nsid}")
-    digest = hashlib.sha256(ns_uuid.bytes).digest()
-    return ns_uuid.bytes, digest[:16], bytes([0x52, 0x54, 0x00]) + digest[16:21]
+_OPTION_KEYS = set(inspect.signature(ControllerOptions).parameters) - {"name"}
 
 
 @register_model("nvme")
@@ -73,41 +51,19 @@ class NvmeController(PciDevice):
     command_wmask = 0x0001 | 0x0002 | 0x0004 | 0x0100 | 0x0400  # QEMU's: IO MEMORY MASTER SERR INTX_DISABLE
     firmware_command = 0x0001 | 0x0002 | 0x0100
 
-    def __init__(self, name=None, *, backing: Optional[str] = None, size=None, lba_size: int = 512,
-                 namespaces: int = 1, serial: Optional[str] = None, model_name: str = "QEMU NVMe Ctrl",
-                 max_queues: int = 64, mdts: int = 7, inject=None, io_thread: Optional[bool] = None,
-                 ready_delay: float = 0.001, manual_time: bool = False, **options):
+    def __init__(self, name=None, *, manual_time: bool = False, **options):
+        keys = {k: options.pop(k) for k in list(options) if k in _OPTION_KEYS}
         super().__init__(name, manual_time=manual_time, **options)
-        lba_size = _int_option(lba_size, "lba_size", 512, 4096, LBA_FORMATS)
-        count = _int_option(namespaces, "namespaces", 1, 256)
-        self.max_queues = _int_option(max_queues, "max_queues", 1, 1024)
-        self.mdts = _int_option(mdts, "mdts", 0, 15)
-        if serial is None:
-            serial = ("CUSEVFIO" + "".join(c for c in self.name if c.isalnum()).upper()[-12:])[:20]
-        serial = _text_option(serial, "serial", 20)
-        model_name = _text_option(model_name, "model_name", 40)
-        if isinstance(ready_delay, bool) or not isinstance(ready_delay, (int, float)) or not 0 <= ready_delay <= 10:
-            raise ValueError(f"ready_delay must be seconds from 0 to 10, not {ready_delay!r}")
-        if backing is not None and (not isinstance(backing, str) or not backing):
-            raise ValueError(f"backing must be the path of a file, not {backing!r}")
-        size_bytes = None if size is None else parse_size(size)
-        if size_bytes is not None and size_bytes % (count * lba_size):
-            per = f" for each of {count} namespaces" if count > 1 else ""
-            raise ValueError(f"size {size!r} ({size_bytes} bytes) is not a whole number of {lba_size}-byte LBAs{per}")
-        self.injector = Injector(inject)
-        self.ready_delay = float(ready_delay)
-        self.backing = Backing(backing, size_bytes)
-        try:
-            self.namespaces = carve_namespaces(self.backing, count, lba_size, lambda nsid: _ids(serial, nsid))
-        except ValueError:
-            self.backing.close()
-            raise
+        opts = ControllerOptions(self.name, **keys)
+        self.max_queues, self.mdts, self.ready_delay = opts.max_queues, opts.mdts, opts.ready_delay
+        self.injector = opts.injector
+        self.backing, self.namespaces = opts.open_storage()
         self.lba_formats = LBA_FORMATS
         self.vectors = self.max_queues + 1
         self.identity = identify.ControllerIdentity(
-            vid=self.vendor_id, ssvid=self.subsystem_vendor_id, serial=serial, model=model_name, firmware="1.0",
-            mdts=self.mdts, namespaces=count, aerl=3, elpe=63, oui=bytes([0x00, 0x54, 0x52]),
-            wctemp=WCTEMP, cctemp=CCTEMP)
+            vid=self.vendor_id, ssvid=self.subsystem_vendor_id, serial=opts.serial, model=opts.model_name,
+            firmware="1.0", mdts=self.mdts, namespaces=opts.namespaces, aerl=3, elpe=63,
+            oui=bytes([0x00, 0x54, 0x52]), wctemp=WCTEMP, cctemp=CCTEMP)
         self.cap = (MQES | spec.CAP_CQR | (0xF << spec.CAP_TO_SHIFT) | spec.CAP_CSS_NVM
                     | (MPSMIN << spec.CAP_MPSMIN_SHIFT) | (MPSMAX << spec.CAP_MPSMAX_SHIFT))
         self._build_pci()
@@ -121,7 +77,7 @@ class NvmeController(PciDevice):
             self.engine.handlers[(True, opcode)] = handler
         for opcode, handler in self.nvm.handlers.items():
             self.engine.handlers[(False, opcode)] = handler
-        self._io = IoThread(self) if (not manual_time if io_thread is None else bool(io_thread)) else None
+        self._io = IoThread(self) if (not manual_time if opts.io_thread is None else opts.io_thread) else None
         self.generation = 0
         self.cc = self.csts = self.aqa = self.asq = self.acq = 0
         self.enabled = False
@@ -227,23 +183,10 @@ class NvmeController(PciDevice):
 
     def to_host(self, cmd, data: bytes) -> int:
         """The data of an admin command (Identify, a log page) to its PRPs."""
-        if cmd[1] >> spec.FLAGS_PSDT_SHIFT:
-            return spec.INVALID_FIELD | spec.DNR
-        status, segments = map_prps(self.dma, cmd[6], cmd[7], len(data), self.page_size)
-        if status:
-            return status
-        return spec.SUCCESS if write_to_host(self.dma, segments, data) else spec.DATA_TRANSFER_ERROR
+        return data_to_host(self.dma, cmd, data, self.page_size)
 
     def from_host(self, cmd, length: int):
-        if cmd[1] >> spec.FLAGS_PSDT_SHIFT:
-            return spec.INVALID_FIELD | spec.DNR, b""
-        status, segments = map_prps(self.dma, cmd[6], cmd[7], length, self.page_size)
-        if status:
-            return status, b""
-        chunks = read_from_host(self.dma, segments, length)
-        if chunks is None:
-            return spec.DATA_TRANSFER_ERROR, b""
-        return spec.SUCCESS, b"".join(chunks)
+        return data_from_host(self.dma, cmd, length, self.page_size)
 
     def flush_all(self) -> None:
         self.backing.flush()

@@ -200,3 +200,26 @@ def write_to_host(dma, segments, data) -> bool:
     except VfioError:
         return False
     return True
+
+
+def data_to_host(dma, cmd: tuple, data: bytes, page: int) -> int:
+    """Send ``data`` to the PRPs of ``cmd`` (an unpacked SQE): a status."""
+    if cmd[1] >> spec.FLAGS_PSDT_SHIFT:
+        return spec.INVALID_FIELD | spec.DNR       # SGLS is 0: PRPs only
+    status, segments = map_prps(dma, cmd[6], cmd[7], len(data), page)
+    if status:
+        return status
+    return spec.SUCCESS if write_to_host(dma, segments, data) else spec.DATA_TRANSFER_ERROR
+
+
+def data_from_host(dma, cmd: tuple, length: int, page: int) -> Tuple[int, bytes]:
+    """``length`` bytes from the PRPs of ``cmd``: (status, data)."""
+    if cmd[1] >> spec.FLAGS_PSDT_SHIFT:
+        return spec.INVALID_FIELD | spec.DNR, b""
+    status, segments = map_prps(dma, cmd[6], cmd[7], length, page)
+    if status:
+        return status, b""
+    chunks = read_from_host(dma, segments, length)
+    if chunks is None:
+        return spec.DATA_TRANSFER_ERROR, b""
+    return spec.SUCCESS, b"".join(chunks)
