@@ -24,7 +24,7 @@ from ..pci import (
 from ..registry import register_model
 from . import identify, spec
 from .admin import MQES, AdminCommands
-from .engine import ROUND_BURST, IoThread, QueueEngine
+from .engine import IoThread, QueueEngine
 from .features import Features
 from .nvm import NvmCommands
 from .options import LBA_FORMATS, ControllerOptions
@@ -73,10 +73,8 @@ class NvmeController(PciDevice):
         self.features = Features(self, max_queues=self.max_queues, vectors=self.vectors, wctemp=WCTEMP)
         self.admin = AdminCommands(self)
         self.nvm = NvmCommands(self)
-        for opcode, handler in self.admin.handlers.items():
-            self.engine.handlers[(True, opcode)] = handler
-        for opcode, handler in self.nvm.handlers.items():
-            self.engine.handlers[(False, opcode)] = handler
+        self.engine.admin_handlers.update(self.admin.handlers)
+        self.engine.io_handlers.update(self.nvm.handlers)
         self._io = IoThread(self) if (not manual_time if opts.io_thread is None else opts.io_thread) else None
         self.generation = 0
         self.cc = self.csts = self.aqa = self.asq = self.acq = 0
@@ -112,6 +110,8 @@ class NvmeController(PciDevice):
         self.features.defaults()
         self.enabled = False
         self.failed = False
+        #: enabled and not failed: doorbells are taken and rounds run
+        self.running = False
         self.io_queues_created = False
         self.intms = 0
         self.msi_pending = 0
@@ -128,19 +128,11 @@ class NvmeController(PciDevice):
         self.backing.close()
 
     # -- what the engine and the commands ask of the controller -----------------------------
-    @property
-    def running(self) -> bool:
-        return self.enabled and not self.failed
-
     def namespace(self, nsid: int):
         return self.namespaces[nsid - 1] if 0 < nsid <= len(self.namespaces) else None
 
     def cc_field(self, shift: int, mask: int) -> int:
         return (self.cc >> shift) & mask
-
-    def arbitration_burst(self) -> int:
-        ab = self.features.arbitration & 0x7
-        return ROUND_BURST if ab == 0x7 else min(ROUND_BURST, 1 << ab)
 
     def usable_vectors(self) -> int:
         if self.msix_enabled():
@@ -179,6 +171,7 @@ class NvmeController(PciDevice):
         if not self.failed:
             log.warning("%s: controller fatal status (CSTS.CFS): %s", self.name, reason)
         self.failed = True
+        self.running = False
         self.csts |= spec.CSTS_CFS
 
     def to_host(self, cmd, data: bytes) -> int:
@@ -239,8 +232,8 @@ class NvmeController(PciDevice):
         level = False
         if not self.msix_enabled() and not self.msi_enabled():
             intms = self.intms
-            for cq in self.engine.cqs:
-                if cq is not None and cq.ien and cq.head != cq.tail and not (cq.vector < 32 and intms >> cq.vector & 1):
+            for cq in self.engine.live_cqs:
+                if cq.ien and cq.head != cq.tail and not (cq.vector < 32 and intms >> cq.vector & 1):
                     level = True
                     break
         if level != self._intx:
@@ -314,8 +307,8 @@ class NvmeController(PciDevice):
         self.intms &= ~value
         self.update_intx()
         if self.msi_enabled():
-            for cq in self.engine.cqs:
-                if cq is not None and cq.ien and cq.vector < 32 and value >> cq.vector & 1 and (
+            for cq in self.engine.live_cqs:
+                if cq.ien and cq.vector < 32 and value >> cq.vector & 1 and (
                         cq.head != cq.tail or self.msi_pending >> cq.vector & 1):
                     self.msi_pending &= ~(1 << cq.vector)
                     self._msi(cq.vector)
@@ -378,7 +371,7 @@ class NvmeController(PciDevice):
         self.page_size = 4096 << self.cc_field(spec.CC_MPS_SHIFT, spec.CC_MPS_MASK)
         self.engine.add_cq(0, self.acq, ((self.aqa >> 16) & 0xFFF) + 1, True, 0)
         self.engine.add_sq(0, self.asq, (self.aqa & 0xFFF) + 1, 0)
-        self.enabled = True
+        self.enabled = self.running = True
         self._set_shst(spec.SHST_NORMAL)
         self.later(self.ready_delay, self._became_ready)
 

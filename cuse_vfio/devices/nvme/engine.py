@@ -47,15 +47,21 @@ class QueueEngine:
     def __init__(self, ctrl, max_queues: int):
         self.ctrl = ctrl
         self.max_queues = max_queues
+        #: queues by id (None: not created), and the ones that exist in id order (what a round walks)
         self.sqs: List[Optional[SubmissionQueue]] = [None] * (max_queues + 1)
         self.cqs: List[Optional[CompletionQueue]] = [None] * (max_queues + 1)
+        self.live_sqs: List[SubmissionQueue] = []
+        self.live_cqs: List[CompletionQueue] = []
         self.delayed: Dict[tuple, Delayed] = {}
-        self.handlers = {}        # (admin, opcode) -> handler(sq, cmd); filled by the command sets
+        #: opcode -> handler(sq, cmd), for the admin queue and for I/O queues (filled by the command sets)
+        self.admin_handlers = {}
+        self.io_handlers = {}
 
     def clear(self) -> None:
         """Every queue and every command in flight is gone (a controller reset): nothing is completed."""
         self.sqs = [None] * (self.max_queues + 1)
         self.cqs = [None] * (self.max_queues + 1)
+        self.live_sqs, self.live_cqs = [], []
         for item in self.delayed.values():
             item.cancelled = True
         self.delayed.clear()
@@ -63,12 +69,14 @@ class QueueEngine:
     # -- queues ---------------------------------------------------------------------------
     def add_cq(self, qid: int, base: int, size: int, ien: bool, vector: int) -> CompletionQueue:
         cq = self.cqs[qid] = CompletionQueue(qid, base, size, ien, vector)
+        self.live_cqs = [q for q in self.cqs if q is not None]
         return cq
 
     def add_sq(self, qid: int, base: int, size: int, cqid: int, priority: int = 0) -> SubmissionQueue:
         cq = self.cqs[cqid]
         sq = self.sqs[qid] = SubmissionQueue(qid, base, size, cq, priority)
         cq.sqs.append(sq)
+        self.live_sqs = [q for q in self.sqs if q is not None]
         return sq
 
     def delete_sq(self, sq: SubmissionQueue) -> None:
@@ -78,11 +86,13 @@ class QueueEngine:
             item.cancelled = True
             self.complete(sq, item.cmd, spec.ABORT_SQ_DELETION)
         self.sqs[sq.qid] = None
+        self.live_sqs.remove(sq)
         sq.cq.sqs.remove(sq)
         self.post(sq.cq)
 
     def delete_cq(self, cq: CompletionQueue) -> None:
         self.cqs[cq.qid] = None
+        self.live_cqs.remove(cq)
         cq.waiting.clear()
         self.ctrl.update_intx()
 
@@ -120,19 +130,17 @@ class QueueEngine:
 
     # -- a round --------------------------------------------------------------------------
     def round(self) -> bool:
-        """Fetch and run what the SQs hold, post completions; True when it did something (call again)."""
+        """Fetch and run what the SQs hold, post completions; True when work is left for another round."""
         ctrl = self.ctrl
         if not ctrl.running:
             return False
         dma = ctrl.dma
-        burst = ctrl.arbitration_burst()
-        touched = []
-        progress = False
-        for cq in self.cqs:
-            if cq is not None and cq.waiting and cq.room():
-                touched.append(cq)
-        for sq in self.sqs:
-            if sq is None or sq.head == sq.tail:
+        ab = ctrl.features.arbitration & 0x7             # Arbitration Burst: 2^AB commands, 7 = no limit
+        burst = ROUND_BURST if ab == 0x7 else min(ROUND_BURST, 1 << ab)
+        touched = [cq for cq in self.live_cqs if cq.waiting and cq.room()]  # room made by a CQ head doorbell
+        execute = self.execute
+        for sq in self.live_sqs:
+            if sq.head == sq.tail:
                 continue
             limit = min(burst, sq.size - 1 - sq.inflight)
             if limit <= 0:
@@ -142,28 +150,33 @@ class QueueEngine:
             except QueueFault as e:
                 ctrl.fail(str(e))
                 return False
-            progress = True
+            sq.inflight += len(cmds)
             for cmd in cmds:
-                sq.inflight += 1
-                self.execute(sq, cmd)
-                if not ctrl.running:
+                execute(sq, cmd)
+                if not ctrl.running:                    # controller fatal status: nothing more runs
                     return False
             if sq.cq not in touched:
                 touched.append(sq.cq)
         for cq in touched:
-            if self.post(cq):
-                progress = True
-        return progress and ctrl.running
+            self.post(cq)
+        if not ctrl.running:
+            return False
+        for sq in self.live_sqs:
+            if sq.head != sq.tail and sq.inflight < sq.size - 1:
+                return True
+        for cq in self.live_cqs:
+            if cq.waiting and cq.room():
+                return True
+        return False
 
     def execute(self, sq: SubmissionQueue, cmd: tuple, injected: bool = True) -> None:
         ctrl = self.ctrl
         admin = sq.qid == 0
-        opcode = cmd[0]
-        if injected and ctrl.injector:
+        if injected and ctrl.injector.rules:
             rule = ctrl.injector.check(admin, cmd)
             if rule is not None and self._inject(rule, sq, cmd):
                 return
-        handler = self.handlers.get((admin, opcode))
+        handler = (self.admin_handlers if admin else self.io_handlers).get(cmd[0])
         if cmd[1] & spec.FLAGS_FUSE_MASK:
             result = spec.INVALID_FIELD | spec.DNR      # FUSES is 0: no fused operations
         elif handler is None:

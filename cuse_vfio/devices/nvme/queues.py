@@ -79,40 +79,37 @@ class CompletionQueue:
     def room(self) -> int:
         return (self.head - self.tail - 1) % self.size
 
-    def pending_for_host(self) -> bool:
-        """Posted entries the host has not consumed yet (what keeps INTx asserted)."""
-        return self.head != self.tail
-
     def post(self, dma) -> int:
-        """Write as many waiting completions as there is room for; returns how many were posted."""
+        """Write as many waiting completions as there is room for; returns how many were posted.
+
+        A queue whose write faults is left as it was: the controller is failing anyway (CSTS.CFS).
+        """
         n = min(self.room(), len(self.waiting))
         if n <= 0:
             return 0
         buf = bytearray(n * _CQE_SIZE)
         tail, phase, size, waiting = self.tail, self.phase, self.size, self.waiting
-        done = []
         for i in range(n):
-            entry = waiting[i]
-            dw0, sq, cid, status = entry
+            dw0, sq, cid, status = waiting[i]
             _pack_cqe(buf, i * _CQE_SIZE, dw0, 0, sq.head, sq.qid, cid, (status << 1) | phase)
             tail += 1
             if tail == size:
                 tail = 0
                 phase ^= 1
-            done.append(sq)
         first = min(n, size - self.tail)
-        view = memoryview(buf)
         try:
-            dma.write(self.base + self.tail * _CQE_SIZE, view[:first * _CQE_SIZE])
             if n > first:
+                view = memoryview(buf)
+                dma.write(self.base + self.tail * _CQE_SIZE, view[:first * _CQE_SIZE])
                 dma.write(self.base, view[first * _CQE_SIZE:])
+            else:
+                dma.write(self.base + self.tail * _CQE_SIZE, buf)
         except VfioError as e:
             raise QueueFault(f"CQ {self.qid}: posting {n} completions at tail {self.tail} failed: "
                              f"{e.strerror}") from None
+        popleft = waiting.popleft
         for _ in range(n):
-            waiting.popleft()
-        for sq in done:
-            sq.inflight -= 1
+            popleft()[1].inflight -= 1
         self.tail, self.phase = tail, phase
         return n
 
