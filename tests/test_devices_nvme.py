@@ -4,17 +4,19 @@ Checked against NVMe 1.4, Linux 6.1 ``drivers/nvme/host/{pci,core}.c`` (what
 the driver reads) and QEMU ``hw/nvme/ctrl.c`` (the device it imitates).
 """
 
-import errno
 import struct
+import time
 
 import pytest
 
+from cuse_vfio import uapi
 from cuse_vfio.cli import topology
 from cuse_vfio.cli.machine import Machine
 from cuse_vfio.cli.topology import TopologyError
 from cuse_vfio.devices import create_model
 from cuse_vfio.devices.nvme import spec
 from cuse_vfio.devices.pci import capability_offsets
+from cuse_vfio.transport.local import LocalProcess
 from cuse_vfio.uapi import VFIO_DEVICE_FLAGS_RESET, VFIO_DEVICE_GET_INFO, VFIO_DEVICE_RESET
 from devices_fakes import cfg_read, cfg_write, ioctl
 from nvme_host import PAGE, NvmeHost, ready_host, sqe, u16, u32, u64
@@ -609,3 +611,66 @@ def test_bad_topology_options_are_topology_errors(line, message):
     with pytest.raises(TopologyError) as e:
         Machine(topology.parse(text, "<bad>"))
     assert message in str(e.value) and "0000:00:04.0" in str(e.value)
+
+
+def test_identify_and_read_through_type1_from_a_client(tmp_path):
+    """The whole VFIO flow of a user-space driver (libvfn, SPDK): container, group, MAP_DMA, BAR0, queues."""
+    path = tmp_path / "nvme0.img"
+    with open(path, "wb") as f:
+        f.write(b"\xC3" * 4096 + bytes(1 << 20))
+    text = f'[[device]]\nbdf = "0000:00:04.0"\nmodel = "nvme"\ngroup = 4\nbacking = "{path}"\nserial = "TOPO0001"\n'
+    machine = Machine(topology.parse(text, "<test>"))
+    try:
+        p = LocalProcess(machine.dispatcher)
+        c, g = p.open("/dev/vfio/vfio"), p.open("/dev/vfio/4")
+        p.ioctl(g, uapi.VFIO_GROUP_SET_CONTAINER, struct.pack("<i", c))
+        p.ioctl(c, uapi.VFIO_SET_IOMMU, uapi.VFIO_TYPE1v2_IOMMU)
+        d = p.ioctl(g, uapi.VFIO_GROUP_GET_DEVICE_FD, b"0000:00:04.0\0")
+        config = 7 << 40
+        cmd = int.from_bytes(p.pread(d, 2, config + 4), "little")
+        p.pwrite(d, (cmd | 0x6).to_bytes(2, "little"), config + 4)                # memory + bus master
+        mem, iova = p.memory.alloc(8 * PAGE), 0x40000000
+        p.ioctl(c, uapi.VFIO_IOMMU_MAP_DMA, uapi.vfio_iommu_type1_dma_map(
+            argsz=32, flags=3, vaddr=mem, iova=iova, size=8 * PAGE))
+        wr = lambda off, v: p.pwrite(d, v.to_bytes(4, "little"), off)             # BAR0 is region 0
+        rd = lambda off: int.from_bytes(p.pread(d, 4, off), "little")
+
+        def wait(check):
+            for _ in range(5000):                                                 # the I/O thread runs it
+                value = check()
+                if value:
+                    return value
+                time.sleep(0.001)
+            raise AssertionError("the controller did not answer")
+
+        def completion(addr):
+            return wait(lambda: (lambda e: e if e[5] & 1 else None)(spec.CQE.unpack(p.memory.read(addr, 16))))
+
+        assert rd(spec.REG_VS) == 0x00010400
+        for reg, value in ((spec.REG_AQA, 0x00030003), (spec.REG_ASQ, iova), (spec.REG_ASQ + 4, 0),
+                           (spec.REG_ACQ, iova + PAGE), (spec.REG_ACQ + 4, 0), (spec.REG_CC, 0x00460001)):
+            wr(reg, value)
+        wait(lambda: rd(spec.REG_CSTS) & spec.CSTS_RDY)
+        p.memory.write(mem, sqe(spec.ADMIN_IDENTIFY, 7, prp1=iova + 2 * PAGE, cdw10=spec.CNS_CTRL))
+        wr(spec.REG_DBS, 1)
+        assert completion(mem + PAGE)[4:] == (7, 1)                               # CID 7, success, phase 1
+        assert p.memory.read(mem + 2 * PAGE + 4, 8) == b"TOPO0001"
+        wr(spec.REG_DBS + 4, 1)
+        p.memory.write(mem + 64, sqe(spec.ADMIN_CREATE_CQ, 8, prp1=iova + 3 * PAGE, cdw10=1 | (3 << 16), cdw11=1)
+                       + sqe(spec.ADMIN_CREATE_SQ, 9, prp1=iova + 4 * PAGE, cdw10=1 | (3 << 16),
+                             cdw11=1 | (1 << 16)))
+        wr(spec.REG_DBS, 3)
+        assert completion(mem + PAGE + 16)[4:] == (8, 1) and completion(mem + PAGE + 32)[4:] == (9, 1)
+        p.memory.write(mem + 4 * PAGE, sqe(spec.NVM_READ, 10, nsid=1, prp1=iova + 5 * PAGE + 0x100,
+                                           prp2=iova + 6 * PAGE, cdw12=7))
+        wr(spec.REG_DBS + 8, 1)
+        assert completion(mem + 3 * PAGE)[4:] == (10, 1)
+        assert p.memory.read(mem + 5 * PAGE + 0x100, 4096) == b"\xC3" * 4096
+        assert machine.fault_log.total == 0
+        p.memory.write(mem + 4 * PAGE + 64, sqe(spec.NVM_READ, 11, nsid=1, prp1=iova + 8 * PAGE, cdw12=7))
+        wr(spec.REG_DBS + 8, 2)                                                   # a buffer beyond the mapping
+        assert completion(mem + 3 * PAGE + 16)[4:] == (11, spec.DATA_TRANSFER_ERROR << 1 | 1)
+        fault, = machine.fault_log.faults()
+        assert fault.iova == iova + 8 * PAGE and fault.device == "0000:00:04.0"
+    finally:
+        machine.close()

@@ -11,7 +11,7 @@ from cuse_vfio.devices import create_model
 from cuse_vfio.devices.nvme import spec
 from cuse_vfio.devices.nvme.storage import parse_size
 from devices_fakes import cfg_read, cfg_write
-from nvme_host import MEM, PAGE, NvmeHost, ready_host, sqe, u64
+from nvme_host import MEM, PAGE, ready_host, sqe, u64
 
 READ, WRITE = spec.NVM_READ, spec.NVM_WRITE
 
