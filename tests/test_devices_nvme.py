@@ -156,6 +156,15 @@ def test_shutdown_notification_flushes_then_completes():
         assert h.rd(spec.REG_CSTS) >> 2 & 3 == spec.SHST_OCCURRING and flushed
         h.fn.complete_pending()
         assert h.rd(spec.REG_CSTS) >> 2 & 3 == spec.SHST_COMPLETE
+        h.wr(spec.REG_CC, 0)                               # the next driver's disable clears SHN and EN at once
+        h.fn.complete_pending()
+        h.queues.clear()
+        h.enable()
+        h.wr(spec.REG_CC, 0)                               # a reset without a shutdown notification
+        h.fn.complete_pending()
+        h.enable()
+        _, smart = h.get_log(spec.LOG_SMART, 512)
+        assert u64(smart, 144) == 1                        # unsafe shutdowns: only the second
     finally:
         h.close()
 
