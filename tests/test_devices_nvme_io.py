@@ -274,6 +274,23 @@ def test_a_batch_is_one_sq_read_and_one_cq_write():
         h.close()
 
 
+def test_a_round_stops_after_a_mebibyte_and_the_next_goes_on():
+    h = ready_host(size="8M")
+    try:
+        buf = h.alloc(512 << 10)
+        lst = h.alloc(PAGE)
+        h.write(lst, struct.pack("<127Q", *(buf + PAGE * i for i in range(1, 128))))
+        for i in range(4):                                                    # 4 x 512 KiB
+            h.put(1, sqe(READ, 400 + i, nsid=1, prp1=buf, prp2=lst, cdw10=1024 * i, cdw12=1023))
+        assert h.fn.engine.doorbell(spec.REG_DBS + 8, 4)                      # the tail, without a round
+        assert h.fn.engine.round() is True                                   # work is left
+        assert [c[3] for c in h.completions(1, consume=False)] == [400, 401]
+        assert h.fn.engine.round() is False
+        assert [(c[3], c[4]) for c in h.completions(1)] == [(400 + i, 0) for i in range(4)]
+    finally:
+        h.close()
+
+
 # -- flush, write zeroes, deallocate ---------------------------------------------------------------
 def test_flush_write_zeroes_and_deallocate(image, monkeypatch):
     h = ready_host(backing=image, size="4M")
