@@ -612,6 +612,10 @@ def test_machine_builds_nvme_from_toml(tmp_path):
     ('inject = [{kind = "fatal", opcodes = ["frobnicate"]}]', "unknown command 'frobnicate'"),
     ('inject = [{kind = "media-error", lba = [9, 2]}]', "lba must be [first, last]"),
     ('inject = [{kind = "fatal", seconds = 1}]', "unknown key 'seconds'"),
+    ('inject = [{kind = "media-error", opcodes = ["identify"]}]', "media errors are for I/O commands"),
+    ('inject = [{kind = "delay", seconds = 1, opcodes = ["io:0x100"]}]', "names no opcode"),
+    ('inject = [{kind = "delay", seconds = 1, after = -1}]', "after must be a whole number"),
+    ('inject = "everything"', "inject must be a list of tables"),
     ('backing = "/nonexistent-dir/x.img"\nsize = "1M"', "cannot be opened"),
     ('colour = "red"', "has no option colour"),
 ])
