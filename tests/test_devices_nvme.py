@@ -156,6 +156,15 @@ def test_shutdown_notification_flushes_then_completes():
         assert h.rd(spec.REG_CSTS) >> 2 & 3 == spec.SHST_OCCURRING and flushed
         h.fn.complete_pending()
         assert h.rd(spec.REG_CSTS) >> 2 & 3 == spec.SHST_COMPLETE
+        h.wr(spec.REG_CC, 0)                               # the next driver's disable clears SHN and EN at once
+        h.fn.complete_pending()
+        h.queues.clear()
+        h.enable()
+        h.wr(spec.REG_CC, 0)                               # a reset without a shutdown notification
+        h.fn.complete_pending()
+        h.enable()
+        _, smart = h.get_log(spec.LOG_SMART, 512)
+        assert u64(smart, 144) == 1                        # unsafe shutdowns: only the second
     finally:
         h.close()
 
@@ -603,6 +612,10 @@ def test_machine_builds_nvme_from_toml(tmp_path):
     ('inject = [{kind = "fatal", opcodes = ["frobnicate"]}]', "unknown command 'frobnicate'"),
     ('inject = [{kind = "media-error", lba = [9, 2]}]', "lba must be [first, last]"),
     ('inject = [{kind = "fatal", seconds = 1}]', "unknown key 'seconds'"),
+    ('inject = [{kind = "media-error", opcodes = ["identify"]}]', "media errors are for I/O commands"),
+    ('inject = [{kind = "delay", seconds = 1, opcodes = ["io:0x100"]}]', "names no opcode"),
+    ('inject = [{kind = "delay", seconds = 1, after = -1}]', "after must be a whole number"),
+    ('inject = "everything"', "inject must be a list of tables"),
     ('backing = "/nonexistent-dir/x.img"\nsize = "1M"', "cannot be opened"),
     ('colour = "red"', "has no option colour"),
 ])
@@ -674,3 +687,46 @@ def test_identify_and_read_through_type1_from_a_client(tmp_path):
         assert fault.iova == iova + 8 * PAGE and fault.device == "0000:00:04.0"
     finally:
         machine.close()
+
+
+def test_linux_6_1_bring_up_and_shutdown_sequence_succeeds_step_by_step():
+    """What drivers/nvme/host/{pci,core}.c of 6.1 send, in their order: every step must succeed."""
+    h = NvmeHost()
+    try:
+        assert h.rd(spec.REG_CSTS) != 0xFFFFFFFF                                   # nvme_pci_enable
+        cap = h.rd(spec.REG_CAP) | h.rd(spec.REG_CAP + 4) << 32                    # lo_hi_readq
+        assert h.rd(spec.REG_CMBSZ) == 0                                           # nvme_map_cmb: no CMB
+        h.wr(spec.REG_CC, h.rd(spec.REG_CC) & ~1)                                  # nvme_disable_ctrl
+        h.fn.complete_pending()
+        assert not h.rd(spec.REG_CSTS) & 1
+        q = h.enable(entries=32, cc=1 | (6 << 16) | (4 << 20), ready=False)        # nvme_enable_ctrl
+        h.fn.complete_pending()
+        assert h.rd(spec.REG_CSTS) == spec.CSTS_RDY and cap >> 24 & 0xFF
+        assert h.identify(spec.CNS_CTRL)[0] == 0                                   # nvme_init_identify
+        ts = h.alloc(8)
+        assert h.admin(spec.ADMIN_SET_FEATURES, cdw10=spec.FEAT_TIMESTAMP, prp1=ts + 0x10)[0] == 0
+        assert h.get_log(spec.LOG_SMART, 512, nsid=spec.NSID_BROADCAST)[0] == 0  # nvme_hwmon_init
+        assert h.identify(spec.CNS_CS_CTRL, cdw11=spec.CSI_NVM << 24)[0] == 0     # nvme_init_non_mdts_limits
+        status, dw0 = h.admin(spec.ADMIN_SET_FEATURES, cdw10=spec.FEAT_NUM_QUEUES, cdw11=(1 << 16) | 1)
+        assert status == 0 and dw0 == (1 << 16) | 1                                # 2 I/O queues
+        for qid in (1, 2):                                                         # vector = qid
+            h.create_io_queue(qid, size=64, vector=qid)
+        h.put(0, sqe(spec.ADMIN_ASYNC_EVENT, 31))                                  # NVME_AQ_BLK_MQ_DEPTH
+        h.ring(0)
+        status, lst = h.identify(spec.CNS_ACTIVE_NS_LIST)                          # nvme_scan_ns_list
+        assert status == 0 and u32(lst, 0) == 1
+        assert h.identify(spec.CNS_NS, nsid=1)[0] == 0
+        assert h.identify(spec.CNS_NS_DESCRIPTORS, nsid=1)[0] == 0
+        assert h.io(spec.NVM_READ, slba=0, nlb=8, buf=h.alloc(PAGE)) == 0         # the partition table
+        assert h.io(spec.NVM_WRITE_ZEROES, slba=64, nlb=64, cdw12=spec.WZ_DEAC, qid=2) == 0
+        assert h.io(spec.NVM_FLUSH, qid=2) == 0
+        for qid in (2, 1):                                                         # nvme_disable_io_queues
+            assert h.admin(spec.ADMIN_DELETE_SQ, cdw10=qid)[0] == 0
+        for qid in (2, 1):
+            assert h.admin(spec.ADMIN_DELETE_CQ, cdw10=qid)[0] == 0
+        h.wr(spec.REG_CC, h.rd(spec.REG_CC) | (1 << 14))                           # nvme_shutdown_ctrl
+        h.fn.complete_pending()
+        assert h.rd(spec.REG_CSTS) >> 2 & 3 == spec.SHST_COMPLETE
+        assert h.fn.error_log.count == 0 and q.tail
+    finally:
+        h.close()

@@ -258,6 +258,27 @@ def test_full_cq_holds_completions_until_the_head_moves():
         h.close()
 
 
+def test_overflowing_a_throttled_sq_is_an_invalid_doorbell_value():
+    h = ready_host(io_queues=0)
+    try:
+        h.create_io_queue(1, size=4, cq_size=2)
+        h.put(0, sqe(spec.ADMIN_ASYNC_EVENT, 0x700))
+        h.ring(0)
+        for i in range(6):
+            h.put(1, sqe(spec.NVM_FLUSH, 10 + i, nsid=1))
+            if i in (2, 5):
+                h.ring(1)                                                     # 3 fetched, then 1 more: 3 held
+        assert h.fn.engine.sqs[1].head == 0 and h.fn.engine.sqs[1].inflight == 3
+        h.put(1, sqe(spec.NVM_FLUSH, 20, nsid=1))
+        h.put(1, sqe(spec.NVM_FLUSH, 21, nsid=1))
+        h.ring(1)                                                             # 2 more, but only 1 slot is free
+        (dw0, _, _, cid, _), = h.completions(0)
+        assert cid == 0x700 and dw0 & 0xFFFF == spec.AER_ERROR_INVALID_DB_VALUE << 8
+        assert h.fn.engine.sqs[1].tail == 2                                   # the write was not taken
+    finally:
+        h.close()
+
+
 def test_a_batch_is_one_sq_read_and_one_cq_write():
     h = ready_host(queue_size=64)
     try:
@@ -270,6 +291,23 @@ def test_a_batch_is_one_sq_read_and_one_cq_write():
         assert h.space.reads == [(q.sq_base + 0, 20 * 64)]
         assert h.space.writes == [(q.cq_base, 20 * 16)]
         assert len(h.completions(1)) == 20
+    finally:
+        h.close()
+
+
+def test_a_round_stops_after_a_mebibyte_and_the_next_goes_on():
+    h = ready_host(size="8M")
+    try:
+        buf = h.alloc(512 << 10)
+        lst = h.alloc(PAGE)
+        h.write(lst, struct.pack("<127Q", *(buf + PAGE * i for i in range(1, 128))))
+        for i in range(4):                                                    # 4 x 512 KiB
+            h.put(1, sqe(READ, 400 + i, nsid=1, prp1=buf, prp2=lst, cdw10=1024 * i, cdw12=1023))
+        assert h.fn.engine.doorbell(spec.REG_DBS + 8, 4)                      # the tail, without a round
+        assert h.fn.engine.round() is True                                   # work is left
+        assert [c[3] for c in h.completions(1, consume=False)] == [400, 401]
+        assert h.fn.engine.round() is False
+        assert [(c[3], c[4]) for c in h.completions(1)] == [(400 + i, 0) for i in range(4)]
     finally:
         h.close()
 

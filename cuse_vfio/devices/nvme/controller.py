@@ -333,6 +333,7 @@ class NvmeController(PciDevice):
     def _write_cc(self, value: int) -> None:
         old, new = self.cc, value & spec.CC_WRITABLE
         self.cc = new
+        clean = self._shst() == spec.SHST_COMPLETE   # before SHN's change can clear it
         shn_old = (old >> spec.CC_SHN_SHIFT) & spec.CC_SHN_MASK
         shn_new = (new >> spec.CC_SHN_SHIFT) & spec.CC_SHN_MASK
         if shn_new and not shn_old:
@@ -342,7 +343,7 @@ class NvmeController(PciDevice):
         if new & spec.CC_EN and not old & spec.CC_EN:
             self._enable()
         elif old & spec.CC_EN and not new & spec.CC_EN:
-            self._disable()
+            self._disable(clean)
 
     def _enable_problem(self) -> Optional[str]:
         mps = self.cc_field(spec.CC_MPS_SHIFT, spec.CC_MPS_MASK)
@@ -379,9 +380,9 @@ class NvmeController(PciDevice):
         if self.enabled:
             self.csts |= spec.CSTS_RDY
 
-    def _disable(self) -> None:
-        if self.enabled and self._shst() != spec.SHST_COMPLETE:
-            self.health.unsafe_shutdowns += 1
+    def _disable(self, clean: bool) -> None:
+        if self.enabled and not clean:
+            self.health.unsafe_shutdowns += 1        # a reset with no completed shutdown notification before it
         self.generation += 1
         self._controller_reset()
         self.csts &= ~(spec.CSTS_CFS | (0x3 << spec.CSTS_SHST_SHIFT))

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 #: most entries fetched from one SQ in a round (also the arbitration burst's ceiling)
 ROUND_BURST = 64
+#: data a round moves before it stops running commands (the I/O thread then lets go of the device lock)
+ROUND_BYTES = 1 << 20
 
 
 class Delayed:
@@ -56,6 +58,9 @@ class QueueEngine:
         #: opcode -> handler(sq, cmd), for the admin queue and for I/O queues (filled by the command sets)
         self.admin_handlers = {}
         self.io_handlers = {}
+        #: data moved by the commands of the current round (the handlers add to it)
+        self.moved = 0
+        self._turn = 0
 
     def clear(self) -> None:
         """Every queue and every command in flight is gone (a controller reset): nothing is completed."""
@@ -80,7 +85,9 @@ class QueueEngine:
         return sq
 
     def delete_sq(self, sq: SubmissionQueue) -> None:
-        """Commands still held for this SQ complete with Command Aborted due to SQ Deletion first."""
+        """Commands fetched but not run, and those held back, complete with Command Aborted due to SQ Deletion."""
+        while sq.pending:
+            self.complete(sq, sq.pending.popleft(), spec.ABORT_SQ_DELETION)
         for key in [k for k in self.delayed if k[0] == sq.qid]:
             item = self.delayed.pop(key)
             item.cancelled = True
@@ -130,7 +137,13 @@ class QueueEngine:
 
     # -- a round --------------------------------------------------------------------------
     def round(self) -> bool:
-        """Fetch and run what the SQs hold, post completions; True when work is left for another round."""
+        """Fetch and run what the SQs hold, post completions; True when work is left for another round.
+
+        SQs take turns (round robin: each round starts one queue further),
+        and a round stops running commands once it has moved ROUND_BYTES of
+        data: the fetched rest waits in its SQ for the next round, so the I/O
+        thread lets go of the device lock often whatever the host submits.
+        """
         ctrl = self.ctrl
         if not ctrl.running:
             return False
@@ -139,20 +152,25 @@ class QueueEngine:
         burst = ROUND_BURST if ab == 0x7 else min(ROUND_BURST, 1 << ab)
         touched = [cq for cq in self.live_cqs if cq.waiting and cq.room()]  # room made by a CQ head doorbell
         execute = self.execute
-        for sq in self.live_sqs:
-            if sq.head == sq.tail:
-                continue
-            limit = min(burst, sq.size - 1 - sq.inflight)
-            if limit <= 0:
-                continue
-            try:
-                cmds = sq.fetch(dma, limit)
-            except QueueFault as e:
-                ctrl.fail(str(e))
-                return False
-            sq.inflight += len(cmds)
-            for cmd in cmds:
-                execute(sq, cmd)
+        live = self.live_sqs
+        self._turn = turn = (self._turn + 1) % len(live) if live else 0
+        self.moved = 0
+        for sq in live[turn:] + live[:turn]:
+            pending = sq.pending
+            if not pending:
+                if sq.head == sq.tail:
+                    continue
+                limit = min(burst, sq.size - 1 - sq.inflight)
+                if limit <= 0:
+                    continue
+                try:
+                    pending.extend(sq.fetch(dma, limit))
+                except QueueFault as e:
+                    ctrl.fail(str(e))
+                    return False
+                sq.inflight += len(pending)
+            while pending and self.moved < ROUND_BYTES:
+                execute(sq, pending.popleft())
                 if not ctrl.running:                    # controller fatal status: nothing more runs
                     return False
             if sq.cq not in touched:
@@ -161,8 +179,8 @@ class QueueEngine:
             self.post(cq)
         if not ctrl.running:
             return False
-        for sq in self.live_sqs:
-            if sq.head != sq.tail and sq.inflight < sq.size - 1:
+        for sq in live:
+            if sq.pending or (sq.head != sq.tail and sq.inflight < sq.size - 1):
                 return True
         for cq in self.live_cqs:
             if cq.waiting and cq.room():

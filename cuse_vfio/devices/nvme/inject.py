@@ -54,6 +54,8 @@ class Rule:
         self.index = index
         self.kind = kind
         self.io_ops, self.admin_ops = self._opcodes(where, entry.get("opcodes", _DEFAULT_OPCODES[kind]))
+        if kind == "media-error" and self.admin_ops:
+            raise ValueError(f"{where} (media-error): media errors are for I/O commands, not admin ones")
         self.nsid = self._int(where, entry, "nsid", None, 1, spec.NSID_BROADCAST - 1)
         self.lba = self._lba(where, entry.get("lba"))
         self.after = self._int(where, entry, "after", 0, 0, 1 << 63)

@@ -23,6 +23,7 @@ _DSM_RANGE = spec.DSM_RANGE
 class NvmCommands:
     def __init__(self, ctrl):
         self.ctrl = ctrl
+        self.engine = ctrl.engine
         self.handlers = {
             spec.NVM_FLUSH: self.flush,
             spec.NVM_WRITE: self.write,
@@ -62,6 +63,7 @@ class NvmCommands:
             log.warning("%s: reading LBAs %d+%d of namespace %d failed: %s", self.ctrl.name, slba, nlb, ns.nsid,
                         e.strerror)
             return spec.UNRECOVERED_READ_ERROR
+        self.engine.moved += length
         if not write_to_host(self.ctrl.dma, segments, data):
             return spec.DATA_TRANSFER_ERROR
         ns.bytes_read += length
@@ -73,6 +75,7 @@ class NvmCommands:
         if status:
             return status
         length = nlb << ns.lba_shift
+        self.engine.moved += length
         chunks = read_from_host(self.ctrl.dma, segments, length)
         if chunks is None:
             return spec.DATA_TRANSFER_ERROR
@@ -103,6 +106,7 @@ class NvmCommands:
         if status:
             return status
         offset, length = ns.offset(slba), nlb << ns.lba_shift
+        self.engine.moved += length
         try:
             if cmd[10] & spec.WZ_DEAC:
                 ns.backing.deallocate(offset, length)

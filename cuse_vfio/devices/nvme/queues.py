@@ -28,7 +28,7 @@ class QueueFault(Exception):
 
 
 class SubmissionQueue:
-    __slots__ = ("qid", "base", "size", "head", "tail", "cq", "inflight", "priority")
+    __slots__ = ("qid", "base", "size", "head", "tail", "cq", "inflight", "priority", "pending")
 
     def __init__(self, qid: int, base: int, size: int, cq: "CompletionQueue", priority: int = 0):
         self.qid = qid
@@ -37,9 +37,11 @@ class SubmissionQueue:
         self.head = 0
         self.tail = 0
         self.cq = cq
-        #: commands fetched whose completion is not yet in the CQ (delayed, or waiting for CQ room)
+        #: commands fetched whose completion is not yet posted (to run, held back, or waiting for CQ room)
         self.inflight = 0
         self.priority = priority
+        #: fetched entries a round has not run yet
+        self.pending: Deque[tuple] = collections.deque()
 
     def fetch(self, dma, limit: int) -> List[tuple]:
         """Read up to ``limit`` new entries (head..tail) and move head past them."""
