@@ -33,7 +33,10 @@ def _serving_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     parser = argparse.ArgumentParser(prog="cuse-vfio", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"cuse-vfio {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the VFIO nodes until interrupted")
@@ -57,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="drive the core in-process instead of through real syscalls")
     demo.add_argument("--transport", choices=("auto", "cuse", "fuse"), default="auto")
     demo.add_argument("--build-dir", metavar="DIR", help="where the client, the trace and the fault log go "
-                                                         "(default: build/ in the source tree)")
+                                                         "(default: build/ in the source tree, else "
+                                                         "~/.cache/cuse-vfio/demo)")
     return parser
 
 
