@@ -79,8 +79,8 @@ if [ "$BAD" != none ]; then
     dd_rc bad_direct if=$dev of=/dev/null bs=$lba skip=$BAD count=1 iflag=direct
     say bad_direct_error "$(sed -n 's/^dd: .*: //p' $work/bad_direct.err | head -n 1)"
     dd_rc before_bad if=$dev of=/dev/null bs=$lba skip=$((BAD - 1)) count=1 iflag=direct
-    sleep 1  # the kernel's error lines are printed as the request completes
-    # nvme_log_error: "nvme0n1: I/O Cmd(0x2) @ LBA N, 1 blocks, I/O Error (sct 0x2 / sc 0x81) DNR"
+    # nvme_log_error, before the request ends (so before dd returns):
+    # "nvme0n1: I/O Cmd(0x2) @ LBA N, 1 blocks, I/O Error (sct 0x2 / sc 0x81) DNR"
     # (the names are "Read", "Unrecovered Read Error" with CONFIG_NVME_VERBOSE_ERRORS)
     say dmesg_nvme_error "$(dmesg | grep -E "$ns: .*\(0x2\) @ LBA $BAD, 1 blocks" | tail -n 1 | sed 's/^\[[^]]*\] //')"
     say dmesg_medium_error "$(dmesg | grep -E "critical medium error, dev $ns, sector $BAD " | tail -n 1 | sed 's/^\[[^]]*\] //')"
