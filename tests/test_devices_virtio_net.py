@@ -231,6 +231,16 @@ def test_nested_indirect_tables_are_refused(caplog):
     assert "inside an indirect table" in caplog.text and drv.status() & NEEDS_RESET
 
 
+def test_a_receive_chain_without_writable_buffers(caplog):
+    fn, vdev, _, drv = device()
+    drv.bring_up(rx_buffers=0)
+    drv.queues[0].add(out=[b"not for writing"])
+    drv.queues[0].publish()
+    with caplog.at_level(logging.WARNING):
+        drv.send(frame_to(fn))
+    assert "no device-writable buffer" in caplog.text and drv.status() & NEEDS_RESET
+
+
 def test_control_command_without_room_for_the_ack(caplog):
     fn, vdev, _, drv = device()
     drv.bring_up()

@@ -329,6 +329,9 @@ class VirtioNet(VirtioPciFunction):
                     rx.unpop(popped)
                 return False
             size = chain.write_len
+            if not size:
+                raise VirtqueueError(f"queue {rx.index}: the receive chain at {chain.head} has no "
+                                     f"device-writable buffer")
             if not chains and size < hdr_len:
                 raise VirtqueueError(f"queue {rx.index}: a receive buffer of {size} bytes cannot hold "
                                      f"the {hdr_len}-byte virtio-net header")
