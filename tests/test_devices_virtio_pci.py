@@ -9,7 +9,7 @@ from cuse_vfio.uapi import VFIO_DEVICE_SET_IRQS, VFIO_IRQ_SET_ACTION_TRIGGER, VF
 from devices_fakes import FakeCaller, FakeDmaSpace, enable_master, fds, ioctl, irq_set
 from virtio_driver import (
     ACK, DRIVER, DRIVER_OK, F_ANY_LAYOUT, F_CSUM, F_CTRL_RX, F_CTRL_VQ, F_EVENT_IDX, F_INDIRECT, F_MAC, F_MRG_RXBUF,
-    F_STATUS, F_VERSION_1, FEATURES_OK, NEEDS_RESET, NET_FEATURES, NO_VECTOR, Q_DESC, Q_ENABLE, Q_NOFF, Q_SIZE,
+    F_VERSION_1, FEATURES_OK, NEEDS_RESET, NET_FEATURES, NO_VECTOR, Q_DESC, Q_ENABLE, Q_NOFF, Q_SIZE,
     Memory, Regs, VirtioNetDriver, bits, ether,
 )
 
