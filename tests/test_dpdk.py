@@ -80,7 +80,7 @@ def hugepages():
             _write(nr, before)
 
 
-def testpmd_under_run(tmp_path, job_args, eal_args):
+def run_driver_under_cuse_vfio(tmp_path, job_args, eal_args):
     topology = tmp_path / "virtio-net.toml"
     topology.write_text(TOPOLOGY)
     cmd = [sys.executable, "-m", "cuse_vfio", "run", "--transport", "fuse", "--topology", str(topology),
@@ -98,7 +98,7 @@ def testpmd_under_run(tmp_path, job_args, eal_args):
 
 def test_testpmd_forwards_frames_through_the_emulated_nic_twice(hugepages, tmp_path):
     eal = ["-l", "0,1", "-a", NIC, "--in-memory", "--log-level=pmd.net.virtio.init:info"]
-    done, report = testpmd_under_run(tmp_path, ["flow", "--runs", "2", "--min-rx", str(MIN_RX)], eal)
+    done, report = run_driver_under_cuse_vfio(tmp_path, ["flow", "--runs", "2", "--min-rx", str(MIN_RX)], eal)
     runs = report.get("runs", [])
     for n, run in enumerate(runs, 1):
         log = run.pop("log", "")
