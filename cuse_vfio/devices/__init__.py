@@ -29,7 +29,7 @@ from .pci import (
     VendorCapability,
     VendorExtCapability,
 )
-from .registry import create_model, load_model_file, model_names, register_model
+from .registry import create_model, load_model_file, model_class, model_names, register_model
 from .vfio_pci import HotResetBus, ModelFailure, VfioPciDevice
 from . import edu  # noqa: E402,F401  (registers "edu")
 
@@ -37,5 +37,5 @@ __all__ = [
     "Bar", "Capability", "DmaFault", "ExpressCapability", "ExtendedCapability", "HotResetBus", "IoBar",
     "IrqIndex", "IrqSink", "MmioBar", "ModelFailure", "MsiCapability", "MsixCapability", "PciDevice",
     "PmCapability", "RamBar", "Rom", "SharedMemory", "VendorCapability", "VendorExtCapability",
-    "VfioPciDevice", "create_model", "load_model_file", "model_names", "register_model",
+    "VfioPciDevice", "create_model", "load_model_file", "model_class", "model_names", "register_model",
 ]
