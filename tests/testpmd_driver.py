@@ -4,7 +4,7 @@ Runs where testpmd should run: as CMD of ``cuse-vfio run`` (so testpmd sees
 the emulated NIC) or on its own (DPDK's software ring, the benchmark's floor)::
 
     python tests/testpmd_driver.py flow [--runs N] [--min-rx N] -- EAL-ARGS...
-    python tests/testpmd_driver.py rate --seconds S [--server-pid PID|parent] -- EAL-ARGS...
+    python tests/testpmd_driver.py rate --seconds S [--server-pid PID|parent] [--profile FILE] -- EAL-ARGS...
 
 Both start ``dpdk-testpmd EAL-ARGS -- -i --forward-mode=io --port-topology=loop``
 on port 0 and type ``start tx_first``: one burst goes out, then every frame
@@ -17,7 +17,10 @@ that comes back in is sent out again.
   (``--timeout`` per step), never a measurement.
 - ``rate`` reads the counters, lets the traffic run ``--seconds``, reads them
   again, and adds the CPU time testpmd and the server (``--server-pid parent``:
-  the ``cuse-vfio run`` that started this driver) spent meanwhile.
+  the ``cuse-vfio run`` that started this driver) spent meanwhile; with
+  ``--profile FILE`` py-spy samples the server's Python stacks (those holding
+  the GIL) over the same window into FILE (its ``raw`` format: one
+  ``frame;frame;... count`` line a stack).
 
 The module's parse functions are what the DPDK stage and scripts/bench read
 testpmd's output with.
@@ -36,6 +39,8 @@ import time
 from typing import Dict, List, Optional
 
 PROMPT = "testpmd> "
+#: py-spy's samples a second
+PROFILE_RATE = 200
 TESTPMD_ARGS = ["-i", "--forward-mode=io", "--port-topology=loop", "--total-num-mbufs=2048"]
 
 
@@ -171,8 +176,24 @@ def flow(eal_args: List[str], min_rx: int, timeout: float) -> dict:
         pmd.kill()
 
 
-def rate(eal_args: List[str], seconds: float, server_pid: Optional[int], timeout: float) -> dict:
+def py_spy(pid: int, seconds: float, out: str) -> subprocess.Popen:
+    """py-spy (beside this Python, as pip installs it) recording ``pid``'s stacks for ``seconds``.
+
+    Only stacks holding the GIL count (``--gil``): the server's Python work.  A
+    thread in a C call (the FUSE reply, process_vm_readv) has released the GIL,
+    and py-spy would otherwise charge that time, and time the thread waits to
+    run again, to the Python frame that made the call.
+    """
+    exe = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    return subprocess.Popen([exe, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
+                             "--rate", str(PROFILE_RATE), "--format", "raw", "--nonblocking", "--gil", "--output", out],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def rate(eal_args: List[str], seconds: float, server_pid: Optional[int], timeout: float,
+         profile: Optional[str] = None) -> dict:
     pmd = Testpmd(eal_args, timeout)
+    spy = None
     try:
         pmd.command("start tx_first")
         pmd.command("show port stats 0")  # testpmd's pps counts from here
@@ -185,8 +206,14 @@ def rate(eal_args: List[str], seconds: float, server_pid: Optional[int], timeout
             return now
 
         first = sample()
+        if profile is not None and server_pid is not None:
+            spy = py_spy(server_pid, seconds, profile)
         time.sleep(seconds)
         last = sample()
+        if spy is not None:
+            _, err = spy.communicate(timeout=timeout)
+            if spy.returncode:
+                raise TestpmdError(f"py-spy failed ({spy.returncode}): {err.strip()}")
         report = {"seconds": last["t"] - first["t"],
                   "rx": last["stats"]["rx"] - first["stats"]["rx"],
                   "tx": last["stats"]["tx"] - first["stats"]["tx"],
@@ -194,10 +221,16 @@ def rate(eal_args: List[str], seconds: float, server_pid: Optional[int], timeout
                   "testpmd_cpu": last["testpmd_cpu"] - first["testpmd_cpu"]}
         if server_pid is not None:
             report["server_cpu"] = last["server_cpu"] - first["server_cpu"]
+        if spy is not None:
+            report["profile"] = {"file": os.path.abspath(profile), "rate": PROFILE_RATE,
+                                 "seconds": max(1, round(seconds))}
         report["forward"] = forward_stats(pmd.command("stop"))
         report["status"] = pmd.quit()
         return report
     finally:
+        if spy is not None and spy.poll() is None:
+            spy.kill()
+            spy.wait()
         pmd.kill()
 
 
@@ -208,6 +241,7 @@ def main(argv: List[str]) -> int:
     ap.add_argument("--min-rx", type=int, default=256)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--server-pid", default=None, help="a pid, or 'parent'")
+    ap.add_argument("--profile", default=None, help="rate: py-spy's raw stacks of the server, to this file")
     ap.add_argument("--timeout", type=float, default=120.0, help="bound for one step (a hung testpmd)")
     if "--" not in argv:
         ap.error("give testpmd's EAL arguments after --")
@@ -225,7 +259,7 @@ def main(argv: List[str]) -> int:
         return 0 if all(r.get("status") == 0 for r in reports) else 1
     try:
         server = os.getppid() if args.server_pid == "parent" else (int(args.server_pid) if args.server_pid else None)
-        print(json.dumps(rate(eal_args, args.seconds, server, args.timeout)))
+        print(json.dumps(rate(eal_args, args.seconds, server, args.timeout, args.profile)))
         return 0
     except TestpmdError as e:
         print(json.dumps({"error": str(e)}))
