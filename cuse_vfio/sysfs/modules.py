@@ -95,7 +95,9 @@ def vfio_modules(*, noiommu: Optional[Callable[[], bool]], dma_entry_limit: Call
     (INTx masked, hugepages pinned as such, interrupts remapped, no SR-IOV
     through vfio-pci, the IGD/VGA quirks unused).
     """
-    no = bool  # a bool parameter at its default, False
+    def no() -> bool:  # a bool parameter at its default
+        return False
+
     vfio_params = [bool_parameter("enable_unsafe_noiommu_mode", 0o644, noiommu)] if noiommu else []
     return [
         SysfsModule("irqbypass", holders=("vfio_pci_core",)),

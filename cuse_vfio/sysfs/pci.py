@@ -73,7 +73,6 @@ BDF = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[01][0-9a-f]\.[0-7]$")
 Resource = Tuple[int, int, int]
 
 PCI_CFG_SPACE_SIZE = 256
-PCI_CFG_SPACE_EXP_SIZE = 4096
 # include/uapi/linux/pci_regs.h: the SR-IOV extended capability
 PCI_EXT_CAP_ID_SRIOV = 0x10
 PCI_SRIOV_CTRL = 0x08
@@ -253,20 +252,20 @@ def _uevent(d: SysfsDevice) -> str:
             f"MODALIAS={_modalias(d)}\n")
 
 
-def _config_word(d: SysfsDevice, offset: int) -> int:
-    cfg = bytes(d.config_reader())
-    return int.from_bytes(cfg[offset:offset + 2], "little")
+def _sriov_word(d: SysfsDevice, register: int) -> int:
+    """A 16-bit register of the device's SR-IOV capability, read now."""
+    at = (d.sriov or 0) + register
+    return int.from_bytes(bytes(d.config_reader())[at:at + 2], "little")
 
 
 def _sriov_numvfs(d: SysfsDevice) -> str:
     """``num_VFs``: the VFs enabled now, 0 while VF Enable is clear."""
-    assert d.sriov is not None
-    enabled = _config_word(d, d.sriov + PCI_SRIOV_CTRL) & PCI_SRIOV_CTRL_VFE
-    return f"{_config_word(d, d.sriov + PCI_SRIOV_NUM_VF) if enabled else 0}\n"
+    enabled = _sriov_word(d, PCI_SRIOV_CTRL) & PCI_SRIOV_CTRL_VFE
+    return f"{_sriov_word(d, PCI_SRIOV_NUM_VF) if enabled else 0}\n"
 
 
-def _sriov_register(offset: int, fmt: str) -> Callable[[SysfsDevice], str]:
-    return lambda d: f"{_config_word(d, d.sriov + offset):{fmt}}\n"
+def _sriov_register(register: int, fmt: str) -> Callable[[SysfsDevice], str]:
+    return lambda d: f"{_sriov_word(d, register):{fmt}}\n"
 
 
 def _enable(d: SysfsDevice) -> str:
