@@ -31,7 +31,7 @@ from .pci import (
     VendorCapability,
     VendorExtCapability,
 )
-from .registry import create_model, load_model_file, model_names, register_model
+from .registry import create_model, load_model_file, model_class, model_names, register_model
 from .vfio_pci import HotResetBus, ModelFailure, VfioPciDevice
 from . import edu  # noqa: E402,F401  (registers "edu")
 from . import nvme  # noqa: E402,F401  (registers "nvme")
@@ -41,5 +41,5 @@ __all__ = [
     "Bar", "Capability", "DmaFault", "ExpressCapability", "ExtendedCapability", "HotResetBus", "IoBar",
     "IrqIndex", "IrqSink", "MmioBar", "ModelFailure", "MsiCapability", "MsixCapability", "PciDevice",
     "PmCapability", "RamBar", "Rom", "SharedMemory", "VendorCapability", "VendorExtCapability",
-    "VfioPciDevice", "create_model", "load_model_file", "model_names", "register_model",
+    "VfioPciDevice", "create_model", "load_model_file", "model_class", "model_names", "register_model",
 ]
