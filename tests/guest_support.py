@@ -11,9 +11,11 @@ GUEST = os.path.join(ROOT, "scripts", "guest")
 TIMEOUT = 600
 
 
-def run_guest(*args, timeout=TIMEOUT, cwd=ROOT):
-    """scripts/guest ARGS (options, then ``--`` and the command); its CompletedProcess."""
-    return subprocess.run([GUEST, "--timeout", str(timeout)] + list(args), cwd=cwd, stdin=subprocess.DEVNULL,
+def run_guest(*args, timeout=TIMEOUT, cwd=ROOT, netns=None):
+    """scripts/guest ARGS (options, then ``--`` and the command), in network namespace ``netns`` if
+    given; its CompletedProcess."""
+    where = ["ip", "netns", "exec", netns] if netns else []
+    return subprocess.run(where + [GUEST, "--timeout", str(timeout)] + list(args), cwd=cwd, stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
                           timeout=timeout + 60)
 

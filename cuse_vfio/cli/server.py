@@ -46,7 +46,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from ..devices import load_model_file, model_names
 from ..transport.server import Server, choose_transport
 from ..transport.shim import TransportError
-from ..transport.sysfs import SysfsView, SysfsViewError
+from ..sysfs import SysfsViewError
 from .machine import Machine
 from .topology import TopologyError, load
 from .trace import MalformedFile, TraceWriter, open_input, read_records
@@ -263,7 +263,7 @@ class Serving:
         for gid in self.machine.group_ids:
             lines.append(f"group {gid}: {s.group_path(gid)} ({', '.join(by_group.get(gid, []))})")
         lines.append(f"sysfs view: {self.sysfs_dir} (bus/pci/devices, kernel/iommu_groups, "
-                     "bus/pci/drivers/vfio-pci)")
+                     "bus/pci/drivers/vfio-pci, module/vfio*, devices/virtual/iommu, class/iommu)")
         lines.append(f"device files: {s.device_mount}")
         if getattr(self.options, "trace", None):
             lines.append(f"trace: {os.path.abspath(self.options.trace)}")
@@ -285,7 +285,7 @@ class Serving:
         binds = []
         if os.path.realpath(self.server.dev_dir) != CLIENT_DEV_DIR:
             binds.append((self.server.dev_dir, CLIENT_DEV_DIR))
-        binds += [(src, dst) for dst, src in SysfsView.paths(self.sysfs_dir).items()]
+        binds += [(src, dst) for dst, src in self.sysfs_mount.paths().items()]
         return binds
 
     # -- stop --------------------------------------------------------------------------

@@ -8,6 +8,7 @@
 * :mod:`.registry` -- models by name for topology files.
 * :mod:`.edu` -- QEMU's educational device.
 * :mod:`.nvme` -- an NVM Express 1.4 controller (QEMU's ``nvme``).
+* :mod:`.virtio` -- virtio-net on the transitional virtio PCI transport.
 """
 
 from .pci import (
@@ -34,6 +35,7 @@ from .registry import create_model, load_model_file, model_class, model_names, r
 from .vfio_pci import HotResetBus, ModelFailure, VfioPciDevice
 from . import edu  # noqa: E402,F401  (registers "edu")
 from . import nvme  # noqa: E402,F401  (registers "nvme")
+from . import virtio  # noqa: E402,F401  (registers "virtio-net")
 
 __all__ = [
     "Bar", "Capability", "DmaFault", "ExpressCapability", "ExtendedCapability", "HotResetBus", "IoBar",
