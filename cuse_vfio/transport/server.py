@@ -49,7 +49,8 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Uni
 
 from ..dispatch import Dispatcher, Node, RetryRequest, node_kind
 from ..errors import VfioError
-from ..memory import ProcessMemory, pidfd_getfd, tgid_of
+from ..memory import PAGE_SIZE, ProcessMemory, pidfd_getfd, tgid_of
+from ..mounts import detach
 from ..uapi.ioctls import (
     VFIO_DEVICE_PCI_HOT_RESET,
     VFIO_GROUP_GET_DEVICE_FD,
@@ -105,8 +106,6 @@ FUSE_OPTIONS = "allow_other,default_permissions,fsname={name},subtype=vfio"
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
 _libc.ioctl.restype = ctypes.c_int
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-_MNT_DETACH, _UMOUNT_NOFOLLOW = 2, 8
 
 
 @dataclass(frozen=True)
@@ -395,10 +394,11 @@ class Server:
         for session in self._sessions:
             if session.kind != "fuse":
                 continue
-            if _libc.umount2(os.fsencode(session.where), _MNT_DETACH | _UMOUNT_NOFOLLOW) != 0:
-                e = ctypes.get_errno()
-                if e != errno.EINVAL:  # EINVAL: not mounted (any more)
-                    log.error("cannot detach %s: %s", session.where, os.strerror(e))
+            try:
+                detach(session.where)
+            except OSError as e:
+                if e.errno != errno.EINVAL:  # EINVAL: not mounted (any more)
+                    log.error("cannot detach %s: %s", session.where, os.strerror(e.errno))
 
     # -- CUSE nodes ----------------------------------------------------------------
     def _cuse_prefix(self) -> str:
@@ -917,7 +917,7 @@ def file_mmap_rules(offset: int, length: int, prot: int, flags: int, file_flags:
     (``file_flags`` is its F_GETFL).  A shared mapping of a file open only
     for reading loses VM_SHARED, so the device's mmap sees a private one.
     """
-    page = mmap.PAGESIZE
+    page = PAGE_SIZE
     if offset % page:
         raise VfioError(errno.EINVAL, f"mmap offset 0x{offset:x} is not on a page")
     if length == 0:
