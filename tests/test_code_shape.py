@@ -38,17 +38,24 @@ def _is_python_script(path):
         return False
 
 
-FILES = list(python_files())
+FILES = [path for path in python_files() if path not in OVER_THE_LIMIT]
 
 
 def test_the_walk_finds_the_package():
     assert "cuse_vfio/devices/vfio_pci/core.py" in FILES
 
 
+@pytest.mark.parametrize("path", sorted(OVER_THE_LIMIT))
+def test_an_exception_is_still_needed(path):
+    # A file that came under the limit leaves the list, so the list says what is left.
+    full = os.path.join(ROOT, path)
+    assert os.path.exists(full), f"{path} is gone: remove it from OVER_THE_LIMIT"
+    with open(full, encoding="utf-8") as f:
+        assert len(f.read().splitlines()) > MAX_FILE_LINES, f"{path} is within the limit now: remove it from OVER_THE_LIMIT"
+
+
 @pytest.mark.parametrize("path", FILES)
 def test_file_and_class_sizes(path):
-    if path in OVER_THE_LIMIT:
-        pytest.skip(f"{path}: {OVER_THE_LIMIT[path]}")
     with open(os.path.join(ROOT, path), encoding="utf-8") as f:
         text = f.read()
     lines = len(text.splitlines())
