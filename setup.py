@@ -1,7 +1,8 @@
 import importlib.util
 import os
 
-from setuptools import find_packages, setup
+from setuptools import setup
+from setuptools.command.build_py import build_py
 from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -25,16 +26,19 @@ class build_ext_with_preload(build_ext):
         build_script.build_preload(self.compiler, out_dir, os.path.join(self.build_temp, "preload"))
 
 
+class build_py_with_client(build_py):
+    """build_py plus the edu client's C source as package data, so `cuse-vfio demo`
+    works from an installed wheel; a source tree uses examples/ itself."""
+
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "cuse_vfio", "cli", "examples")
+        os.makedirs(target, exist_ok=True)
+        self.copy_file(os.path.join(HERE, "examples", "vfio-edu-client.c"), target)
+
+
+# Metadata lives in pyproject.toml; this file adds only what must be code.
 setup(
-    name="cuse-vfio",
-    version="0.1.0",
-    description="The Linux VFIO interface in Python, served as real character devices",
-    packages=find_packages(include=["cuse_vfio", "cuse_vfio.*"]),
-    python_requires=">=3.9",
-    install_requires=["cffi>=1.15", "ioctl-opt>=1.3", "mfusepy>=3.0", "tomli>=2.0; python_version<'3.11'"],
-    setup_requires=["cffi>=1.15"],
     cffi_modules=["csrc/_build_shim.py:ffibuilder"],
-    cmdclass={"build_ext": build_ext_with_preload},
-    extras_require={"test": ["pytest>=7", "pytest-timeout>=2"]},
-    entry_points={"console_scripts": ["cuse-vfio = cuse_vfio.cli:main"]},
+    cmdclass={"build_ext": build_ext_with_preload, "build_py": build_py_with_client},
 )

@@ -33,9 +33,9 @@ def cli(*args, timeout=TIMEOUT):
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def one_sentence(done):
-    """The error is one line on stderr, no traceback, exit 1."""
-    assert done.returncode == 1, done.stdout + done.stderr
+def one_sentence(done, status=1):
+    """The error is one line on stderr, no traceback, exit 1 (run: 125, its own failure, never CMD's)."""
+    assert done.returncode == status, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, done.stderr
@@ -67,7 +67,8 @@ def no_leftovers(tmp_path):
 def test_a_bad_topology_is_one_sentence_naming_the_line(tmp_path, text, line, words, command):
     path = tmp_path / "bad.toml"
     path.write_text(text)
-    sentence = one_sentence(cli(command[0], "--topology", str(path), *command[1:]))
+    sentence = one_sentence(cli(command[0], "--topology", str(path), *command[1:]),
+                            status=125 if command[0] == "run" else 1)
     assert sentence.startswith(f"cuse-vfio: {path}")
     assert f"line {line}" in sentence and words in sentence
 
@@ -95,7 +96,7 @@ def test_asking_for_cuse_without_it_says_the_fix():
 
 def test_run_without_a_command_says_so():
     done = cli("run", "--transport", "fuse")
-    assert done.returncode == 2 and "give a command after --" in done.stderr
+    assert done.returncode == 125 and "give a command after --" in done.stderr
 
 
 # -- serving options ------------------------------------------------------------------------------
@@ -194,3 +195,29 @@ def test_faults_prints_each_fault_and_a_summary(tmp_path):
         f"{EDU}: DMA read of 8 bytes at iova 0x200000 blocked: read-not-permitted (mapped without READ)",
         "IOMMU faults: 2 (1 read-not-permitted, 1 unmapped)",
     ]
+
+
+def test_trace_and_faults_read_stdin_and_refuse_a_malformed_file(tmp_path):
+    record = {"time": 1.0, "device": EDU, "iova": 0x900000, "length": 64, "direction": "write",
+              "reason": "unmapped", "detail": ""}
+    for command, good, words in (
+            ("faults", json.dumps(record) + "\n", "IOMMU faults: 1 (1 unmapped)"),
+            ("trace", json.dumps({"time": 1.0, "pid": 7, "node": "container", "ioctl": "VFIO_GET_API_VERSION",
+                                  "result": 0}) + "\n", "VFIO_GET_API_VERSION")):
+        done = subprocess.run([sys.executable, "-m", "cuse_vfio", command, "-"], input=good, text=True,
+                              capture_output=True, cwd=ROOT, timeout=TIMEOUT)
+        assert done.returncode == 0 and words in done.stdout, done.stderr
+        for bad in ("not json\n", good + "[1, 2]\n"):
+            path = tmp_path / f"{command}.jsonl"
+            path.write_text(bad)
+            sentence = one_sentence(cli(command, str(path)))
+            assert f"{path}: line" in sentence and "is not a" in sentence
+
+
+@needs_fuse
+def test_the_log_shows_the_level(tmp_path):
+    model = tmp_path / "loud.py"
+    model.write_text("import logging\nlogging.getLogger('loud').warning('a model file says hello')\n")
+    done = cli("run", "--transport", "fuse", "--model-file", str(model), "--", "true")
+    assert done.returncode == 0, done.stderr
+    assert "cuse-vfio: WARNING: a model file says hello" in done.stderr.splitlines()

@@ -575,8 +575,9 @@ def test_stop_releases_what_clients_still_hold(client, machine, tmp_path):
         unmount(s.device_mount)
 
 
-def test_an_unredeemed_device_fd_is_released(machine, tmp_path):
+def test_an_unredeemed_device_fd_is_released(machine, tmp_path, caplog):
     """A token nobody fetches: its device file is closed, the core sees the device fd released."""
+    caplog.set_level(logging.WARNING)
     s = new_server(machine, tmp_path, [2])
     s.handoff_ttl = 0.05
     s.start()
@@ -590,13 +591,15 @@ def test_an_unredeemed_device_fd_is_released(machine, tmp_path):
         g = os.open(s.group_path(2), os.O_RDWR)
         fcntl.ioctl(g, 0x3B68, struct.pack("<i", c))      # VFIO_GROUP_SET_CONTAINER
         fcntl.ioctl(c, 0x3B66, 3)                         # VFIO_SET_IOMMU, TYPE1v2
+        # A token comes back only once the core opened the device; the offer may
+        # expire at any moment from here on, so the open itself is not sampled.
         token = fcntl.ioctl(g, 0x3B6A, bytearray(b"0000:00:02.0\0"))  # VFIO_GROUP_GET_DEVICE_FD
         assert token >= 1 << 30
-        assert device_opens(machine) == 1
         deadline = time.monotonic() + CLIENT_TIMEOUT
         while device_opens(machine) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert device_opens(machine) == 0
+        assert any("did not fetch it within 0.05 s" in r.getMessage() for r in caplog.records)
         conn.close()
         os.close(g)
         os.close(c)

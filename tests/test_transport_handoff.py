@@ -316,8 +316,13 @@ def test_tid_to_tgid():
     assert tids[0] != os.getpid() and tgid_of(tids[0]) == os.getpid()
     finish.set()
     t.join()
+    # join() returns when the thread's tid is cleared, a moment before the kernel
+    # releases the task and its /proc entry: wait for that, then the tid is unknown.
+    deadline = time.monotonic() + BOUND
+    while os.path.exists(f"/proc/{tids[0]}") and time.monotonic() < deadline:
+        time.sleep(0.001)
     with pytest.raises(VfioError) as e:
-        tgid_of(tids[0])  # that thread has exited
+        tgid_of(tids[0])  # that thread has exited and been released
     assert e.value.errno == errno.ESRCH
 
 

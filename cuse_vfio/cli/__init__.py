@@ -33,7 +33,10 @@ def _serving_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     parser = argparse.ArgumentParser(prog="cuse-vfio", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"cuse-vfio {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the VFIO nodes until interrupted")
@@ -45,10 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS]")
 
     trace = sub.add_parser("trace", help="print a --trace file as a table")
-    trace.add_argument("file")
+    trace.add_argument("file", help="a file written by --trace; - reads stdin")
 
     faults = sub.add_parser("faults", help="print a --fault-log file, one fault a line")
-    faults.add_argument("file")
+    faults.add_argument("file", help="a file written by --fault-log; - reads stdin")
 
     sub.add_parser("doctor", help="what this machine allows, and the fix for what is missing")
 
@@ -57,14 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="drive the core in-process instead of through real syscalls")
     demo.add_argument("--transport", choices=("auto", "cuse", "fuse"), default="auto")
     demo.add_argument("--build-dir", metavar="DIR", help="where the client, the trace and the fault log go "
-                                                         "(default: build/ in the source tree)")
+                                                         "(default: build/ in the source tree, else "
+                                                         "~/.cache/cuse-vfio/demo)")
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * getattr(args, "verbose", 0)
-    logging.basicConfig(level=max(level, logging.DEBUG), format="cuse-vfio: %(message)s")
+    logging.basicConfig(level=max(level, logging.DEBUG), format="cuse-vfio: %(levelname)s: %(message)s")
     if args.command == "trace":
         from .trace import print_trace
 
@@ -81,19 +85,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .demo import run_demo
 
         return run_demo(args)
-    from .server import ServeError, run_command, serve_forever
+    from .server import EXIT_NOT_STARTED, ServeError, run_command, serve_forever
 
+    # run's own failures exit 125 (as env(1)'s), so they cannot be taken for CMD's status.
+    own_failure = EXIT_NOT_STARTED if args.command == "run" else 1
     try:
         if args.command == "serve":
             return serve_forever(args)
         cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         if not cmd:
             print("cuse-vfio run: nothing to run: give a command after --", file=sys.stderr)
-            return 2
+            return own_failure
         return run_command(args, cmd)
     except ServeError as e:
         print(f"cuse-vfio: {e}", file=sys.stderr)
-        return 1
+        return own_failure
 
 
 if __name__ == "__main__":

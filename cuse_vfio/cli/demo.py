@@ -19,7 +19,10 @@ import time
 from typing import List
 
 SOURCE_TREE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CLIENT_SOURCE = os.path.join(SOURCE_TREE, "examples", "vfio-edu-client.c")
+#: a checkout (or an editable install) has the client in examples/; a wheel carries a copy as package data
+IN_SOURCE_TREE = os.path.isfile(os.path.join(SOURCE_TREE, "setup.py"))
+CLIENT_SOURCE = (os.path.join(SOURCE_TREE, "examples", "vfio-edu-client.c") if IN_SOURCE_TREE
+                 else os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples", "vfio-edu-client.c"))
 
 
 def run_demo(args) -> int:
@@ -34,8 +37,16 @@ def run_demo(args) -> int:
         return 1
 
 
+def default_build_dir() -> str:
+    """build/ of a source tree; for an installed package, never site-packages: the user's cache."""
+    if IN_SOURCE_TREE:
+        return os.path.join(SOURCE_TREE, "build")
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "cuse-vfio", "demo")
+
+
 def _build_dir(args) -> str:
-    path = os.path.abspath(getattr(args, "build_dir", None) or os.path.join(SOURCE_TREE, "build"))
+    path = os.path.abspath(getattr(args, "build_dir", None) or default_build_dir())
     os.makedirs(path, exist_ok=True)
     return path
 
@@ -45,7 +56,8 @@ def compile_client(build: str, source: str = CLIENT_SOURCE) -> str:
     from .server import ServeError
 
     if not os.path.isfile(source):
-        raise ServeError(f"{source} is missing: the demo runs from a source tree (git clone, then ./scripts/demo)")
+        raise ServeError(f"{source} is missing: reinstall cuse-vfio, or run the demo from a source tree "
+                         f"(git clone, then ./scripts/demo)")
     cc = shutil.which(os.environ.get("CC", "gcc"))
     if cc is None:
         raise ServeError("gcc is missing: run ./scripts/bootstrap (it installs gcc and the kernel headers)")

@@ -45,7 +45,7 @@ from ..transport.shim import TransportError
 from ..transport.sysfs import SysfsView, SysfsViewError
 from .machine import Machine
 from .topology import TopologyError, load
-from .trace import TraceWriter
+from .trace import MalformedFile, TraceWriter, open_input, read_records
 
 log = logging.getLogger(__name__)
 
@@ -471,17 +471,9 @@ def _in_foreground() -> bool:
 
 # -- the fault log file -------------------------------------------------------------------------
 def read_faults(path: str) -> List[dict]:
-    """The records of a ``--fault-log`` file (a line that is not one is skipped)."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-    return records
+    """The records of a ``--fault-log`` file (``-``: stdin); a line that is not one is MalformedFile."""
+    with open_input(path) as f:
+        return list(read_records(f, what="fault record"))
 
 
 def format_fault(record: dict) -> str:
@@ -493,10 +485,14 @@ def format_fault(record: dict) -> str:
 def print_faults(path: str, out=None) -> int:
     """``cuse-vfio faults FILE``: one line per fault, then how many by reason."""
     out = out or sys.stdout
+    name = "stdin" if path == "-" else path
     try:
         records = read_faults(path)
     except OSError as e:
-        print(f"cuse-vfio faults: cannot read {path}: {e.strerror}", file=sys.stderr)
+        print(f"cuse-vfio faults: cannot read {name}: {e.strerror}", file=sys.stderr)
+        return 1
+    except MalformedFile as e:
+        print(f"cuse-vfio faults: {name}: {e} (is it a --fault-log file?)", file=sys.stderr)
         return 1
     for record in records:
         print(format_fault(record), file=out)

@@ -35,15 +35,32 @@ def _jsonable(value):
     return str(value)
 
 
-def read_records(lines: Iterable[str]) -> Iterator[dict]:
+class MalformedFile(ValueError):
+    """A trace or fault-log line that is not a JSON object; the message names the line."""
+
+
+def read_records(lines: Iterable[str], what: str = "trace record") -> Iterator[dict]:
+    """The JSON objects of a JSON-lines file, one per non-blank line; anything else is MalformedFile."""
     for number, line in enumerate(lines, 1):
         line = line.strip()
         if not line:
             continue
         try:
-            yield json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError as e:
-            yield {"ioctl": f"<line {number} is not a trace record: {e.msg}>"}
+            raise MalformedFile(f"line {number} is not a {what}: {e.msg}") from None
+        if not isinstance(record, dict):
+            raise MalformedFile(f"line {number} is not a {what}: a JSON {type(record).__name__}, not an object")
+        yield record
+
+
+def open_input(path: str) -> IO[str]:
+    """``path`` for reading, or stdin for ``-`` (left open when done)."""
+    if path == "-":
+        import sys
+
+        return open(sys.stdin.fileno(), encoding="utf-8", closefd=False)
+    return open(path, encoding="utf-8")
 
 
 def _fields(fields: Optional[dict]) -> str:
@@ -83,16 +100,20 @@ def format_table(records: Iterable[dict]) -> List[str]:
 
 
 def print_trace(path: str, out=None) -> int:
+    """``cuse-vfio trace FILE``: a --trace file (``-``: stdin) as a table; a malformed file is an error."""
     import sys
 
     out = out or sys.stdout
+    name = "stdin" if path == "-" else path
     try:
-        with open(path, encoding="utf-8") as f:
-            for line in format_table(read_records(f)):
-                print(line, file=out)
+        with open_input(path) as f:
+            records = list(read_records(f))
     except OSError as e:
-        print(f"cuse-vfio trace: cannot read {path}: {e.strerror}", file=sys.stderr)
+        print(f"cuse-vfio trace: cannot read {name}: {e.strerror}", file=sys.stderr)
         return 1
+    except MalformedFile as e:
+        print(f"cuse-vfio trace: {name}: {e} (is it a --trace file?)", file=sys.stderr)
+        return 1
+    for line in format_table(records):
+        print(line, file=out)
     return 0
-
-

@@ -36,10 +36,9 @@ def _rmdir_quietly(path: str) -> None:
 class Runtime:
     """The runtime directory (0711: every user reaches the socket by name, nobody lists it), and the rest."""
 
-    def __init__(self, runtime_dir: Optional[str], handoff_ttl: float, workers: int):
+    def __init__(self, runtime_dir: Optional[str], workers: int):
         self._runtime_dir_arg = runtime_dir
         self.runtime_dir: Optional[str] = None
-        self.handoff_ttl = handoff_ttl
         self._workers_count = workers
         self.loop: Optional[Loop] = None
         self.loop_thread: Optional[threading.Thread] = None
@@ -61,11 +60,11 @@ class Runtime:
         return os.path.join(self.runtime_dir or "", "handoff.sock")
 
     # -- start -----------------------------------------------------------------------
-    def start(self, mapper: Mapper) -> None:
+    def start(self, mapper: Mapper, handoff_ttl: float) -> None:
         """The runtime directory, the eventfd poller, the hand-off socket, the workers, the loop."""
         self._make_runtime_dir()
         self.eventfd_poller = EventfdPoller()
-        self.handoff = Handoff(self.socket_path, ttl=self.handoff_ttl, mapper=mapper)
+        self.handoff = Handoff(self.socket_path, ttl=handoff_ttl, mapper=mapper)
         self.handoff.start()
         self.workers = ThreadPoolExecutor(max_workers=self._workers_count, thread_name_prefix="cuse-vfio-worker")
         self.loop = Loop()

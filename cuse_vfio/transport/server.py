@@ -103,7 +103,9 @@ class Server:
         self.transport, self.transport_reason = choose_transport(transport)
         self.dev_dir = os.path.abspath(dev_dir or "/dev/vfio")
         self.container_mode = container_mode
-        self.runtime = Runtime(runtime_dir, handoff_ttl, workers)
+        #: how long an offered device fd waits for its client's library
+        self.handoff_ttl = handoff_ttl
+        self.runtime = Runtime(runtime_dir, workers)
         self.handles = HandleTable(self._release_file)
         self.ioctls = IoctlPath(dispatcher, self.handles, self.runtime,
                                 lambda tid, uid: RequestCaller(self, tid, uid), secrets.randbits(62) | 1)
@@ -190,7 +192,7 @@ class Server:
 
     def _start(self) -> None:
         runtime = self.runtime
-        runtime.start(mapper=self.mapper.map)
+        runtime.start(self.mapper.map, self.handoff_ttl)
         runtime.add_session(self.device_files.mount())
         if self.transport == "fuse":
             nodes = self.nodes = NodeFiles(self, self.dev_dir, self.container_mode, self.groups)

@@ -32,17 +32,34 @@ class AllowlistError(ValueError):
     """The allowlist file is not what this tool accepts."""
 
 
+ABSENT = "(absent)"    # an allowlist pin for a line one side does not print
+
+
 @dataclasses.dataclass(frozen=True)
 class Allow:
-    """One reviewed, known difference."""
+    """One reviewed, known difference, pinned to both values.
+
+    An entry covers a line only when its name matches and the kernel printed
+    exactly ``real`` and cuse-vfio exactly ``emulated`` (``"(absent)"`` for a
+    side that printed nothing): any other value, a missing line or an extra
+    line under the same name is a difference again.
+    """
     name: str             # exact observation name or an fnmatch glob
     reason: str           # one sentence: why the difference is acceptable for now
+    real: str             # the kernel's value, pinned
+    emulated: str         # cuse-vfio's value, pinned
     transport: str = "all"
 
-    def covers(self, name: str, transport: str) -> bool:
+    def covers(self, line: "Line", transport: str) -> bool:
         if self.transport not in ("all", transport):
             return False
-        return fnmatch.fnmatchcase(name, self.name)
+        if (_pin(line.real), _pin(line.emulated)) != (self.real, self.emulated):
+            return False
+        return fnmatch.fnmatchcase(line.name, self.name)
+
+
+def _pin(value: Optional[str]) -> str:
+    return ABSENT if value is None else value
 
 
 @dataclasses.dataclass
@@ -128,7 +145,7 @@ def load_allowlist(text: str) -> List[Allow]:
         where = f"allowlist entry {i}"
         if not isinstance(entry, dict):
             raise AllowlistError(f"{where} is not a table")
-        extra = set(entry) - {"name", "reason", "transport"}
+        extra = set(entry) - {"name", "reason", "real", "emulated", "transport"}
         if extra:
             raise AllowlistError(f"{where} has unknown keys: {', '.join(sorted(extra))}")
         name, reason = entry.get("name"), entry.get("reason")
@@ -139,13 +156,19 @@ def load_allowlist(text: str) -> List[Allow]:
             raise AllowlistError(f"{where} ({name}) needs a reason")
         if transport not in TRANSPORTS + ("all",):
             raise AllowlistError(f"{where} ({name}): transport must be fuse, cuse or all, not {transport!r}")
-        allows.append(Allow(name, reason.strip(), transport))
+        real, emulated = entry.get("real"), entry.get("emulated")
+        if not isinstance(real, str) or not isinstance(emulated, str):
+            raise AllowlistError(f"{where} ({name}) needs real and emulated: the two values it allows, "
+                                 f"as strings ({ABSENT!r} for a line one side does not print)")
+        if real == emulated:
+            raise AllowlistError(f"{where} ({name}): real and emulated are both {real!r}, which is no difference")
+        allows.append(Allow(name, reason.strip(), real, emulated, transport))
     return allows
 
 
-def _allowed_by(name: str, transport: str, allowlist: Sequence[Allow]) -> Optional[Allow]:
+def _allowed_by(line: Line, transport: str, allowlist: Sequence[Allow]) -> Optional[Allow]:
     for allow in allowlist:
-        if allow.covers(name, transport):
+        if allow.covers(line, transport):
             return allow
     return None
 
@@ -165,7 +188,7 @@ def compare(real: Output, emulated: Output, transport: str, allowlist: Sequence[
         if name not in real.values:
             lines.append(Line("extra", name, None, value))
     for line in lines:
-        line.allowed_by = _allowed_by(line.name, transport, allowlist)
+        line.allowed_by = _allowed_by(line, transport, allowlist)
     # "no done=1" is already a missing observation; keep only the other problems.
     problems = [p for p in emulated.problems if "done=1" not in p]
     return Result(transport, matched, lines, problems)
@@ -180,7 +203,7 @@ def unused_allows(results: Sequence[Result], allowlist: Sequence[Allow]) -> List
 
 
 def _show(value: Optional[str]) -> str:
-    return "(absent)" if value is None else value
+    return _pin(value)
 
 
 def format_report(real: Output, results: Sequence[Result], allowlist: Sequence[Allow]) -> str:
@@ -211,7 +234,7 @@ def format_report(real: Output, results: Sequence[Result], allowlist: Sequence[A
         out.append("")
         out.append("allowlist entries that matched nothing (remove them once the emulator conforms):")
         for a in stale:
-            out.append(f"  {a.name} [{a.transport}]: {a.reason}")
+            out.append(f"  {a.name} [{a.transport}] real={a.real} emulated={a.emulated}: {a.reason}")
     return "\n".join(out) + "\n"
 
 

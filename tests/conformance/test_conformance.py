@@ -65,6 +65,8 @@ done=1
 ALLOW_BAR0 = """\
 [[allow]]
 name = "device.region.0.*flags"
+real = "0x7"
+emulated = "0x3"
 reason = "BAR0 is not mmappable here."
 """
 
@@ -127,10 +129,22 @@ def test_an_extra_observation_fails():
     assert not passed and r.count("extra") == 1
 
 
-def test_a_glob_can_allow_a_missing_observation():
-    allow = '[[allow]]\nname = "msi.*"\nreason = "no MSI yet."\n'
+def test_a_glob_can_allow_a_missing_observation_pinned_as_absent():
+    allow = '[[allow]]\nname = "msi.*"\nreal = "1"\nemulated = "(absent)"\nreason = "no MSI yet."\n'
     _, passed, r = run_compare(REAL.replace("msi.event=1\n", ""), allow)
     assert passed and r.allowed == 1
+    _, passed, r = run_compare(REAL.replace("msi.event=1\n", "msi.event=0\n"), allow)
+    assert not passed and r.count("differing") == 1
+
+
+def test_an_allowed_difference_covers_only_its_pinned_values():
+    """An allowed name with another emulated value, or gone, or extra, is a difference again."""
+    for emulated in (REAL.replace("flags=0x7", "flags=0x0"), REAL.replace("device.region.0.flags=0x7\n", "")):
+        _, passed, r = run_compare(emulated, ALLOW_BAR0)
+        assert not passed and r.allowed == 0 and len(r.failures) == 1
+    _, passed, r = run_compare(REAL.replace("flags=0x7", "flags=0x3") + "device.region.0.sizeof.flags=0x3\n",
+                               ALLOW_BAR0)
+    assert not passed and r.allowed == 1 and [ln.kind for ln in r.failures] == ["extra"]
 
 
 def test_unused_allowlist_entries_are_listed():
@@ -159,7 +173,9 @@ def test_values_may_contain_equal_signs():
 
 
 @pytest.mark.parametrize("text, message", [
-    ('[[allow]]\nname = "x"\n', "needs a reason"),
+    ('[[allow]]\nname = "x"\nreal = "1"\nemulated = "2"\n', "needs a reason"),
+    ('[[allow]]\nname = "x"\nreason = "r"\n', "needs real and emulated"),
+    ('[[allow]]\nname = "x"\nreason = "r"\nreal = "1"\nemulated = "1"\n', "no difference"),
     ('[[allow]]\nreason = "r"\n', "needs a name"),
     ('[[allow]]\nname = "x"\nreason = "r"\ntransport = "tcp"\n', "transport must be"),
     ('[[allow]]\nname = "x"\nreason = "r"\nwhy = "?"\n', "unknown keys"),

@@ -1200,6 +1200,67 @@ static void set_irqs_rules(void)
 	close(efd);
 }
 
+/* ------------------------------------------------------------- mmap of regions */
+
+/* One mmap of a device region: "ok" or the errno; unmapped again at once. */
+static void *put_mmap(const char *name, size_t len, int prot, int flags, uint64_t off)
+{
+	void *p = mmap(NULL, len, prot, flags, S.device, (off_t)off);
+	if (p == MAP_FAILED) {
+		put(name, "ERR:%s", errname(errno));
+		return NULL;
+	}
+	put(name, "ok");
+	return p;
+}
+
+static void device_mmap(void)
+{
+	uint64_t bar0 = S.bar0_off;
+	void *p = put_mmap("device.mmap.bar0", 0x100000, PROT_READ | PROT_WRITE, MAP_SHARED, bar0);
+	if (p) {
+		/* A read through the mapping is the register read a pread would be. */
+		put_hex("device.mmap.bar0.edu_id", *(volatile uint32_t *)((uint8_t *)p + EDU_ID));
+		munmap(p, 0x100000);
+	}
+	p = put_mmap("device.mmap.bar0.private", PAGE, PROT_READ, MAP_PRIVATE, bar0);
+	if (p)
+		munmap(p, PAGE);
+	p = put_mmap("device.mmap.bar0.past_end", 2 * PAGE, PROT_READ, MAP_SHARED, bar0 + 0x100000 - PAGE);
+	if (p)
+		munmap(p, 2 * PAGE);
+	p = put_mmap("device.mmap.bar1", PAGE, PROT_READ, MAP_SHARED, (uint64_t)VFIO_PCI_BAR1_REGION_INDEX << 40);
+	if (p)
+		munmap(p, PAGE);
+	p = put_mmap("device.mmap.rom", PAGE, PROT_READ, MAP_SHARED, (uint64_t)VFIO_PCI_ROM_REGION_INDEX << 40);
+	if (p)
+		munmap(p, PAGE);
+	p = put_mmap("device.mmap.config", PAGE, PROT_READ, MAP_SHARED, S.config_off);
+	if (p)
+		munmap(p, PAGE);
+	p = put_mmap("device.mmap.no_region", PAGE, PROT_READ, MAP_SHARED, (uint64_t)VFIO_PCI_NUM_REGIONS << 40);
+	if (p)
+		munmap(p, PAGE);
+}
+
+/* ------------------------------------------------------------- container and group files */
+
+/* read/write on the container (the IOMMU driver's, type1 has none) and on a group. */
+static void container_and_group_rw(void)
+{
+	uint64_t v = 0;
+	long r;   /* the call first: argument order is unspecified, errno must be read after it */
+	r = read(S.container, &v, sizeof(v));
+	put_rc("container.read", r, errno);
+	r = write(S.container, &v, sizeof(v));
+	put_rc("container.write", r, errno);
+	r = read(S.group, &v, sizeof(v));
+	put_rc("group.read", r, errno);
+	r = write(S.group, &v, sizeof(v));
+	put_rc("group.write", r, errno);
+}
+
+
 static void device_reset_and_features(void)
 {
 	XIOCTL("device.reset", S.device, VFIO_DEVICE_RESET, 0);
@@ -1222,6 +1283,23 @@ static void device_reset_and_features(void)
 		memset(&hr, 0, sizeof(hr));
 		hr.argsz = sizeof(hr);
 		XIOCTL("device.hot_reset.count0", S.device, VFIO_DEVICE_PCI_HOT_RESET, &hr);
+	}
+	{
+		/* The real group fd in the array, as a user resetting its own group passes it. */
+		struct { struct vfio_pci_hot_reset hr; int32_t fds[2]; } a;
+		memset(&a, 0, sizeof(a));
+		a.hr.argsz = sizeof(a.hr) + sizeof(int32_t);
+		a.hr.count = 1;
+		a.fds[0] = S.group;
+		XIOCTL("device.hot_reset.group_fd", S.device, VFIO_DEVICE_PCI_HOT_RESET, &a);
+		a.fds[0] = S.container;
+		XIOCTL("device.hot_reset.container_fd", S.device, VFIO_DEVICE_PCI_HOT_RESET, &a);
+		a.fds[0] = -1;
+		XIOCTL("device.hot_reset.bad_fd", S.device, VFIO_DEVICE_PCI_HOT_RESET, &a);
+		a.hr.argsz = sizeof(a.hr) + 2 * sizeof(int32_t);
+		a.hr.count = 2;
+		a.fds[0] = a.fds[1] = S.group;
+		XIOCTL("device.hot_reset.group_fd_twice", S.device, VFIO_DEVICE_PCI_HOT_RESET, &a);
 	}
 
 	static const struct { const char *n; uint32_t f; } ops[] = {
@@ -1334,6 +1412,7 @@ int main(int argc, char **argv)
 	group_device();
 
 	type1_get_info();
+	container_and_group_rw();
 	type1_map();
 	type1_unmap();
 	type1_vaddr();
@@ -1344,6 +1423,7 @@ int main(int argc, char **argv)
 	device_irq_info();
 	device_config();
 	edu_registers();
+	device_mmap();
 	edu_dma();
 	edu_msi();
 	edu_intx();
