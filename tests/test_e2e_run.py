@@ -312,7 +312,8 @@ def _mounts():
 @pytest.fixture
 def rt(tmp_path):
     """The runtime directory of the run; afterwards nothing of it may be left, mounted or not."""
-    watched = (str(tmp_path), "/dev/vfio", "/dev/cuse-vfio", "/sys/bus/pci", "/sys/kernel/iommu_groups")
+    watched = (str(tmp_path), "/dev/vfio", "/dev/cuse-vfio", "/sys/bus/pci", "/sys/kernel/iommu_groups",
+               "/sys/module", "/sys/devices/virtual", "/sys/class")
     before = [m for m in _mounts() if m.startswith(watched)]
     had_dev_vfio = os.path.exists("/dev/vfio")
     path = tmp_path / "rt"
@@ -513,6 +514,28 @@ def test_cmd_sees_the_nodes_and_the_sysfs_view_and_the_host_does_not(rt):
     assert lines[8] == "dev-intact"
     assert lines[9] == "preload=libcuse_vfio_preload.so socket=set"
     assert sorted(os.listdir("/sys/bus/pci/devices")) == host_devices
+
+
+def test_cmd_sees_the_vfio_modules_and_the_iommu_unit_as_dpdk_reads_them(rt):
+    """DPDK's EAL stats /sys/module/vfio, reads the noiommu switch and the IOMMU's cap; the host keeps its own."""
+    host_modules = sorted(os.listdir("/sys/module"))
+    script = ("test -d /sys/module/vfio && echo vfio-loaded; "
+              "cat /sys/module/vfio/parameters/enable_unsafe_noiommu_mode; "
+              "cat /sys/module/vfio_iommu_type1/parameters/dma_entry_limit; "
+              "basename $(readlink -f /sys/bus/pci/drivers/vfio-pci/module); "
+              f"cat /sys/bus/pci/devices/{EDU}/iommu/intel-iommu/cap; "
+              "readlink -f /sys/class/iommu/dmar0; "
+              f"test -e /sys/bus/pci/devices/{EDU}/max_vfs || echo no-max_vfs; "
+              f"ls /sys/module | grep -c . ")
+    done = run(rt, "sh", "-c", script, options=("--noiommu",))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[:7] == ["vfio-loaded", "Y", "65535", "vfio_pci", "d2008c22260206",
+                         "/sys/devices/virtual/iommu/dmar0", "no-max_vfs"]
+    # every module of the host is still there beside the emulated ones
+    assert int(lines[7]) == len(set(host_modules) | {"irqbypass", "vfio", "vfio_iommu_type1", "vfio_pci",
+                                                      "vfio_pci_core", "vfio_virqfd"})
+    assert sorted(os.listdir("/sys/module")) == host_modules
 
 
 def test_run_exits_with_cmds_status(rt):

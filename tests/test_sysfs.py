@@ -19,10 +19,10 @@ import time
 
 import pytest
 
-from cuse_vfio.transport import sysfs
-from cuse_vfio.transport.sysfs import (
-    SysfsDevice, SysfsGroup, SysfsView, SysfsViewError, bar_resource,
+from cuse_vfio.sysfs import (
+    SysfsDevice, SysfsGroup, SysfsView, SysfsViewError, bar_resource, mounted,
 )
+from cuse_vfio.sysfs import pci as sysfs
 
 EDU = "0000:00:02.0"
 NIC = "0000:00:03.0"
@@ -66,7 +66,7 @@ def make_view(edu: Model, nic: Model) -> SysfsView:
 
 
 def _mounted(path: str) -> bool:
-    return sysfs._mounted(os.path.abspath(path))
+    return mounted(os.path.abspath(path))
 
 
 @pytest.fixture
@@ -431,7 +431,7 @@ def test_writes_are_refused_with_the_kernels_errno(mnt):
 
 
 def test_driver_control_files_accept_and_ignore_writes(mnt, caplog):
-    caplog.set_level(logging.INFO, logger="cuse_vfio.transport.sysfs")
+    caplog.set_level(logging.INFO, logger="cuse_vfio.sysfs.mount")
     drv = os.path.join(mnt, "bus/pci/drivers/vfio-pci")
     with open(os.path.join(drv, "new_id"), "w") as f:
         assert f.write("1234 11e8\n") == 10

@@ -17,7 +17,7 @@ from ..core import BusDevice, IommuGroup, Vfio, VfioBusDriver, device_bind
 from ..devices import VfioPciDevice, create_model, load_model_file
 from ..dispatch import Dispatcher
 from ..iommu import register_default_drivers
-from ..transport.sysfs import SysfsDevice, SysfsGroup, SysfsView, bar_resource
+from ..sysfs import SysfsDevice, SysfsGroup, SysfsView, bar_resource, qemu_vtd, vfio_modules
 from .topology import Topology, TopologyError
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,10 @@ class Machine:
             devices.append(SysfsDevice.from_config_space(
                 bdf, self.bus_devices[bdf].iommu_group.id, lambda fn=fn: bytes(fn.config.data),
                 resources=resources, config_size=fn.config.size))
-        return SysfsView(devices, [SysfsGroup(gid) for gid in self.group_ids])
+        modules = vfio_modules(noiommu=lambda: self.noiommu.enable_unsafe_noiommu_mode,
+                               dma_entry_limit=lambda: self.type1.dma_entry_limit)
+        iommu = qemu_vtd(self.type1.aperture, self.type1.pgsize_bitmap)
+        return SysfsView(devices, [SysfsGroup(gid) for gid in self.group_ids], modules, iommu)
 
     def close(self) -> None:
         for vdev in self.vdevs.values():

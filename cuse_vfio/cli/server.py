@@ -42,7 +42,7 @@ from ..mounts import MNT_DETACH, mountinfo, namespace, umount2
 from ..mounts.namespace import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_NOT_STARTED
 from ..transport.server import Server, choose_transport
 from ..transport.shim import TransportError
-from ..transport.sysfs import SysfsView, SysfsViewError
+from ..sysfs import SysfsViewError
 from .machine import Machine
 from .topology import TopologyError, load
 from .trace import MalformedFile, TraceWriter, open_input, read_records
@@ -257,7 +257,7 @@ class Serving:
         for gid in self.machine.group_ids:
             lines.append(f"group {gid}: {s.group_path(gid)} ({', '.join(by_group.get(gid, []))})")
         lines.append(f"sysfs view: {self.sysfs_dir} (bus/pci/devices, kernel/iommu_groups, "
-                     "bus/pci/drivers/vfio-pci)")
+                     "bus/pci/drivers/vfio-pci, module/vfio*, devices/virtual/iommu, class/iommu)")
         lines.append(f"device files: {s.device_mount}")
         if getattr(self.options, "trace", None):
             lines.append(f"trace: {os.path.abspath(self.options.trace)}")
@@ -279,7 +279,7 @@ class Serving:
         binds = []
         if os.path.realpath(self.server.dev_dir) != CLIENT_DEV_DIR:
             binds.append((self.server.dev_dir, CLIENT_DEV_DIR))
-        binds += [(src, dst) for dst, src in SysfsView.paths(self.sysfs_dir).items()]
+        binds += [(src, dst) for dst, src in self.sysfs_mount.paths().items()]
         return binds
 
     # -- stop --------------------------------------------------------------------------

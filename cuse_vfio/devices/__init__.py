@@ -7,6 +7,7 @@
   (``DeviceOps``), with vfio-pci's config virtualization, regions and IRQs.
 * :mod:`.registry` -- models by name for topology files.
 * :mod:`.edu` -- QEMU's educational device.
+* :mod:`.virtio` -- virtio-net on the transitional virtio PCI transport.
 """
 
 from .pci import (
@@ -29,13 +30,14 @@ from .pci import (
     VendorCapability,
     VendorExtCapability,
 )
-from .registry import create_model, load_model_file, model_names, register_model
+from .registry import create_model, load_model_file, model_class, model_names, register_model
 from .vfio_pci import HotResetBus, ModelFailure, VfioPciDevice
 from . import edu  # noqa: E402,F401  (registers "edu")
+from . import virtio  # noqa: E402,F401  (registers "virtio-net")
 
 __all__ = [
     "Bar", "Capability", "DmaFault", "ExpressCapability", "ExtendedCapability", "HotResetBus", "IoBar",
     "IrqIndex", "IrqSink", "MmioBar", "ModelFailure", "MsiCapability", "MsixCapability", "PciDevice",
     "PmCapability", "RamBar", "Rom", "SharedMemory", "VendorCapability", "VendorExtCapability",
-    "VfioPciDevice", "create_model", "load_model_file", "model_names", "register_model",
+    "VfioPciDevice", "create_model", "load_model_file", "model_class", "model_names", "register_model",
 ]

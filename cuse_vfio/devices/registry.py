@@ -57,6 +57,12 @@ def model_names() -> List[str]:
     return sorted(_models)
 
 
+def model_class(model_name: str) -> Optional[Type[PciDevice]]:
+    """The class registered as ``model_name`` (its identity is class attributes), or None."""
+    factory = _models.get(model_name)
+    return factory if isinstance(factory, type) else None
+
+
 def load_model_file(path: str) -> None:
     """Import a Python file that registers models (its ``@register_model`` runs on import)."""
     module_name = "cuse_vfio_model_" + os.path.splitext(os.path.basename(path))[0]
