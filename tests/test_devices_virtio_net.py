@@ -89,6 +89,29 @@ def test_ring_indexes_wrap_at_65536():
     assert fn.queues[0].used_idx == (start + 6) & 0xFFFF == 3
 
 
+def test_a_runaway_driver_gets_one_ring_a_notify_then_the_rest_is_deferred():
+    fn, vdev, _, drv = device(queue_size=8)
+    drv.bring_up(rx_buffers=0, ctrl=False)
+    sent = []
+
+    class Runaway:
+        """A driver on another core that keeps offering (the same chain again) while the device works."""
+        kind = "test"
+
+        def transmit(self, frame):
+            sent.append(frame)
+            if len(sent) < 20:
+                drv.queues[1].offer(0)
+                drv.queues[1].publish()
+
+    fn.backend = Runaway()
+    drv.send(frame_to(fn))
+    assert len(sent) == 8 and fn.deferred.pending() == 1     # one ring's worth, then the lock is let go
+    assert drv.queues[1].used_idx() == 8
+    fn.complete_pending()
+    assert len(sent) == 20 and drv.queues[1].used_idx() == 20
+
+
 def test_chained_and_indirect_transmit():
     fn, vdev, _, drv = device()
     drv.bring_up(extra=[F_INDIRECT])
@@ -193,6 +216,7 @@ def corrupt(drv, q, head, addr=None, length=None, flags=None, nxt=None):
     (lambda drv, h: corrupt(drv, 1, h, flags=1, nxt=h), "loops"),
     (lambda drv, h: corrupt(drv, 1, h, flags=1, nxt=999), "beyond the 256 entries"),
     (lambda drv, h: corrupt(drv, 1, h, length=0), "zero-sized buffer"),
+    (lambda drv, h: corrupt(drv, 1, h, length=0x20000), "more than the 65562 a buffer of this queue may hold"),
     (lambda drv, h: corrupt(drv, 1, h, length=5), "shorter than the 12-byte virtio-net header"),
     (lambda drv, h: corrupt(drv, 1, h, flags=4, length=24), "not a whole number"),
     (lambda drv, h: (corrupt(drv, 1, h + 1, addr=drv.queues[1].desc, length=16, flags=0, nxt=0),
@@ -229,6 +253,16 @@ def test_nested_indirect_tables_are_refused(caplog):
     with caplog.at_level(logging.WARNING):
         drv.notify(1)
     assert "inside an indirect table" in caplog.text and drv.status() & NEEDS_RESET
+
+
+def test_a_receive_chain_without_writable_buffers(caplog):
+    fn, vdev, _, drv = device()
+    drv.bring_up(rx_buffers=0)
+    drv.queues[0].add(out=[b"not for writing"])
+    drv.queues[0].publish()
+    with caplog.at_level(logging.WARNING):
+        drv.send(frame_to(fn))
+    assert "no device-writable buffer" in caplog.text and drv.status() & NEEDS_RESET
 
 
 def test_control_command_without_room_for_the_ack(caplog):

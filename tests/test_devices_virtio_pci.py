@@ -9,7 +9,7 @@ from cuse_vfio.uapi import VFIO_DEVICE_SET_IRQS, VFIO_IRQ_SET_ACTION_TRIGGER, VF
 from devices_fakes import FakeCaller, FakeDmaSpace, enable_master, fds, ioctl, irq_set
 from virtio_driver import (
     ACK, DRIVER, DRIVER_OK, F_ANY_LAYOUT, F_CSUM, F_CTRL_RX, F_CTRL_VQ, F_EVENT_IDX, F_INDIRECT, F_MAC, F_MRG_RXBUF,
-    F_STATUS, F_VERSION_1, FEATURES_OK, NEEDS_RESET, NET_FEATURES, NO_VECTOR, Q_DESC, Q_ENABLE, Q_NOFF, Q_SIZE,
+    F_VERSION_1, FEATURES_OK, NEEDS_RESET, NET_FEATURES, NO_VECTOR, Q_DESC, Q_ENABLE, Q_NOFF, Q_SIZE,
     Memory, Regs, VirtioNetDriver, bits, ether,
 )
 
@@ -86,6 +86,30 @@ def test_legacy_header_and_config_move_when_msix_is_enabled():
     assert drv.regs.bar_read(0, 20, 2) == NO_VECTOR           # now the config vector
     assert drv.mac() == bytes.fromhex("525400abcdef")         # and the config starts at 24
     assert drv.regs.bar_read(0, 5, 1) == 0xFF                 # no register at 5: all ones, as QEMU
+
+
+def test_eight_byte_accesses_are_two_four_byte_ones():
+    fn, vdev, _, drv = device()
+    drv.select(1)
+    drv.regs.bar_write(4, Q_DESC, 8, 0x0000_0012_3456_7000)
+    assert drv._common(Q_DESC, 4) == 0x3456_7000 and drv._common(Q_DESC + 4, 4) == 0x12
+    assert drv.regs.bar_read(4, Q_DESC, 8) == 0x0000_0012_3456_7000
+
+
+def test_pci_config_access_capability_reaches_the_modern_bar():
+    fn, vdev, _, drv = device()
+    cap = drv.caps[5][0]
+    regs = drv.regs
+    regs.cfg_write(cap + 4, 1, 4)                             # bar 4
+    regs.cfg_write(cap + 8, 4, 0x14)                          # common config: device_status
+    regs.cfg_write(cap + 12, 4, 1)                            # one byte
+    regs.cfg_write(cap + 16, 4, ACK)
+    assert fn.status == ACK and regs.cfg_read(cap + 16, 1) == ACK
+    regs.cfg_write(cap + 8, 4, 0x2000)                        # device config: the MAC
+    regs.cfg_write(cap + 12, 4, 4)
+    assert regs.cfg_read(cap + 16, 4) == int.from_bytes(fn.mac[:4], "little")
+    regs.cfg_write(cap + 4, 1, 0)                             # any other BAR: nothing is reached
+    assert regs.cfg_read(cap + 16, 4) == 0xFFFFFFFF
 
 
 # -- feature negotiation ------------------------------------------------------------------------------

@@ -287,20 +287,19 @@ class VirtioNetDriver:
         self.queues[index] = q
         return q
 
+    def _set_vector(self, legacy_off, modern_off, vector):
+        """Write an MSI-X vector register and read it back (NO_VECTOR: the device refused it)."""
+        reg = self._legacy if self.legacy else self._common
+        off = legacy_off if self.legacy else modern_off
+        reg(off, 2, vector)
+        return reg(off, 2)
+
     def set_queue_vector(self, index, vector):
         self.select(index)
-        if self.legacy:
-            self._legacy(L_QUEUE_VECTOR, 2, vector)
-            return self._legacy(L_QUEUE_VECTOR, 2)
-        self._common(Q_MSIX, 2, vector)
-        return self._common(Q_MSIX, 2)
+        return self._set_vector(L_QUEUE_VECTOR, Q_MSIX, vector)
 
     def set_config_vector(self, vector):
-        if self.legacy:
-            self._legacy(L_CONFIG_VECTOR, 2, vector)
-            return self._legacy(L_CONFIG_VECTOR, 2)
-        self._common(MSIX_CONFIG, 2, vector)
-        return self._common(MSIX_CONFIG, 2)
+        return self._set_vector(L_CONFIG_VECTOR, MSIX_CONFIG, vector)
 
     def notify(self, index):
         if self.legacy:

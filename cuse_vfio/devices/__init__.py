@@ -7,6 +7,7 @@
   (``DeviceOps``), with vfio-pci's config virtualization, regions and IRQs.
 * :mod:`.registry` -- models by name for topology files.
 * :mod:`.edu` -- QEMU's educational device.
+* :mod:`.nvme` -- an NVM Express 1.4 controller (QEMU's ``nvme``).
 * :mod:`.virtio` -- virtio-net on the transitional virtio PCI transport.
 """
 
@@ -33,6 +34,7 @@ from .pci import (
 from .registry import create_model, load_model_file, model_class, model_names, register_model
 from .vfio_pci import HotResetBus, ModelFailure, VfioPciDevice
 from . import edu  # noqa: E402,F401  (registers "edu")
+from . import nvme  # noqa: E402,F401  (registers "nvme")
 from . import virtio  # noqa: E402,F401  (registers "virtio-net")
 
 __all__ = [

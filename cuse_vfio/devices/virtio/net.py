@@ -13,8 +13,9 @@ device and function numbers), ``link`` ("up" or "down"), ``backend``
 ("loopback" or "tap"), ``tap`` (the TAP interface of the tap backend),
 ``pcap`` (a file that records every frame transmitted and received),
 ``queue_size`` (receive and transmit rings, a power of two up to 1024, default
-256; the control ring has 64 entries), ``reset`` (offer a function reset,
-default true), ``manual_time``.
+256; the control ring has 64 entries), ``reset`` (offer a function reset, the
+virtio reset, so every open starts clean; default true; QEMU's virtio-net-pci
+on q35's root bus has none, ``reset = false`` is that), ``manual_time``.
 
 How the work runs: everything runs under ``self.lock``.  A notify of the
 transmit queue (a doorbell write, or DRIVER_OK) moves every available frame
@@ -44,7 +45,7 @@ from typing import Optional
 from ..registry import register_model
 from .backends import BackendError, Loopback, PcapWriter, TapBackend
 from .pci import VIRTIO_F_VERSION_1, VirtioPciFunction
-from .virtqueue import Chain, SplitVirtqueue, VirtqueueError
+from .virtqueue import SplitVirtqueue, VirtqueueError
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +120,6 @@ def default_mac(name: Optional[str]) -> bytes:
     if m is None:
         return bytes.fromhex("525400123456")
     return bytes((0x52, 0x54, 0x00, int(m.group(1), 16), int(m.group(2), 16), int(m.group(3))))
-
-
-def format_mac(mac: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in mac)
 
 
 def _parse_link(link) -> bool:
@@ -329,6 +326,9 @@ class VirtioNet(VirtioPciFunction):
                     rx.unpop(popped)
                 return False
             size = chain.write_len
+            if not size:
+                raise VirtqueueError(f"queue {rx.index}: the receive chain at {chain.head} has no "
+                                     f"device-writable buffer")
             if not chains and size < hdr_len:
                 raise VirtqueueError(f"queue {rx.index}: a receive buffer of {size} bytes cannot hold "
                                      f"the {hdr_len}-byte virtio-net header")

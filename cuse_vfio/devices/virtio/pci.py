@@ -434,23 +434,38 @@ class VirtioPciFunction(PciDevice):
         return 0
 
 
-def _split(read: Callable[[int, int], int], offset: int, size: int) -> int:
-    """An 8-byte access as two 4-byte ones (QEMU's virtio regions take at most 4)."""
-    return read(offset, 4) | read(offset + 4, 4) << 32
-
-
-class LegacyInterface:
-    """I/O BAR0: virtio 0.9.5's header, exact offsets only, then the device config."""
+class _Registers:
+    """A register window of the function; QEMU's virtio regions take at most 4 bytes, so 8 are two 4s."""
 
     def __init__(self, fn: VirtioPciFunction):
         self.fn = fn
 
+    def read(self, offset: int, size: int) -> int:
+        if size == 8:
+            return self.access_read(offset, 4) | self.access_read(offset + 4, 4) << 32
+        return self.access_read(offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if size == 8:
+            self.access_write(offset, 4, value & U32)
+            self.access_write(offset + 4, 4, value >> 32)
+        else:
+            self.access_write(offset, size, value)
+
+    def access_read(self, offset: int, size: int) -> int:
+        raise NotImplementedError
+
+    def access_write(self, offset: int, size: int, value: int) -> None:
+        raise NotImplementedError
+
+
+class LegacyInterface(_Registers):
+    """I/O BAR0: virtio 0.9.5's header, exact offsets only, then the device config."""
+
     def header_size(self) -> int:
         return LEGACY_HEADER_MSIX if self.fn.msix_enabled() else LEGACY_HEADER
 
-    def read(self, offset: int, size: int) -> int:
-        if size == 8:
-            return _split(self.read, offset, size)
+    def access_read(self, offset: int, size: int) -> int:
         fn = self.fn
         header = self.header_size()
         mask = (1 << (8 * size)) - 1
@@ -479,11 +494,7 @@ class LegacyInterface:
             value = U32
         return value & mask
 
-    def write(self, offset: int, size: int, value: int) -> None:
-        if size == 8:
-            self.write(offset, 4, value & U32)
-            self.write(offset + 4, 4, value >> 32)
-            return
+    def access_write(self, offset: int, size: int, value: int) -> None:
         fn = self.fn
         header = self.header_size()
         if offset >= header:
@@ -512,20 +523,18 @@ class LegacyInterface:
             log.debug("%s: legacy write of %d bytes at 0x%x, which is no register: ignored", fn.name, size, offset)
 
 
-class ModernInterface:
+class ModernInterface(_Registers):
     """BAR4: the virtio 1.0 common config, ISR, device config and notify regions."""
 
     def __init__(self, fn: VirtioPciFunction):
-        self.fn = fn
+        super().__init__(fn)
         self.reset()
 
     def reset(self) -> None:
         self.dfselect = 0
         self.gfselect = 0
 
-    def read(self, offset: int, size: int) -> int:
-        if size == 8:
-            return _split(self.read, offset, size)
+    def access_read(self, offset: int, size: int) -> int:
         fn = self.fn
         mask = (1 << (8 * size)) - 1
         region, off = offset & ~(REGION_SIZE - 1), offset & (REGION_SIZE - 1)
@@ -537,11 +546,7 @@ class ModernInterface:
             return fn.read_device_config(off, size)
         return 0  # notify: reads as 0
 
-    def write(self, offset: int, size: int, value: int) -> None:
-        if size == 8:
-            self.write(offset, 4, value & U32)
-            self.write(offset + 4, 4, value >> 32)
-            return
+    def access_write(self, offset: int, size: int, value: int) -> None:
         fn = self.fn
         region, off = offset & ~(REGION_SIZE - 1), offset & (REGION_SIZE - 1)
         if region == COMMON_OFFSET:
