@@ -27,9 +27,9 @@ import time
 
 import pytest
 
-from cuse_vfio.cli.machine import Machine
+from cuse_vfio.machine import Machine
 from serving_support import CLIENT_TIMEOUT, TRANSPORT, parse_values, serving, unmount
-from cuse_vfio.cli.topology import parse
+from cuse_vfio.machine.topology import parse
 from cuse_vfio.devices import MmioBar, MsixCapability, PciDevice, RamBar, register_model
 from cuse_vfio.errors import VfioError
 from cuse_vfio.transport.handoff import HELLO, MMAP_REPLY, MMAP_REQUEST, NOT_MINE, OP_MMAP

@@ -118,8 +118,8 @@ def _in_process(args) -> int:
     from .. import uapi
     from ..memory import PAGE_SIZE
     from ..transport.local import LocalProcess
-    from .machine import Machine
-    from .topology import load
+    from ..machine import Machine
+    from ..machine.topology import load
     from .trace import TraceWriter, format_table
 
     build = _build_dir(args)

@@ -223,8 +223,8 @@ def check_fuse_serving() -> Finding:
     import tempfile
 
     from ..uapi.ioctls import VFIO_API_VERSION, VFIO_GET_API_VERSION
-    from .machine import Machine
-    from .topology import load
+    from ..machine import Machine
+    from ..machine.topology import load
     from ..transport.server import Server
 
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):

@@ -43,8 +43,8 @@ from ..mounts.namespace import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_NOT_STA
 from ..transport.server import Server, choose_transport
 from ..transport.shim import TransportError
 from ..sysfs import SysfsViewError
-from .machine import Machine
-from .topology import TopologyError, load
+from ..machine import Machine
+from ..machine.topology import TopologyError, load
 from .trace import MalformedFile, TraceWriter, open_input, read_records
 
 log = logging.getLogger(__name__)

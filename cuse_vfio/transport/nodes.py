@@ -17,12 +17,12 @@ import threading
 import time
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, Set
 
-from ..dispatch import Node
+from ..dispatch import GroupNode, Node
 from .fsops import FUSE_OPTIONS, NODE_TIMEOUT, ROOT_INO, FileOps, Inode, serve
 from .shim import Request, Session, TransportError, name_of
 
 if TYPE_CHECKING:
-    from .server import GroupNode, Server
+    from .server import Server
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 class CuseNodes(FileOps):
     """One CUSE device per node, under ``dev_dir`` (a directory below /dev)."""
 
-    def __init__(self, server: "Server", dev_dir: str, container_mode: int, groups: Iterable["GroupNode"]):
+    def __init__(self, server: "Server", dev_dir: str, container_mode: int, groups: Iterable[GroupNode]):
         super().__init__(server)
         self.dev_dir = dev_dir
         self._inodes = [Inode(0, "vfio", stat.S_IFCHR | container_mode, node=Node.container())]
@@ -105,7 +105,7 @@ class CuseNodes(FileOps):
 class NodeFiles(FileOps):
     """The nodes as regular files on a FUSE mount at ``dev_dir`` (where there is no CUSE)."""
 
-    def __init__(self, server: "Server", dev_dir: str, container_mode: int, groups: Iterable["GroupNode"]):
+    def __init__(self, server: "Server", dev_dir: str, container_mode: int, groups: Iterable[GroupNode]):
         super().__init__(server)
         self.dev_dir = dev_dir
         inodes = [Inode(ROOT_INO, "", stat.S_IFDIR | 0o755),

@@ -39,10 +39,9 @@ import os
 import secrets
 import stat
 import threading
-from dataclasses import dataclass
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
-from ..dispatch import Dispatcher
+from ..dispatch import Dispatcher, GroupNode
 from ..errors import VfioError
 from ..uapi.ioctls import NodeKind
 from .caller import RequestCaller
@@ -62,16 +61,6 @@ PRELOAD_LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "libc
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
 _libc.ioctl.restype = ctypes.c_int
-
-
-@dataclass(frozen=True)
-class GroupNode:
-    """Who may open ``/dev/vfio/<id>``; the topology's [group.N] table."""
-
-    id: int
-    uid: int = 0
-    gid: int = 0
-    mode: int = 0o600
 
 
 def choose_transport(requested: str = "auto") -> Tuple[str, str]:
@@ -94,7 +83,7 @@ class Server:
     #: How long stop() waits for in-flight requests, and then for the serving loop.
     STOP_TIMEOUT = 10.0
 
-    def __init__(self, dispatcher: Dispatcher, groups: Iterable[Union[int, GroupNode, object]], *,
+    def __init__(self, dispatcher: Dispatcher, groups: Iterable[Union[int, GroupNode]], *,
                  transport: str = "auto", dev_dir: Optional[str] = None, runtime_dir: Optional[str] = None,
                  container_mode: int = 0o666, handoff_ttl: float = 5.0, workers: int = 4):
         self.dispatcher = dispatcher
@@ -289,9 +278,5 @@ class Server:
     _workers = property(lambda self: self.runtime.workers)
 
 
-def _group_node(g) -> GroupNode:
-    if isinstance(g, GroupNode):
-        return g
-    if isinstance(g, int):
-        return GroupNode(g)
-    return GroupNode(int(g.id), int(getattr(g, "uid", 0)), int(getattr(g, "gid", 0)), int(getattr(g, "mode", 0o600)))
+def _group_node(g: Union[int, GroupNode]) -> GroupNode:
+    return g if isinstance(g, GroupNode) else GroupNode(int(g))
