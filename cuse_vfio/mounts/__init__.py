@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
-from typing import Dict, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 CLONE_NEWNS = 0x00020000
 MS_BIND = 0x1000
@@ -57,15 +57,24 @@ def unshare(flags: int) -> None:
     _check(_libc.unshare(flags), "unshare")
 
 
-def mountinfo(path: str = "/proc/self/mountinfo") -> Dict[str, str]:
-    """Mount point -> file system type of the topmost mount there (this mount namespace); {} when unreadable."""
-    found: Dict[str, str] = {}
+def _mounts(path: str) -> Iterator[Tuple[str, str]]:
+    """(mount point, file system type) of every line of a mountinfo file, bottom to top; none when unreadable."""
     try:
         with open(path) as f:
-            for line in f:
-                fields, _, rest = line.partition(" - ")
-                where = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields.split()[4])
-                found[where] = rest.split()[0] if rest else ""
+            lines = f.readlines()
     except OSError:
-        pass
-    return found
+        return
+    for line in lines:
+        fields, _, rest = line.partition(" - ")
+        where = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields.split()[4])
+        yield where, rest.split()[0] if rest else ""
+
+
+def mountinfo(path: str = "/proc/self/mountinfo") -> Dict[str, str]:
+    """Mount point -> file system type of the topmost mount there (this mount namespace); {} when unreadable."""
+    return dict(_mounts(path))
+
+
+def fs_types(mountpoint: str, path: str = "/proc/self/mountinfo") -> List[str]:
+    """The file system types mounted exactly on ``mountpoint``, bottom to top."""
+    return [fstype for where, fstype in _mounts(path) if where == mountpoint]
