@@ -53,6 +53,8 @@
 
 #include "handoff.h"
 
+/* VFIO_GROUP_GET_DEVICE_FD of <linux/vfio.h> (cuse_vfio.uapi has it too): spelled out
+ * here, deliberately, so the library builds where that header is not installed. */
 #define CV_GROUP_GET_DEVICE_FD _IO(';', 100 + 6)
 /* What cv_ask_map answers when the library maps the file itself. */
 #define CV_FALLBACK INT_MIN

@@ -102,7 +102,8 @@ int cv_reply_dir(fuse_req_t req, const char *const *names, const uint64_t *inos,
 /* The unrestricted-ioctl retry: ask the kernel to fetch the given ranges of
  * the caller's memory (in) and to accept the given ranges back (out).
  * Refuses (-ENOMEM, nothing sent) beyond the kernel's limits, so the caller
- * can answer the request itself. */
+ * can answer the request itself.  (cuse_vfio/transport/retry.py checks the
+ * same limits first, deliberately, to say why in the log.) */
 int cv_reply_ioctl_retry(fuse_req_t req, const uint64_t *in_addr, const uint64_t *in_len, size_t n_in,
 			 const uint64_t *out_addr, const uint64_t *out_len, size_t n_out);
 /* The final ioctl answer: result, and the bytes to copy out (to the out

@@ -135,12 +135,7 @@ def get_bitmap(iommu: "Type1Iommu", dirty, arg) -> None:
 
 def iova_dirty_bitmap(iommu: "Type1Iommu", memory, data: int, iova: int, size: int, pgsize: int) -> None:
     """``vfio_iova_dirty_bitmap``: the range must cover whole mappings."""
-    dma = iommu.dmas.find(iova, 1)
-    if dma is not None and dma.iova != iova:
-        raise VfioError(errno.EINVAL, f"GET_BITMAP: iova 0x{iova:x} is inside {dma!r}")
-    dma = iommu.dmas.find(iova + size - 1, 0)
-    if dma is not None and dma.end != iova + size:
-        raise VfioError(errno.EINVAL, f"GET_BITMAP: end 0x{iova + size:x} is inside {dma!r}")
+    iommu.dmas.check_whole(iova, size, "GET_BITMAP")
     reported = []
     for dma in iommu.dmas.walk_at_or_after(iova):
         if dma.iova > iova + size - 1:

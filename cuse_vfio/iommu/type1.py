@@ -546,12 +546,7 @@ class Type1Iommu:
                                               f"bitmap pgsize 0x{pgsize:x}")
             if self.v2 and not unmap_all:
                 # v2: the range may not cut a mapping at either end.
-                dma = self.dmas.find(iova, 1)
-                if dma is not None and dma.iova != iova:
-                    raise VfioError(errno.EINVAL, f"UNMAP_DMA: iova 0x{iova:x} is inside {dma!r}")
-                dma = self.dmas.find(iova + size - 1, 0)
-                if dma is not None and dma.end != iova + size:
-                    raise VfioError(errno.EINVAL, f"UNMAP_DMA: end 0x{iova + size:x} is inside {dma!r}")
+                self.dmas.check_whole(iova, size, "UNMAP_DMA")
             victims = self._victims(iova, size)
             if invalidate_vaddr:
                 return self._invalidate_vaddr(victims)

@@ -81,10 +81,15 @@ class FileOps:
         """The kernel side went away (no request to answer)."""
 
     # -- what every file system answers the same way -----------------------------------
+    #: CUSE ioctls are unrestricted (the argument comes with retries); a FUSE file's are restricted
+    unrestricted_ioctls = False
+
     def ioctl(self, rq: Request, r) -> None:
         handle = self.server.handles.get(r.fh)
         if handle is None:
             rq.err(errno.EBADF)
+        elif self.unrestricted_ioctls:
+            self.server.ioctls.unrestricted(rq, r, handle)
         else:
             self.server.ioctls.restricted(rq, r, handle)
 

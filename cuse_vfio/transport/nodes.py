@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 class CuseNodes(FileOps):
     """One CUSE device per node, under ``dev_dir`` (a directory below /dev)."""
 
+    unrestricted_ioctls = True
+
     def __init__(self, server: "Server", dev_dir: str, container_mode: int, groups: Iterable[GroupNode]):
         super().__init__(server)
         self.dev_dir = dev_dir
@@ -93,13 +95,6 @@ class CuseNodes(FileOps):
 
     def open(self, rq: Request, r) -> None:
         self.open_node(rq, r, self._sessions[r.sid], self._by_sid[r.sid])
-
-    def ioctl(self, rq: Request, r) -> None:
-        handle = self.server.handles.get(r.fh)
-        if handle is None:
-            rq.err(errno.EBADF)
-        else:
-            self.server.ioctls.unrestricted(rq, r, handle)
 
 
 class NodeFiles(FileOps):
