@@ -1,7 +1,8 @@
 """cffi (API mode) build of ``cuse_vfio.transport._shim``, and of the LD_PRELOAD library.
 
 ``setup.py`` names ``ffibuilder`` in ``cffi_modules``; its ``build_ext`` also
-calls :func:`build_preload`.  The cdef below mirrors ``shim.h``.
+calls :func:`build_preload`.  The cdef is read from ``shim.h`` (one
+declaration of every function and struct both sides use).
 """
 
 import os
@@ -12,73 +13,30 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-CDEF = """
+#: What cffi must know of libfuse3 itself: the request handle and the plain replies Python sends.
+LIBFUSE_CDEF = """
 typedef struct fuse_req *fuse_req_t;
-
-enum cv_op {
-    CV_OP_LOOKUP = 1, CV_OP_GETATTR, CV_OP_SETATTR, CV_OP_OPEN, CV_OP_READ, CV_OP_WRITE,
-    CV_OP_FLUSH, CV_OP_RELEASE, CV_OP_IOCTL, CV_OP_READDIR, CV_OP_INIT_DONE, CV_OP_SESSION_END,
-};
-
-struct cv_request {
-    int sid;
-    int op;
-    fuse_req_t req;
-    uint64_t ino;
-    uint64_t fh;
-    int open_flags;
-    unsigned int cmd;
-    uint64_t arg;
-    unsigned int ioctl_flags;
-    const char *name;
-    const void *in_buf;
-    size_t in_size;
-    size_t out_size;
-    int64_t size;
-    int64_t off;
-    int32_t pid;
-    uint32_t uid;
-    uint32_t gid;
-};
-
-struct cv_session;
-struct cv_loop;
-
-struct cv_session *cv_fuse_session_new(int sid, const char *mountpoint, const char *options,
-                                       char *err, size_t errlen);
-struct cv_session *cv_cuse_session_new(int sid, const char *devname, char *err, size_t errlen);
-int cv_session_fd(struct cv_session *s);
-void cv_session_free(struct cv_session *s);
-
-struct cv_loop *cv_loop_new(char *err, size_t errlen);
-int cv_loop_add(struct cv_loop *l, struct cv_session *s);
-int cv_loop_run(struct cv_loop *l);
-void cv_loop_stop(struct cv_loop *l);
-int cv_loop_drain(struct cv_loop *l, struct cv_session *s);
-void cv_loop_free(struct cv_loop *l);
-
-int cv_reply_entry(fuse_req_t req, uint64_t ino, uint32_t mode, uint32_t uid, uint32_t gid,
-                   uint64_t size, double timeout);
-int cv_reply_attr(fuse_req_t req, uint64_t ino, uint32_t mode, uint32_t uid, uint32_t gid,
-                  uint64_t size, double timeout);
-int cv_reply_open(fuse_req_t req, uint64_t fh, int direct_io, int nonseekable);
-int cv_reply_dir(fuse_req_t req, const char *const *names, const uint64_t *inos, const uint32_t *modes,
-                 size_t n, int64_t off, size_t size);
-int cv_reply_ioctl_retry(fuse_req_t req, const uint64_t *in_addr, const uint64_t *in_len, size_t n_in,
-                         const uint64_t *out_addr, const uint64_t *out_len, size_t n_out);
-int cv_reply_ioctl(fuse_req_t req, int result, const void *buf, size_t size);
-
 int fuse_reply_err(fuse_req_t req, int err);
 void fuse_reply_none(fuse_req_t req);
 int fuse_reply_buf(fuse_req_t req, const char *buf, size_t size);
 int fuse_reply_write(fuse_req_t req, size_t count);
-
-#define CV_IOCTL_MAX_IOV 256
-#define CV_IOCTL_MAX_BYTES 131072
-
-extern "Python+C" void cv_py_request(struct cv_request *r);
-extern "Python+C" void cv_py_log(int level, const char *message);
 """
+
+BEGIN, END = "/* cffi-cdef: begin */", "/* cffi-cdef: end */"
+
+
+def shim_cdef(header=os.path.join(HERE, "shim.h")):
+    """The declarations of shim.h between its cffi-cdef markers, as cffi takes them."""
+    with open(header, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        part = text[text.index(BEGIN) + len(BEGIN):text.index(END)]
+    except ValueError:
+        raise SystemExit(f"{header}: the {BEGIN} / {END} markers are missing") from None
+    return part.replace("CV_PYTHON", 'extern "Python+C"')
+
+
+CDEF = LIBFUSE_CDEF + shim_cdef()
 
 
 def _pkg_config(*flags):

@@ -51,30 +51,13 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "handoff.h"
+
+/* VFIO_GROUP_GET_DEVICE_FD of <linux/vfio.h> (cuse_vfio.uapi has it too): spelled out
+ * here, deliberately, so the library builds where that header is not installed. */
 #define CV_GROUP_GET_DEVICE_FD _IO(';', 100 + 6)
-#define CV_TOKEN_MIN (1 << 30)
-#define CV_HELLO 'R'
-
-/* Requests below CV_TOKEN_MIN are operations; a value at or above it is a token. */
-#define CV_OP_MMAP 1u
-/* An mmap answer: "not a device file of mine", map it as any other file. */
-#define CV_NOT_MINE (-1)
+/* What cv_ask_map answers when the library maps the file itself. */
 #define CV_FALLBACK INT_MIN
-
-struct cv_mmap_request {
-	uint32_t op;     /* CV_OP_MMAP */
-	int32_t fd;      /* the caller's fd number; the server takes it with pidfd_getfd */
-	int32_t prot;
-	int32_t flags;
-	uint64_t offset; /* as mmap() got it: region index << 40 | offset in the region */
-	uint64_t length;
-};
-
-struct cv_mmap_reply {
-	int32_t status;  /* 0 (the memfd comes with it), an errno, or CV_NOT_MINE */
-	uint32_t reserved;
-	uint64_t start;  /* where in the memfd the mapping starts */
-};
 
 typedef int (*ioctl_fn)(int, unsigned long, ...);
 typedef void *(*mmap_fn)(void *, size_t, int, int, int, off_t);
@@ -249,7 +232,7 @@ static int cv_connect(void)
 	do
 		n = recv(s, &hello, 1, 0);
 	while (n == -1 && errno == EINTR);
-	if (n != 1 || hello != CV_HELLO)
+	if (n != 1 || hello != CV_HANDOFF_HELLO)
 		goto fail;
 	return s;
 fail:
@@ -300,15 +283,15 @@ static int cv_call(int s, const void *req, size_t req_size, void *reply, size_t 
 static int cv_fetch(int s, int token)
 {
 	uint32_t req = (uint32_t)token;
-	int32_t status = EIO;
+	struct cv_token_reply reply = { .status = EIO };
 	int fd;
 
-	if (cv_call(s, &req, sizeof(req), &status, sizeof(status), &fd) == -1)
+	if (cv_call(s, &req, sizeof(req), &reply, sizeof(reply), &fd) == -1)
 		return -EIO;
-	if (status != 0) {
+	if (reply.status != 0) {
 		if (fd >= 0)
 			close(fd);
-		return -(status > 0 ? status : EIO);
+		return -(reply.status > 0 ? reply.status : EIO);
 	}
 	if (fd < 0)
 		return -EIO;

@@ -21,8 +21,6 @@
 #include <unistd.h>
 
 /* Defined by the cffi module (extern "Python+C" in _build_shim.py). */
-extern void cv_py_request(struct cv_request *r);
-extern void cv_py_log(int level, const char *message);
 
 #define CV_MAX_SESSIONS 1024
 

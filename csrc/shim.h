@@ -6,7 +6,12 @@
  * session, and the reply helpers Python calls, among them the CUSE
  * unrestricted-ioctl retry reply.  Every request becomes one
  * `struct cv_request` handed to Python (cv_py_request); all VFIO logic is
- * there.  Declarations here are mirrored in _build_shim.py's cdef.
+ * there.
+ *
+ * Everything between the cffi-cdef markers below is also the cdef of the
+ * Python binding (_build_shim.py reads it from here), so it stays in the C
+ * that cffi's parser takes: no preprocessor lines but `#define NAME integer`,
+ * and CV_PYTHON marks the functions Python implements.
  */
 #ifndef CUSE_VFIO_SHIM_H
 #define CUSE_VFIO_SHIM_H
@@ -16,6 +21,11 @@
 #include <cuse_lowlevel.h>
 #include <stddef.h>
 #include <stdint.h>
+
+/* Implemented in Python (cffi `extern "Python+C"`), called by the loop. */
+#define CV_PYTHON extern
+
+/* cffi-cdef: begin */
 
 /* What a request asks for (cv_request.op). */
 enum cv_op {
@@ -92,7 +102,8 @@ int cv_reply_dir(fuse_req_t req, const char *const *names, const uint64_t *inos,
 /* The unrestricted-ioctl retry: ask the kernel to fetch the given ranges of
  * the caller's memory (in) and to accept the given ranges back (out).
  * Refuses (-ENOMEM, nothing sent) beyond the kernel's limits, so the caller
- * can answer the request itself. */
+ * can answer the request itself.  (cuse_vfio/transport/retry.py checks the
+ * same limits first, deliberately, to say why in the log.) */
 int cv_reply_ioctl_retry(fuse_req_t req, const uint64_t *in_addr, const uint64_t *in_len, size_t n_in,
 			 const uint64_t *out_addr, const uint64_t *out_len, size_t n_out);
 /* The final ioctl answer: result, and the bytes to copy out (to the out
@@ -100,7 +111,13 @@ int cv_reply_ioctl_retry(fuse_req_t req, const uint64_t *in_addr, const uint64_t
  * sent as an error. */
 int cv_reply_ioctl(fuse_req_t req, int result, const void *buf, size_t size);
 
-#define CV_IOCTL_MAX_IOV 256           /* FUSE_IOCTL_MAX_IOV */
-#define CV_IOCTL_MAX_BYTES (128 * 1024) /* CUSE never raises max_pages: 32 pages per direction */
+#define CV_IOCTL_MAX_IOV 256       /* FUSE_IOCTL_MAX_IOV */
+#define CV_IOCTL_MAX_BYTES 131072  /* 128 KiB: CUSE never raises max_pages, 32 pages per direction */
+
+/* Every request, and the loop's log lines (level as Python's logging). */
+CV_PYTHON void cv_py_request(struct cv_request *r);
+CV_PYTHON void cv_py_log(int level, const char *message);
+
+/* cffi-cdef: end */
 
 #endif

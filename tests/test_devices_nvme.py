@@ -10,9 +10,9 @@ import time
 import pytest
 
 from cuse_vfio import uapi
-from cuse_vfio.cli import topology
-from cuse_vfio.cli.machine import Machine
-from cuse_vfio.cli.topology import TopologyError
+from cuse_vfio.machine import topology
+from cuse_vfio.machine import Machine
+from cuse_vfio.machine.topology import TopologyError
 from cuse_vfio.devices import create_model
 from cuse_vfio.devices.nvme import spec
 from cuse_vfio.devices.pci import capability_offsets

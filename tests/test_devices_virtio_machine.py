@@ -5,9 +5,9 @@ import struct
 import pytest
 
 from cuse_vfio import uapi
-from cuse_vfio.cli import topology
-from cuse_vfio.cli.machine import Machine
-from cuse_vfio.cli.topology import TopologyError
+from cuse_vfio.machine import topology
+from cuse_vfio.machine import Machine
+from cuse_vfio.machine.topology import TopologyError
 from cuse_vfio.transport.local import LocalProcess
 from test_devices_virtio_net import read_pcap
 from virtio_driver import F_MRG_RXBUF, Memory, Regs, VirtioNetDriver, ether

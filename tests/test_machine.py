@@ -7,9 +7,9 @@ import time
 import pytest
 
 from cuse_vfio import uapi
-from cuse_vfio.cli import topology
-from cuse_vfio.cli.machine import Machine
-from cuse_vfio.cli.topology import TopologyError
+from cuse_vfio.machine import topology
+from cuse_vfio.machine import Machine
+from cuse_vfio.machine.topology import TopologyError
 from cuse_vfio.transport.local import LocalProcess
 
 EDU = "0000:00:02.0"

@@ -13,8 +13,8 @@ import subprocess
 
 import pytest
 
-from cuse_vfio.cli import topology
-from cuse_vfio.cli.machine import Machine
+from cuse_vfio.machine import topology
+from cuse_vfio.machine import Machine
 from cuse_vfio.transport.server import Server
 from serving_support import CLIENT_TIMEOUT, TRANSPORT, parse_values, serving
 

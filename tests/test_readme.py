@@ -5,8 +5,8 @@ import re
 import struct
 
 from cuse_vfio import uapi
-from cuse_vfio.cli import topology
-from cuse_vfio.cli.machine import Machine
+from cuse_vfio.machine import topology
+from cuse_vfio.machine import Machine
 from cuse_vfio.transport.local import LocalProcess
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")

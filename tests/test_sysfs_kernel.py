@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from cuse_vfio.cli.machine import Machine
-from cuse_vfio.cli.topology import parse
+from cuse_vfio.machine import Machine
+from cuse_vfio.machine.topology import parse
 from cuse_vfio.sysfs import (
     SysfsDevice, SysfsIommu, SysfsModule, SysfsView, SysfsViewError, bool_parameter, qemu_vtd, vfio_modules,
 )

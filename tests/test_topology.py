@@ -1,6 +1,6 @@
 import pytest
 
-from cuse_vfio.cli.topology import TopologyError, load, parse
+from cuse_vfio.machine.topology import TopologyError, load, parse
 
 MODELS = {"edu", "scratchpad"}
 

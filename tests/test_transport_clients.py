@@ -27,10 +27,11 @@ import time
 
 import pytest
 
-from cuse_vfio.cli.machine import Machine
+from cuse_vfio.machine import Machine
 from serving_support import CLIENT_TIMEOUT, TRANSPORT, parse_values, serving, unmount
-from cuse_vfio.cli.topology import load
-from cuse_vfio.transport.server import GroupNode, Server
+from cuse_vfio.machine.topology import load
+from cuse_vfio.dispatch import GroupNode
+from cuse_vfio.transport.server import Server
 
 
 pytestmark = [

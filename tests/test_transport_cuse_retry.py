@@ -15,8 +15,8 @@ import struct
 
 import pytest
 
-from cuse_vfio.cli.machine import Machine
-from cuse_vfio.cli.topology import load
+from cuse_vfio.machine import Machine
+from cuse_vfio.machine.topology import load
 from cuse_vfio.dispatch import Node
 from cuse_vfio.errors import VfioError
 from cuse_vfio.transport.local import LocalProcess

@@ -27,13 +27,14 @@ import time
 
 import pytest
 
-from cuse_vfio.cli.machine import Machine
+from cuse_vfio.machine import Machine
 from serving_support import CLIENT_TIMEOUT, TRANSPORT, parse_values, serving, unmount
-from cuse_vfio.cli.topology import parse
+from cuse_vfio.machine.topology import parse
 from cuse_vfio.devices import MmioBar, MsixCapability, PciDevice, RamBar, register_model
 from cuse_vfio.errors import VfioError
 from cuse_vfio.transport.handoff import HELLO, MMAP_REPLY, MMAP_REQUEST, NOT_MINE, OP_MMAP
-from cuse_vfio.transport.server import Server, file_mmap_rules
+from cuse_vfio.transport.mapping import file_mmap_rules
+from cuse_vfio.transport.server import Server
 
 needs_server = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/fuse") or (TRANSPORT == "cuse" and not os.path.exists("/dev/cuse")),

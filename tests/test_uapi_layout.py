@@ -173,3 +173,34 @@ def test_decoder_reads_device_feature_flags_as_a_feature_number_and_operations()
     rec = uapi.decode(uapi.NodeKind.DEVICE, uapi.VFIO_DEVICE_FEATURE, arg, None, 0)
     assert rec["in"]["feature"] == "VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY"
     assert rec["in"]["flags_names"] == ["VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY", "VFIO_DEVICE_FEATURE_SET"]
+
+
+def test_the_handoff_wire_format_matches_its_header(tmp_path):
+    # The hand-off protocol between the preload library and the server is defined once,
+    # in csrc/handoff.h; the server's ctypes structs and constants must read the same.
+    import os
+
+    from cuse_vfio.transport import handoff
+
+    csrc = os.path.join(os.path.dirname(__file__), "..", "csrc")
+    lines, expected = [], {}
+    for name, ctype in handoff.WIRE_STRUCTS.items():
+        lines.append(f'printf("sizeof {name} %zu\\n", sizeof(struct {name}));')
+        expected[f"sizeof {name}"] = ctypes.sizeof(ctype)
+        for field, _ in ctype._fields_:
+            lines.append(f'printf("offsetof {name}.{field} %zu\\n", offsetof(struct {name}, {field}));')
+            expected[f"offsetof {name}.{field}"] = getattr(ctype, field).offset
+    for name, value in handoff.WIRE_CONSTANTS.items():
+        lines.append(f'printf("const {name} %lld\\n", (long long)({name}));')
+        expected[f"const {name}"] = value
+    src = "\n".join(["#include <stddef.h>", "#include <stdio.h>", '#include "handoff.h"',
+                     "int main(void) {", *lines, "return 0; }"])
+    (tmp_path / "handoff_probe.c").write_text(src)
+    subprocess.run(["gcc", "-Wall", "-Werror", "-I", csrc, "-o", str(tmp_path / "handoff_probe"),
+                    str(tmp_path / "handoff_probe.c")], check=True, capture_output=True, text=True)
+    out = subprocess.run([str(tmp_path / "handoff_probe")], check=True, capture_output=True, text=True).stdout
+    got = dict((key, int(value)) for key, value in (line.rsplit(" ", 1) for line in out.splitlines()))
+    assert got == expected
+    # and what the server packs is exactly those bytes
+    assert handoff.MMAP_REQUEST.size == ctypes.sizeof(handoff.cv_mmap_request)
+    assert handoff.MMAP_REPLY.size == ctypes.sizeof(handoff.cv_mmap_reply)

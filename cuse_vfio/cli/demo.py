@@ -113,13 +113,13 @@ def _through_the_kernel(args) -> int:
 
 def _in_process(args) -> int:
     """The edu client's steps as Python calls into the dispatcher: no kernel, no FUSE, no root."""
-    import mmap
     import struct
 
     from .. import uapi
+    from ..memory import PAGE_SIZE
     from ..transport.local import LocalProcess
-    from .machine import Machine
-    from .topology import load
+    from ..machine import Machine
+    from ..machine.topology import load
     from .trace import TraceWriter, format_table
 
     build = _build_dir(args)
@@ -147,9 +147,9 @@ def _in_process(args) -> int:
         p.ioctl(g, uapi.VFIO_GROUP_SET_CONTAINER, struct.pack("<i", c))
         p.ioctl(c, uapi.VFIO_SET_IOMMU, uapi.VFIO_TYPE1v2_IOMMU)
         check(True, "VFIO_GROUP_SET_CONTAINER, VFIO_SET_IOMMU(TYPE1v2)")
-        buf = p.memory.alloc(2 * mmap.PAGESIZE)
+        buf = p.memory.alloc(2 * PAGE_SIZE)
         p.ioctl(c, uapi.VFIO_IOMMU_MAP_DMA, uapi.vfio_iommu_type1_dma_map(
-            argsz=32, flags=3, vaddr=buf, iova=0x100000, size=2 * mmap.PAGESIZE))
+            argsz=32, flags=3, vaddr=buf, iova=0x100000, size=2 * PAGE_SIZE))
         d = p.ioctl(g, uapi.VFIO_GROUP_GET_DEVICE_FD, b"0000:00:02.0\0")
         check(d >= 0, "VFIO_GROUP_GET_DEVICE_FD 0000:00:02.0")
         config = 7 << 40

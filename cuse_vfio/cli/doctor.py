@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
-CLONE_NEWNS = 0x00020000
+from ..mounts import CLONE_NEWNS, unshare
 
 
 @dataclass
@@ -174,9 +174,11 @@ def check_pidfd() -> Finding:
 def check_namespaces() -> Finding:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
-        libc = ctypes.CDLL(None, use_errno=True)
-        rc = libc.unshare(CLONE_NEWNS)
-        os._exit(0 if rc == 0 else min(ctypes.get_errno(), 255) or 1)
+        try:
+            unshare(CLONE_NEWNS)
+        except OSError as e:
+            os._exit(min(e.errno or 0, 255) or 1)
+        os._exit(0)
     _, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
     if code == 0:
@@ -223,8 +225,8 @@ def check_fuse_serving() -> Finding:
     import tempfile
 
     from ..uapi.ioctls import VFIO_API_VERSION, VFIO_GET_API_VERSION
-    from .machine import Machine
-    from .topology import load
+    from ..machine import Machine
+    from ..machine.topology import load
     from ..transport.server import Server
 
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):

@@ -13,26 +13,20 @@ unless ``--runtime-dir``)::
     sys/        the sysfs view (no --sysfs-dir)
     ns/         where ``run``'s namespace builds its private copies of /dev and /sys dirs
 
-``run`` starts CMD through a small helper (``NAMESPACE_HELPER``, a separate
-Python process, so that nothing runs between fork and exec in this
+``run`` starts CMD through a small helper (:mod:`cuse_vfio.mounts.namespace`, a
+separate Python process, so that nothing runs between fork and exec in this
 multi-threaded server): it unshares its mount namespace, makes every mount
 private, binds the nodes on ``/dev/vfio`` and the view's directories over
 ``/sys/bus/pci/devices``, ``/sys/kernel/iommu_groups`` and
 ``/sys/bus/pci/drivers/vfio-pci``, then execs CMD with the client environment.
-A place that does not exist on the host (no ``/dev/vfio`` without the vfio
-module, no ``drivers/vfio-pci`` without vfio-pci) cannot be created there
-without the host seeing it, so the helper gives the namespace a tmpfs copy of
-the parent directory (every entry bound from the original) with the missing
-directory added.  The server's own view of /dev and /sys never changes.
+The server's own view of /dev and /sys never changes.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -44,11 +38,13 @@ import threading
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..devices import load_model_file, model_names
+from ..mounts import MNT_DETACH, mountinfo, namespace, umount2
+from ..mounts.namespace import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_NOT_STARTED
 from ..transport.server import Server, choose_transport
 from ..transport.shim import TransportError
 from ..sysfs import SysfsViewError
-from .machine import Machine
-from .topology import TopologyError, load
+from ..machine import Machine
+from ..machine.topology import TopologyError, load
 from .trace import MalformedFile, TraceWriter, open_input, read_records
 
 log = logging.getLogger(__name__)
@@ -59,11 +55,9 @@ KERNEL_CONTAINER = "/dev/vfio/vfio"
 CUSE_FALLBACK_DIR = "/dev/cuse-vfio"
 #: where ``run`` shows the nodes to CMD
 CLIENT_DEV_DIR = "/dev/vfio"
+#: the directory this package is in, which the namespace helper is started with
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-#: exit statuses of ``run`` when CMD never started (as env(1) and the shells use them)
-EXIT_NOT_STARTED = 125
-EXIT_CANNOT_EXECUTE = 126
-EXIT_NOT_FOUND = 127
 
 
 class ServeError(Exception):
@@ -422,10 +416,14 @@ def _run_in_namespace(serving: Serving, cmd: List[str], signals: _Signals) -> in
     }).encode()
     spec_r, spec_w = os.pipe2(os.O_CLOEXEC)
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
-    # The helper itself runs without the hand-off library; CMD gets it from the spec.
-    helper_env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "CUSE_VFIO_SOCKET")}
+    # The helper itself runs without the hand-off library (CMD gets it from the spec) and
+    # without the caller's Python settings: it finds this package, and only the standard
+    # library besides.
+    helper_env = {k: v for k, v in os.environ.items()
+                  if k not in ("LD_PRELOAD", "CUSE_VFIO_SOCKET") and not k.startswith("PYTHON")}
+    helper_env["PYTHONPATH"] = PACKAGE_ROOT
     try:
-        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", NAMESPACE_HELPER, str(spec_r), str(status_w)],
+        proc = subprocess.Popen([sys.executable, "-s", "-m", namespace.__name__, str(spec_r), str(status_w)],
                                 env=helper_env, pass_fds=(spec_r, status_w), cwd=cwd)
     except OSError as e:
         for fd in (spec_r, spec_w, status_r, status_w):
@@ -512,27 +510,14 @@ def fault_summary(records: List[dict]) -> str:
 
 
 # -- teardown helpers -------------------------------------------------------------------------
-def _mounts() -> Dict[str, str]:
-    """Mount point -> file system type of the topmost mount there (this mount namespace)."""
-    found: Dict[str, str] = {}
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields, _, rest = line.partition(" - ")
-                where = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields.split()[4])
-                found[where] = rest.split()[0] if rest else ""
-    except OSError:
-        pass
-    return found
-
-
 def _detach_if_mounted(path: str) -> None:
-    if not _mounts().get(path, "").startswith("fuse"):
+    if not mountinfo().get(path, "").startswith("fuse"):
         return
     log.warning("%s was still mounted after stopping: detaching it", path)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.umount2(os.fsencode(path), 2) != 0:  # MNT_DETACH
-        log.error("cannot detach %s: %s", path, os.strerror(ctypes.get_errno()))
+    try:
+        umount2(path, MNT_DETACH)
+    except OSError as e:
+        log.error("cannot detach %s: %s", path, os.strerror(e.errno))
 
 
 def _remove_tree(path: str) -> None:
@@ -540,7 +525,7 @@ def _remove_tree(path: str) -> None:
     if not os.path.isdir(path):
         return
     prefix = path.rstrip("/") + "/"
-    if any(m == path or m.startswith(prefix) for m in _mounts()):
+    if any(m == path or m.startswith(prefix) for m in mountinfo()):
         log.warning("%s is left in place: something is still mounted in it", path)
         return
     shutil.rmtree(path, ignore_errors=True)
@@ -595,108 +580,3 @@ def _traceback_line(e: BaseException, path: str) -> str:
             line = tb.tb_lineno
         tb = tb.tb_next
     return f", line {line}," if line else ""
-
-
-# -- the namespace helper ------------------------------------------------------------------------
-#: Run as ``python -I -S -c NAMESPACE_HELPER SPEC_FD STATUS_FD``.  It reads a JSON spec
-#: ({"binds": [[source, target], ...], "staging": dir, "argv": [...], "env": {...}})
-#: from SPEC_FD, builds CMD's mount namespace and execs CMD.  If anything fails
-#: before the exec it writes one sentence to STATUS_FD and exits (125, or 126/127
-#: when CMD cannot be executed / found); STATUS_FD closes on exec, so an empty
-#: read tells the server that CMD runs.
-NAMESPACE_HELPER = r'''
-import ctypes, json, os, stat, sys
-
-CLONE_NEWNS, MS_BIND, MS_REC, MS_MOVE, MS_PRIVATE, MNT_DETACH = 0x20000, 0x1000, 0x4000, 0x2000, 1 << 18, 2
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-spec_fd, status_fd = int(sys.argv[1]), int(sys.argv[2])
-os.set_inheritable(status_fd, False)
-with os.fdopen(spec_fd, "rb") as f:
-    spec = json.loads(f.read())
-copies = set()   # directories that are our own tmpfs copies: a missing child is a mkdir away
-
-
-class Failed(Exception):
-    pass
-
-
-def enc(s):
-    return None if s is None else os.fsencode(s)
-
-
-def mount(source, target, fstype, flags, what, data=None):
-    if libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)) != 0:
-        raise Failed("%s: %s" % (what, os.strerror(ctypes.get_errno())))
-
-
-def copy_with(directory, missing):
-    # /dev or /sys/... lacks `missing`; a mkdir there would show on the host too.  Build a
-    # tmpfs holding every entry of `directory` (bound from the original) plus `missing`,
-    # and move it over `directory` in this namespace only.
-    st = os.stat(directory)
-    new = os.path.join(spec["staging"], str(len(copies)))
-    os.mkdir(new, 0o700)
-    mount("tmpfs", new, "tmpfs", 0, "a tmpfs for a private copy of %s" % directory,
-          "mode=%o,uid=%d,gid=%d" % (st.st_mode & 0o7777, st.st_uid, st.st_gid))
-    for name in os.listdir(directory):
-        src, dst = os.path.join(directory, name), os.path.join(new, name)
-        try:
-            lst = os.lstat(src)
-            if stat.S_ISLNK(lst.st_mode):
-                os.symlink(os.readlink(src), dst)
-                continue
-            if stat.S_ISDIR(lst.st_mode):
-                os.mkdir(dst, 0o755)
-            else:
-                os.close(os.open(dst, os.O_CREAT | os.O_RDONLY, 0o600))
-            mount(src, dst, None, MS_BIND | MS_REC, "binding %s" % src)
-        except (OSError, Failed):
-            pass  # gone meanwhile, or not bindable: the copy goes without it
-    os.mkdir(os.path.join(new, missing), 0o755)
-    mount(new, directory, None, MS_MOVE, "moving a private copy of %s into place" % directory)
-    copies.add(directory)
-
-
-def ensure_dir(path):
-    if os.path.isdir(path):
-        return
-    if os.path.lexists(path):
-        raise Failed("%s exists and is not a directory, so nothing can be bound on it" % path)
-    parent = os.path.dirname(path)
-    ensure_dir(parent)
-    if parent in copies:
-        os.mkdir(path, 0o755)
-    else:
-        copy_with(parent, os.path.basename(path))
-
-
-def fail(message, code):
-    os.write(status_fd, message.encode())
-    os._exit(code)
-
-
-try:
-    if libc.unshare(CLONE_NEWNS) != 0:
-        raise Failed("cannot make a private mount namespace (unshare CLONE_NEWNS): %s%s" % (
-            os.strerror(ctypes.get_errno()), "" if os.geteuid() == 0 else "; run as root"))
-    mount(None, "/", None, MS_REC | MS_PRIVATE, "making the namespace's mounts private")
-    mount("tmpfs", spec["staging"], "tmpfs", 0, "a staging tmpfs", "mode=700")
-    for source, target in spec["binds"]:
-        ensure_dir(target)
-        mount(source, target, None, MS_BIND | MS_REC, "binding %s on %s" % (source, target))
-    libc.umount2(enc(spec["staging"]), MNT_DETACH)
-except Failed as e:
-    fail(str(e), 125)
-except OSError as e:
-    fail("setting up the mount namespace: %s" % e, 125)
-
-argv = spec["argv"]
-try:
-    os.execvpe(argv[0], argv, spec["env"])
-except FileNotFoundError:
-    fail("%s: command not found" % argv[0], 127)
-except OSError as e:
-    fail("%s: cannot execute: %s" % (argv[0], e.strerror), 126)
-'''

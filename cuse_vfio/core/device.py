@@ -8,10 +8,12 @@ first open and the last close (``open_device``/``close_device`` of 6.1).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 from typing import TYPE_CHECKING
 
 from ..errors import VfioError
+from ..uapi import VFIO_DEVICE_FEATURE, device_feature_header
 from .bus import BusDevice
 from .ops import DeviceOps, UserArg
 
@@ -88,7 +90,22 @@ class DeviceFile:
         return op
 
     def ioctl(self, cmd: int, arg: UserArg) -> int:
-        return self._ops("ioctl")(cmd, arg)
+        """vfio_device_fops_unl_ioctl: DEVICE_FEATURE's header is the core's, the rest the driver's.
+
+        A driver with features gets VFIO_DEVICE_FEATURE as
+        ``device_feature(flags, arg, argsz)`` once the header passed the
+        checks every driver shares, inside its ``awake()`` (the runtime-PM
+        wake the kernel takes around every device ioctl) when it has one.
+        """
+        ioctl = self._ops("ioctl")
+        ops = self.device.ops
+        feature = getattr(ops, "device_feature", None)
+        if cmd != VFIO_DEVICE_FEATURE or feature is None:
+            return ioctl(cmd, arg)
+        awake = getattr(ops, "awake", None)
+        with awake() if awake is not None else contextlib.nullcontext():
+            flags, argsz = device_feature_header(arg)
+            return feature(flags, arg, argsz)
 
     def read(self, size: int, offset: int) -> bytes:
         return self._ops("read")(size, offset)

@@ -120,6 +120,9 @@ class DeviceOps(Protocol):
 
     # Optional: ``match(name) -> bool`` decides which GET_DEVICE_FD names mean this
     # device (raising VfioError for a malformed one); without it the name must be exact.
+    # Optional: ``device_feature(flags, arg, argsz) -> int`` answers VFIO_DEVICE_FEATURE
+    # after the core checked its header (``uapi.device_feature_header``), inside the
+    # driver's optional ``awake()`` context; ``argsz`` counts the bytes after the header.
 
 
 class DmaSpace(Protocol):

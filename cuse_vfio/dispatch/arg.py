@@ -15,10 +15,10 @@ import struct
 from typing import Optional, Type, TypeVar
 
 from ..errors import VfioError
+from ..memory import PAGE_SIZE
 
 T = TypeVar("T")
 
-PAGE_SIZE = 4096
 _INT = struct.Struct("<i")
 
 

@@ -51,6 +51,16 @@ class Node:
         return cls(NodeKind.GROUP, str(group_id), group_id)
 
 
+@dataclass(frozen=True)
+class GroupNode:
+    """A group's node and who may open it: a topology's [group.N] table, as a transport serves it."""
+
+    id: int
+    uid: int = 0
+    gid: int = 0
+    mode: int = 0o600
+
+
 # -- group ioctls -----------------------------------------------------------
 _GROUP_STATUS_MINSZ = offsetofend(vfio_group_status, "flags")
 

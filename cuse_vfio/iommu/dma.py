@@ -9,8 +9,10 @@ contain X.
 from __future__ import annotations
 
 import bisect
+import errno
 from typing import Iterator, List, Optional, Tuple
 
+from ..errors import VfioError
 from ..uapi import VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE
 
 #: C's 64-bit unsigned arithmetic: IOVA sums that wrap in the kernel wrap here too
@@ -114,6 +116,15 @@ class DmaList:
             pos = self._next(pos)
 
     # -- lookups ------------------------------------------------------------------
+    def check_whole(self, iova: int, size: int, what: str) -> None:
+        """EINVAL when [iova, iova + size) cuts a mapping at either end (type1 v2's unmap, GET_BITMAP)."""
+        dma = self.find(iova, 1)
+        if dma is not None and dma.iova != iova:
+            raise VfioError(errno.EINVAL, f"{what}: iova 0x{iova:x} is inside {dma!r}")
+        dma = self.find(iova + size - 1, 0)
+        if dma is not None and dma.end != iova + size:
+            raise VfioError(errno.EINVAL, f"{what}: end 0x{iova + size:x} is inside {dma!r}")
+
     def find(self, start: int, size: int) -> Optional[DmaMapping]:
         """``vfio_find_dma``: a mapping overlapping [start, start + size).
 

@@ -6,7 +6,8 @@ mappings and answers MAP_DMA, UNMAP_DMA, GET_INFO and DIRTY_PAGES with the
 kernel's argument rules and errno.  Its ``Type1DmaSpace`` is what device
 models of the container's groups DMA through: an IOVA becomes (process,
 vaddr) of the client that mapped it, and the bytes move through that
-process's memory.
+process's memory.  Dirty page tracking is in :mod:`.dirty`, the device's
+side of the IOMMU (``Type1DmaSpace``) in :mod:`.dmaspace`.
 
 Where this differs from the kernel, it is because user space cannot pin
 pages; each such place says so.  The hardware being emulated is QEMU's
@@ -20,7 +21,6 @@ import ctypes
 import errno
 import logging
 import threading
-import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import VfioError
@@ -34,9 +34,6 @@ from ..uapi import (
     VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP,
     VFIO_DMA_UNMAP_FLAG_VADDR,
     VFIO_IOMMU_DIRTY_PAGES,
-    VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP,
-    VFIO_IOMMU_DIRTY_PAGES_FLAG_START,
-    VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP,
     VFIO_IOMMU_GET_INFO,
     VFIO_IOMMU_INFO_CAPS,
     VFIO_IOMMU_INFO_PGSIZES,
@@ -53,8 +50,6 @@ from ..uapi import (
     CapChain,
     offsetofend,
     vfio_bitmap,
-    vfio_iommu_type1_dirty_bitmap,
-    vfio_iommu_type1_dirty_bitmap_get,
     vfio_iommu_type1_dma_map,
     vfio_iommu_type1_dma_unmap,
     vfio_iommu_type1_info,
@@ -63,17 +58,11 @@ from ..uapi import (
     vfio_iommu_type1_info_dma_avail,
     vfio_iova_range,
 )
+from . import dirty
+from .dirty import DIRTY_BITMAP_SIZE_MAX, access_ok, ffs, verify_bitmap_size
 from .dma import U64_MASK, DmaList, DmaMapping
-from .faults import (
-    CLIENT_MEMORY,
-    READ_NOT_PERMITTED,
-    UNMAPPED,
-    VADDR_INVALIDATED,
-    WRITE_NOT_PERMITTED,
-    Fault,
-    FaultLog,
-    IommuFault,
-)
+from .dmaspace import Type1DmaSpace
+from .faults import FaultLog
 
 log = logging.getLogger(__name__)
 
@@ -90,51 +79,25 @@ X86_MSI_WINDOW = (0xFEE00000, 0xFEEFFFFF)
 
 #: ``dma_entry_limit`` module parameter default (U16_MAX)
 DMA_ENTRY_LIMIT = 0xFFFF
-#: ``DIRTY_BITMAP_PAGES_MAX`` (INT_MAX) and the bitmap bytes it needs, ``DIRTY_BITMAP_SIZE_MAX``
-DIRTY_BITMAP_PAGES_MAX = (1 << 31) - 1
-#: x86-64 ``TASK_SIZE_MAX``: ``access_ok`` refuses user pointers above it
-TASK_SIZE_MAX = (1 << 47) - SZ_4K
 
 _MAP_FLAGS = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE | VFIO_DMA_MAP_FLAG_VADDR
 _UNMAP_FLAGS = VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP | VFIO_DMA_UNMAP_FLAG_VADDR | VFIO_DMA_UNMAP_FLAG_ALL
-_DIRTY_FLAGS = (VFIO_IOMMU_DIRTY_PAGES_FLAG_START | VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP
-                | VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP)
 
 _INFO_MINSZ = offsetofend(vfio_iommu_type1_info, "iova_pgsizes")
 _INFO_CAPSZ = offsetofend(vfio_iommu_type1_info, "cap_offset")
 _MAP_MINSZ = offsetofend(vfio_iommu_type1_dma_map, "size")
 _UNMAP_MINSZ = offsetofend(vfio_iommu_type1_dma_unmap, "size")
-_DIRTY_MINSZ = offsetofend(vfio_iommu_type1_dirty_bitmap, "flags")
 
 
-def dirty_bitmap_bytes(npages: int) -> int:
-    """``DIRTY_BITMAP_BYTES``: bitmaps are arrays of u64."""
-    return (npages + 63) // 64 * 8
 
 
-DIRTY_BITMAP_SIZE_MAX = dirty_bitmap_bytes(DIRTY_BITMAP_PAGES_MAX)
 
 
-def _ffs(x: int) -> int:
-    """``__ffs``: the index of the lowest set bit (64 for 0, as TZCNT answers)."""
-    return (x & -x).bit_length() - 1 if x else 64
 
 
-def _fls(x: int) -> int:
-    """``__fls``: the index of the highest set bit."""
-    return x.bit_length() - 1
 
 
-def _access_ok(addr: int, size: int) -> bool:
-    """x86-64 ``access_ok``: the range lies below TASK_SIZE_MAX (says nothing of what is mapped)."""
-    return addr + size <= TASK_SIZE_MAX
 
-
-def _verify_bitmap_size(npages: int, bitmap_size: int) -> None:
-    if not npages or not bitmap_size or bitmap_size > DIRTY_BITMAP_SIZE_MAX \
-            or bitmap_size < dirty_bitmap_bytes(npages):
-        raise VfioError(errno.EINVAL, f"dirty bitmap of {bitmap_size} bytes does not fit {npages} pages "
-                                      f"(needs {dirty_bitmap_bytes(npages)}, at most {DIRTY_BITMAP_SIZE_MAX})")
 
 
 def iova_ranges(aperture: Tuple[int, int], reserved: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
@@ -155,6 +118,41 @@ def iova_ranges(aperture: Tuple[int, int], reserved: Sequence[Tuple[int, int]]) 
         # vfio_iommu_resv_exclude: an empty list fails the attach
         raise VfioError(errno.EINVAL, "reserved regions cover the whole IOMMU aperture")
     return ranges
+
+
+def _pin(owner, vaddr: int, size: int, write: bool) -> None:
+    """Stand-in for ``vfio_pin_map_dma``: the memory must exist now (EFAULT if not).
+
+    The kernel pins every page, with FOLL_WRITE when the device may write,
+    so read-only memory fails a writable mapping.  User space cannot pin.
+    An address space that can ``probe(addr, size, write)`` without touching
+    the bytes is asked that; otherwise the first and the last byte are
+    read, and pages unmapped (or read-only) in between fault at DMA time.
+    """
+    memory = owner.memory
+    try:
+        probe = getattr(memory, "probe", None)
+        if probe is not None:
+            probe(vaddr, size, write)
+        else:
+            memory.read(vaddr, 1)
+            if size > 1:
+                memory.read(vaddr + size - 1, 1)
+    except OSError as e:
+        raise VfioError(errno.EFAULT, f"MAP_DMA: pid {getattr(owner, 'pid', '?')} has no "
+                                      f"{'writable ' if write else ''}memory at vaddr "
+                                      f"[0x{vaddr:x}, 0x{vaddr + size:x}): {e.strerror}") from None
+
+
+def _account(owner, size: int):
+    """vfio_lock_acct: the owner's memory counts ``size`` more pinned bytes (ENOMEM past its
+    RLIMIT_MEMLOCK); returns that memory, or None for memory that keeps no account."""
+    memory = owner.memory
+    account = getattr(memory, "account_pinned", None)
+    if account is None:
+        return None
+    account(size)
+    return memory
 
 
 class Type1Driver:
@@ -275,7 +273,7 @@ class Type1Iommu:
     @property
     def pgsize(self) -> int:
         """The smallest page size: every IOVA, size and vaddr is aligned to it."""
-        return 1 << _ffs(self.pgsize_bitmap)
+        return 1 << ffs(self.pgsize_bitmap)
 
     def mappings(self) -> List[DmaMapping]:
         """A snapshot of the mappings in IOVA order (for tools and tests)."""
@@ -387,7 +385,7 @@ class Type1Iommu:
             VFIO_IOMMU_GET_INFO: self._get_info,
             VFIO_IOMMU_MAP_DMA: self._map_dma,
             VFIO_IOMMU_UNMAP_DMA: self._unmap_dma,
-            VFIO_IOMMU_DIRTY_PAGES: self._dirty_pages,
+            VFIO_IOMMU_DIRTY_PAGES: lambda arg: dirty.dirty_pages(self, arg),
         }.get(cmd)
         if handler is None:
             raise VfioError(errno.ENOTTY, f"{self.driver.name}: unknown container ioctl 0x{cmd:x}")
@@ -468,11 +466,11 @@ class Type1Iommu:
             if not self._iova_valid(iova, iova + size - 1):
                 raise VfioError(errno.EINVAL, f"MAP_DMA: [0x{iova:x}, 0x{iova + size - 1:x}] is not inside one "
                                               f"valid IOVA range {self._ranges_text()}")
-            self._pin(owner, vaddr, size, bool(prot & VFIO_DMA_MAP_FLAG_WRITE))
+            _pin(owner, vaddr, size, bool(prot & VFIO_DMA_MAP_FLAG_WRITE))
             dma = DmaMapping(iova, size, vaddr, prot, owner)
-            dma.pinned_in = self._account(owner, size)
+            dma.pinned_in = _account(owner, size)
             if self.dirty_page_tracking:
-                dma.dirty = self._new_bitmap(dma)
+                dma.dirty = dirty.new_bitmap(self, dma)
             self.dmas.insert(dma)
             self.dma_avail -= 1
 
@@ -485,7 +483,7 @@ class Type1Iommu:
         # vfio_change_dma_owner (6.1.16+): the caller (say, the process that
         # exec'd) now owns the mapping; its memory backs the IOVA from now on,
         # and the pinned pages count against its RLIMIT_MEMLOCK, not the old one's.
-        pinned_in = self._account(owner, dma.size)
+        pinned_in = _account(owner, dma.size)
         if dma.pinned_in is not None:
             dma.pinned_in.release_pinned(dma.size)
         dma.pinned_in = pinned_in
@@ -503,40 +501,7 @@ class Type1Iommu:
     def _ranges_text(self) -> str:
         return ", ".join(f"[0x{s:x}, 0x{e:x}]" for s, e in self.iova_ranges)
 
-    @staticmethod
-    def _pin(owner, vaddr: int, size: int, write: bool) -> None:
-        """Stand-in for ``vfio_pin_map_dma``: the memory must exist now (EFAULT if not).
 
-        The kernel pins every page, with FOLL_WRITE when the device may write,
-        so read-only memory fails a writable mapping.  User space cannot pin.
-        An address space that can ``probe(addr, size, write)`` without touching
-        the bytes is asked that; otherwise the first and the last byte are
-        read, and pages unmapped (or read-only) in between fault at DMA time.
-        """
-        memory = owner.memory
-        try:
-            probe = getattr(memory, "probe", None)
-            if probe is not None:
-                probe(vaddr, size, write)
-            else:
-                memory.read(vaddr, 1)
-                if size > 1:
-                    memory.read(vaddr + size - 1, 1)
-        except OSError as e:
-            raise VfioError(errno.EFAULT, f"MAP_DMA: pid {getattr(owner, 'pid', '?')} has no "
-                                          f"{'writable ' if write else ''}memory at vaddr "
-                                          f"[0x{vaddr:x}, 0x{vaddr + size:x}): {e.strerror}") from None
-
-    @staticmethod
-    def _account(owner, size: int):
-        """vfio_lock_acct: the owner's memory counts ``size`` more pinned bytes (ENOMEM past its
-        RLIMIT_MEMLOCK); returns that memory, or None for memory that keeps no account."""
-        memory = owner.memory
-        account = getattr(memory, "account_pinned", None)
-        if account is None:
-            return None
-        account(size)
-        return memory
 
     # UNMAP_DMA ---------------------------------------------------------------
     def _unmap_dma(self, arg) -> int:
@@ -551,9 +516,9 @@ class Type1Iommu:
             if unmap.argsz < _UNMAP_MINSZ + ctypes.sizeof(vfio_bitmap):
                 raise VfioError(errno.EINVAL, f"UNMAP_DMA: argsz {unmap.argsz} leaves no room for struct vfio_bitmap")
             bitmap = vfio_bitmap.from_buffer_copy(arg.read(_UNMAP_MINSZ, ctypes.sizeof(vfio_bitmap)))
-            if not _access_ok(bitmap.data, bitmap.size):
+            if not access_ok(bitmap.data, bitmap.size):
                 raise VfioError(errno.EINVAL, f"UNMAP_DMA: bitmap 0x{bitmap.data:x}+{bitmap.size} is not user memory")
-            _verify_bitmap_size(unmap.size >> _ffs(bitmap.pgsize), bitmap.size)
+            verify_bitmap_size(unmap.size >> ffs(bitmap.pgsize), bitmap.size)
         unmap.size = self.unmap(unmap.iova, unmap.size, unmap.flags, bitmap,
                                 arg.memory if bitmap is not None else None)
         # Success only: on an error the kernel returns before copy_to_user.
@@ -581,12 +546,7 @@ class Type1Iommu:
                                               f"bitmap pgsize 0x{pgsize:x}")
             if self.v2 and not unmap_all:
                 # v2: the range may not cut a mapping at either end.
-                dma = self.dmas.find(iova, 1)
-                if dma is not None and dma.iova != iova:
-                    raise VfioError(errno.EINVAL, f"UNMAP_DMA: iova 0x{iova:x} is inside {dma!r}")
-                dma = self.dmas.find(iova + size - 1, 0)
-                if dma is not None and dma.end != iova + size:
-                    raise VfioError(errno.EINVAL, f"UNMAP_DMA: end 0x{iova + size:x} is inside {dma!r}")
+                self.dmas.check_whole(iova, size, "UNMAP_DMA")
             victims = self._victims(iova, size)
             if invalidate_vaddr:
                 return self._invalidate_vaddr(victims)
@@ -594,7 +554,7 @@ class Type1Iommu:
                 done = 0
                 try:
                     for dma in victims:
-                        self._update_user_bitmap(memory, bitmap.data, dma, iova, pgsize)
+                        dirty.update_user_bitmap(self, memory, bitmap.data, dma, iova, pgsize)
                         done += 1
                 except OSError:
                     # An EFAULT on the bitmap stops the kernel's loop after the
@@ -637,6 +597,17 @@ class Type1Iommu:
             self.dmas.remove(dma)
         self._forget(dmas)
 
+    # DIRTY_PAGES (dirty.py) --------------------------------------------------
+    def start_dirty_tracking(self) -> None:
+        dirty.start(self)
+
+    def stop_dirty_tracking(self) -> None:
+        dirty.stop(self)
+
+    def mark_dirty(self, dma: DmaMapping, offset: int, length: int) -> None:
+        """A device wrote [offset, offset + length) of ``dma`` (lock held)."""
+        dirty.mark_dirty(self, dma, offset, length)
+
     def _remove_all(self) -> None:
         self._forget(self.dmas.clear())
 
@@ -650,231 +621,12 @@ class Type1Iommu:
         self.dma_avail += len(dmas)
 
     # DIRTY_PAGES -------------------------------------------------------------
-    def _dirty_pages(self, arg) -> int:
-        if not self.v2:
-            raise VfioError(errno.EACCES, "DIRTY_PAGES needs a VFIO_TYPE1v2_IOMMU container")
-        dirty = arg.fetch_struct(vfio_iommu_type1_dirty_bitmap, _DIRTY_MINSZ)
-        if dirty.flags & ~_DIRTY_FLAGS:
-            raise VfioError(errno.EINVAL, f"DIRTY_PAGES: unknown flags 0x{dirty.flags & ~_DIRTY_FLAGS:x}")
-        if not dirty.flags or _ffs(dirty.flags) != _fls(dirty.flags):
-            raise VfioError(errno.EINVAL, "DIRTY_PAGES takes exactly one of START, STOP, GET_BITMAP")
-        if dirty.flags & VFIO_IOMMU_DIRTY_PAGES_FLAG_START:
-            self.start_dirty_tracking()
-        elif dirty.flags & VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP:
-            self.stop_dirty_tracking()
-        else:
-            self._get_dirty_bitmap(dirty, arg)
-        return 0
-
-    def start_dirty_tracking(self) -> None:
-        with self.lock:
-            if self.dirty_page_tracking:
-                return
-            bitmaps = [(dma, self._new_bitmap(dma)) for dma in self.dmas]
-            for dma, bits in bitmaps:
-                dma.dirty = bits
-            self.dirty_page_tracking = True
-
-    def stop_dirty_tracking(self) -> None:
-        with self.lock:
-            if self.dirty_page_tracking:
-                self.dirty_page_tracking = False
-                for dma in self.dmas:
-                    dma.dirty = None
-
-    def _new_bitmap(self, dma: DmaMapping) -> bytearray:
-        """``vfio_dma_bitmap_alloc``."""
-        npages = dma.size // self.pgsize
-        if npages > DIRTY_BITMAP_PAGES_MAX:
-            raise VfioError(errno.EINVAL, f"{dma!r} has more pages than a dirty bitmap can track")
-        return bytearray(dirty_bitmap_bytes(npages))
-
-    def _get_dirty_bitmap(self, dirty, arg) -> None:
-        data_size = dirty.argsz - _DIRTY_MINSZ
-        if not data_size or data_size < ctypes.sizeof(vfio_iommu_type1_dirty_bitmap_get):
-            raise VfioError(errno.EINVAL, "DIRTY_PAGES GET_BITMAP: argsz leaves no room for the range")
-        rng = vfio_iommu_type1_dirty_bitmap_get.from_buffer_copy(
-            arg.read(_DIRTY_MINSZ, ctypes.sizeof(vfio_iommu_type1_dirty_bitmap_get)))
-        if (rng.iova + rng.size) & U64_MASK < rng.iova:
-            raise VfioError(errno.EINVAL, "DIRTY_PAGES GET_BITMAP: the range wraps around 2^64")
-        if not _access_ok(rng.bitmap.data, rng.bitmap.size):
-            raise VfioError(errno.EINVAL, f"DIRTY_PAGES GET_BITMAP: bitmap 0x{rng.bitmap.data:x} is not user memory")
-        _verify_bitmap_size(rng.size >> _ffs(rng.bitmap.pgsize), rng.bitmap.size)
-        with self.lock:
-            pgsize = self.pgsize
-            if rng.bitmap.pgsize != pgsize:
-                raise VfioError(errno.EINVAL, f"DIRTY_PAGES GET_BITMAP: bitmap pgsize must be 0x{pgsize:x}")
-            if rng.iova & (pgsize - 1) or not rng.size or rng.size & (pgsize - 1):
-                raise VfioError(errno.EINVAL, "DIRTY_PAGES GET_BITMAP: iova and size must be non-zero "
-                                              f"multiples of 0x{pgsize:x}")
-            if not self.dirty_page_tracking:
-                raise VfioError(errno.EINVAL, "DIRTY_PAGES GET_BITMAP before START")
-            self._iova_dirty_bitmap(arg.memory, rng.bitmap.data, rng.iova, rng.size, pgsize)
-
-    def _iova_dirty_bitmap(self, memory, data: int, iova: int, size: int, pgsize: int) -> None:
-        """``vfio_iova_dirty_bitmap``: the range must cover whole mappings."""
-        dma = self.dmas.find(iova, 1)
-        if dma is not None and dma.iova != iova:
-            raise VfioError(errno.EINVAL, f"GET_BITMAP: iova 0x{iova:x} is inside {dma!r}")
-        dma = self.dmas.find(iova + size - 1, 0)
-        if dma is not None and dma.end != iova + size:
-            raise VfioError(errno.EINVAL, f"GET_BITMAP: end 0x{iova + size:x} is inside {dma!r}")
-        reported = []
-        for dma in self.dmas.walk_at_or_after(iova):
-            if dma.iova > iova + size - 1:
-                break
-            self._update_user_bitmap(memory, data, dma, iova, pgsize)
-            reported.append(dma)
-        # Reported pages start clean again (the kernel re-populates from the
-        # pinned-page list, which is empty for a hardware IOMMU).
-        for dma in reported:
-            if dma.dirty is not None:
-                dma.dirty[:] = bytes(len(dma.dirty))
-
-    def _update_user_bitmap(self, memory, data: int, dma: DmaMapping, base_iova: int, pgsize: int) -> None:
-        """``update_user_bitmap``: OR one mapping's bits into the user's u64 array at its offset."""
-        pgshift = _ffs(pgsize)
-        nbits = dma.size >> pgshift
-        bit_offset = (dma.iova - base_iova) >> pgshift
-        addr = data + bit_offset // 64 * 8
-        shift = bit_offset % 64
-        if self.driver.precise_dirty:
-            bits = int.from_bytes(dma.dirty or b"", "little")
-        else:
-            # A group behind a hardware IOMMU "can dirty memory directly"
-            # (num_non_pinned_groups), so every page of an IOMMU-mapped
-            # vfio_dma is reported dirty.
-            bits = (1 << nbits) - 1
-        if shift:
-            leftover = int.from_bytes(memory.read(addr, 8), "little")
-            bits = (bits << shift) | (leftover & ((1 << shift) - 1))
-        memory.write(addr, bits.to_bytes(dirty_bitmap_bytes(nbits + shift), "little"))
-
-    def mark_dirty(self, dma: DmaMapping, offset: int, length: int) -> None:
-        """A device wrote [offset, offset + length) of ``dma`` (lock held)."""
-        bits = dma.dirty
-        if bits is None or not length:
-            return
-        pgshift = _ffs(self.pgsize_bitmap)
-        for page in range(offset >> pgshift, ((offset + length - 1) >> pgshift) + 1):
-            bits[page >> 3] |= 1 << (page & 7)
 
 
-class Type1DmaSpace:
-    """The container's IOMMU as a device sees it (``core.ops.DmaSpace``).
 
-    A transfer is translated in full before any byte moves: every page must
-    be mapped, allow the direction, and have a valid vaddr; otherwise a fault
-    is logged and the model gets ``IommuFault`` (EFAULT).  A transfer may
-    span adjacent mappings.
-    """
 
-    def __init__(self, iommu: Type1Iommu):
-        self._iommu = iommu
-        self.fault_log = iommu.driver.fault_log
 
-    def __repr__(self) -> str:
-        return f"Type1DmaSpace({self._iommu!r})"
 
-    def translate(self, iova: int, size: int, write: bool = False,
-                  device: Optional[str] = None) -> List[Tuple[object, int, int]]:
-        """[(memory, vaddr, length), ...] covering [iova, iova + size); faults like a DMA would."""
-        with self._iommu.lock:
-            return [(dma.owner.memory, dma.vaddr + off, n) for dma, off, n in
-                    self._translate(iova, size, write, device)]
 
-    def dma_read(self, iova: int, size: int, device: Optional[str] = None) -> bytes:
-        """The device reads ``size`` bytes of memory at ``iova`` (needs VFIO_DMA_MAP_FLAG_READ)."""
-        iommu = self._iommu
-        with iommu.lock:
-            segments = self._translate(iova, size, False, device)
-            chunks = []
-            for dma, off, n in segments:
-                try:
-                    chunks.append(dma.owner.memory.read(dma.vaddr + off, n))
-                except OSError as e:
-                    self._fault(CLIENT_MEMORY, iova, size, False, device, self._memory_text(dma, off, n, e))
-            return b"".join(chunks)
 
-    def dma_write(self, iova: int, data: bytes, device: Optional[str] = None) -> None:
-        """The device writes ``data`` to memory at ``iova`` (needs VFIO_DMA_MAP_FLAG_WRITE)."""
-        iommu = self._iommu
-        data = bytes(data)
-        with iommu.lock:
-            # Every segment is translated and permitted, and its memory is there,
-            # before a byte moves.  Past that, as on hardware, what is written
-            # stays written: memory vanishing part way faults the rest, and
-            # nothing is "undone" over bytes the client may have written since.
-            segments = self._translate(iova, len(data), True, device)
-            if len(segments) > 1:
-                for dma, off, n in segments:
-                    try:
-                        dma.owner.memory.read(dma.vaddr + off, 1)
-                    except OSError as e:
-                        self._fault(CLIENT_MEMORY, iova, len(data), True, device, self._memory_text(dma, off, n, e))
-            pos = 0
-            for dma, off, n in segments:
-                try:
-                    dma.owner.memory.write(dma.vaddr + off, data[pos:pos + n])
-                except OSError as e:
-                    self._fault(CLIENT_MEMORY, iova, len(data), True, device, self._memory_text(dma, off, n, e))
-                pos += n
-            if iommu.dirty_page_tracking:
-                for dma, off, n in segments:
-                    iommu.mark_dirty(dma, off, n)
 
-    def record_fault(self, *, iova: int, size: int, write: bool, reason: str,
-                     device: Optional[str] = None, detail: str = "") -> Fault:
-        """A fault seen before the IOMMU (DmaPort: bus master disabled) goes in the same log."""
-        return self.fault_log.record_fault(iova=iova, size=size, write=write, reason=reason,
-                                           device=device, detail=detail)
-
-    def faults(self) -> List[Fault]:
-        return self.fault_log.faults()
-
-    # -- translation -------------------------------------------------------------
-    def _translate(self, iova: int, size: int, write: bool, device: Optional[str]):
-        """[(dma, offset in dma, length)], or a fault (lock held)."""
-        if size <= 0:
-            return []
-        iommu = self._iommu
-        dmas = iommu.dmas
-        end = iova + size
-        if iova < 0 or end - 1 > U64_MASK or iommu.released:
-            self._fault(UNMAPPED, iova, size, write, device, "outside the IOVA space")
-        segments = []
-        pos = iova
-        dma = dmas.containing(iova)
-        while pos < end:
-            # Mappings do not overlap: after the first, the next must start at pos.
-            if dma is None or not dma.iova <= pos < dma.end:
-                self._fault(UNMAPPED, iova, size, write, device, f"nothing is mapped at iova 0x{pos:x}")
-            if write and not dma.writable:
-                self._fault(WRITE_NOT_PERMITTED, iova, size, write, device,
-                            f"mapped without VFIO_DMA_MAP_FLAG_WRITE: {dma!r}")
-            if not write and not dma.readable:
-                self._fault(READ_NOT_PERMITTED, iova, size, write, device,
-                            f"mapped without VFIO_DMA_MAP_FLAG_READ: {dma!r}")
-            if dma.vaddr_invalid:
-                # 6.1 would make a pinning user wait for MAP_DMA with VADDR; a
-                # hardware device keeps using the pinned pages.  User space
-                # cannot keep old pages, and the old vaddr may now mean other
-                # memory (after exec), so the transfer is refused.
-                self._fault(VADDR_INVALIDATED, iova, size, write, device,
-                            f"vaddr invalidated by UNMAP_DMA with VFIO_DMA_UNMAP_FLAG_VADDR: {dma!r}")
-            n = min(end, dma.end) - pos
-            segments.append((dma, pos - dma.iova, n))
-            pos += n
-            if pos < end:
-                dma = dmas.successor(dma)
-        return segments
-
-    def _fault(self, reason: str, iova: int, size: int, write: bool, device: Optional[str], detail: str):
-        fault = self.fault_log.record(Fault(time.time(), device, iova, size, "write" if write else "read",
-                                            reason, detail))
-        raise IommuFault(fault)
-
-    @staticmethod
-    def _memory_text(dma: DmaMapping, off: int, n: int, error: OSError) -> str:
-        return (f"pid {getattr(dma.owner, 'pid', '?')} memory at vaddr 0x{dma.vaddr + off:x}+{n}: "
-                f"{error.strerror or error}")

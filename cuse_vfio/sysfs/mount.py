@@ -12,18 +12,17 @@ that raises gives the reader EIO and a log line; the view keeps serving.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import itertools
 import logging
 import os
-import re
 import signal
 import subprocess
 import threading
 import time
 from typing import Dict, Optional
 
+from ..mounts import MNT_DETACH, fs_types, umount2
 from .pci import CAP_SYS_ADMIN, UNPRIVILEGED_CONFIG_BYTES
 from .tree import Config, Control, Dir, Link, SysfsViewError, Text
 
@@ -182,16 +181,7 @@ def _operations_class():
 
 def mounted(mountpoint: str) -> bool:
     """Is a FUSE file system mounted exactly on ``mountpoint`` (in this mount namespace)?"""
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields, _, rest = line.partition(" - ")
-                where = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields.split()[4])
-                if where == mountpoint and rest.startswith("fuse"):
-                    return True
-    except OSError:
-        pass
-    return False
+    return any(fstype.startswith("fuse") for fstype in fs_types(mountpoint))
 
 
 class SysfsMount:
@@ -274,9 +264,10 @@ class SysfsMount:
             if not mounted(mp):
                 break
             if how == "umount2":
-                libc = ctypes.CDLL(None, use_errno=True)
-                if libc.umount2(os.fsencode(mp), 2) != 0:  # MNT_DETACH
-                    log.warning("sysfs view: lazy unmount of %s failed: %s", mp, os.strerror(ctypes.get_errno()))
+                try:
+                    umount2(mp, MNT_DETACH)
+                except OSError as e:
+                    log.warning("sysfs view: lazy unmount of %s failed: %s", mp, os.strerror(e.errno))
                 continue
             try:
                 done = subprocess.run(how, capture_output=True, text=True, timeout=timeout)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
-import threading
 from typing import TYPE_CHECKING, List, Optional
 
 from ..errors import VfioError

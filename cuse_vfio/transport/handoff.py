@@ -22,15 +22,18 @@ pidfd_open of its SO_PEERCRED pid where the kernel predates 6.5), so a
 connection handed to another process after its own died, whose pid came
 back as someone else's, asks about nobody's fds.
 
-The protocol, little-endian, on a stream connection: the server greets with
-``HELLO``; then any number of requests, each a u32 first:
+The protocol (csrc/handoff.h is its one definition; the ctypes structs below
+are checked against it by tests/test_uapi_layout.py), on a stream
+connection in the host's byte order: the server greets with ``HELLO``; then
+any number of requests, each a u32 first:
 
-* ``>= TOKEN_MIN``: a token.  Answer: i32 status (0 or an errno), with the
-  device fd by SCM_RIGHTS when it is 0.
-* ``OP_MMAP``: then i32 fd, i32 prot, i32 flags, u64 offset, u64 length (the
-  caller's mmap arguments).  Answer: i32 status (0, an errno, or
-  ``NOT_MINE``: not a device file of this server, map it as any file),
-  u32 reserved, u64 start in the memfd; the memfd by SCM_RIGHTS when 0.
+* ``>= TOKEN_MIN``: a token.  Answer: ``cv_token_reply`` (i32 status, 0 or an
+  errno), with the device fd by SCM_RIGHTS when it is 0.
+* ``OP_MMAP``: the rest of a ``cv_mmap_request`` (i32 fd, i32 prot, i32
+  flags, u64 offset, u64 length: the caller's mmap arguments).  Answer:
+  ``cv_mmap_reply`` (i32 status: 0, an errno, or ``NOT_MINE``: not a device
+  file of this server, map it as any file; u32 reserved; u64 start in the
+  memfd), the memfd by SCM_RIGHTS when 0.
 
 The socket is reachable by every local user (its directory is 0711): the
 peer's pid, never the socket's mode, decides what it gets.  The thread never
@@ -41,6 +44,7 @@ sends garbage, floods or does not read its answers is disconnected.
 from __future__ import annotations
 
 import array
+import ctypes
 import errno
 import logging
 import os
@@ -59,20 +63,54 @@ from ..memory import pidfd_open
 
 log = logging.getLogger(__name__)
 
+# -- the wire format of csrc/handoff.h ---------------------------------------------
 #: Tokens live above any fd number (fs.nr_open is at most 2^30 - 8), so the
 #: library can tell a token from a real kernel fd, and a request's first u32
 #: from an operation.
-TOKEN_MIN = 1 << 30
-HELLO = b"R"
-OP_MMAP = 1
+TOKEN_MIN = 1 << 30          # CV_TOKEN_MIN
+HELLO = b"R"                 # CV_HANDOFF_HELLO
+OP_MMAP = 1                  # CV_OP_MMAP
 #: An mmap answer: the fd is no device file of this server (the library maps it itself).
-NOT_MINE = -1
-_U32 = struct.Struct("<I")
-_STATUS = struct.Struct("<i")
+NOT_MINE = -1                # CV_NOT_MINE
+
+
+class cv_token_reply(ctypes.Structure):
+    _fields_ = [("status", ctypes.c_int32)]
+
+
+class cv_mmap_request(ctypes.Structure):
+    _fields_ = [("op", ctypes.c_uint32), ("fd", ctypes.c_int32), ("prot", ctypes.c_int32),
+                ("flags", ctypes.c_int32), ("offset", ctypes.c_uint64), ("length", ctypes.c_uint64)]
+
+
+class cv_mmap_reply(ctypes.Structure):
+    _fields_ = [("status", ctypes.c_int32), ("reserved", ctypes.c_uint32), ("start", ctypes.c_uint64)]
+
+
+#: the structs of this format, by their C name (the layout test compiles each)
+WIRE_STRUCTS = {c.__name__: c for c in (cv_token_reply, cv_mmap_request, cv_mmap_reply)}
+#: its constants, by their C name
+WIRE_CONSTANTS = {"CV_TOKEN_MIN": TOKEN_MIN, "CV_HANDOFF_HELLO": HELLO[0], "CV_OP_MMAP": OP_MMAP,
+                  "CV_NOT_MINE": NOT_MINE}
+
+_CODES = {ctypes.c_uint32: "I", ctypes.c_int32: "i", ctypes.c_uint64: "Q"}
+
+
+def _packing(ctype) -> struct.Struct:
+    """A struct.Struct that packs ``ctype``'s fields in order (the format has no padding: checked)."""
+    fmt = "=" + "".join(_CODES[t] for _, t in ctype._fields_)
+    packing = struct.Struct(fmt)
+    if packing.size != ctypes.sizeof(ctype):
+        raise TypeError(f"{ctype.__name__} has padding: give it explicit fields")
+    return packing
+
+
+_U32 = struct.Struct("=I")  # the first word of every request
+_STATUS = _packing(cv_token_reply)
+MMAP_REQUEST = _packing(cv_mmap_request)   # op, fd, prot, flags, offset, length
+MMAP_REPLY = _packing(cv_mmap_reply)       # status, reserved, start
 _UCRED = struct.Struct("3i")
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5
-MMAP_REQUEST = struct.Struct("<IiiiQQ")   # op, fd, prot, flags, offset, length
-MMAP_REPLY = struct.Struct("<iIQ")        # status, reserved, start
 #: Connections one user may hold at once; more are refused, so that nobody can
 #: keep the others from their device fds by opening connections.
 MAX_CONNECTIONS_PER_UID = 64

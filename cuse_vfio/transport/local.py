@@ -17,8 +17,8 @@ from typing import Dict, List, Optional, Union
 
 from ..dispatch import Dispatcher, Node
 from ..errors import VfioError
+from ..memory import PAGE_SIZE
 
-PAGE_SIZE = 4096
 _pids = itertools.count(1000)
 
 

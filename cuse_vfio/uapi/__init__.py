@@ -7,6 +7,7 @@ vfio_iommu_type1_dma_map``.  This package knows no file descriptor.
 
 from .caps import Cap, CapChain, parse_caps
 from .decode import decode
+from .headers import DEVICE_FEATURE_MINSZ, check_feature, device_feature_header, set_irqs_validate_and_prepare
 from .ioctls import *  # noqa: F401,F403  (every C name)
 from .ioctls import EXTENSION_NAMES, IOCTL_ALIASES, IOCTLS, NodeKind, ioctl_name, ioctl_names
 from .structs import *  # noqa: F401,F403  (every struct, by its C name)

@@ -22,6 +22,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from ..dispatch import GroupNode
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python < 3.11
@@ -52,17 +54,9 @@ class DeviceSpec:
 
 
 @dataclass(frozen=True)
-class GroupSpec:
-    id: int
-    uid: int = 0
-    gid: int = 0
-    mode: int = 0o600
-
-
-@dataclass(frozen=True)
 class Topology:
     devices: List[DeviceSpec]
-    groups: Dict[int, GroupSpec]
+    groups: Dict[int, GroupNode]
     source: str = "<default>"
 
 
@@ -121,7 +115,7 @@ def parse(text: str, source: str, known_models=None) -> Topology:
         options = {k: v for k, v in entry.items() if k not in ("bdf", "model", "group")}
         devices.append(DeviceSpec(bdf, model, group, options))
 
-    groups: Dict[int, GroupSpec] = {}
+    groups: Dict[int, GroupNode] = {}
     used = {d.group for d in devices}
     raw_groups = doc.get("group", {})
     if not isinstance(raw_groups, dict):
@@ -138,9 +132,9 @@ def parse(text: str, source: str, known_models=None) -> Topology:
         mode = entry.get("mode", "0600")
         if not isinstance(mode, str) or not re.fullmatch(r"0?[0-7]{3}", mode):
             fail(f"mode {mode!r} is not an octal string like \"0660\"", table, 0, "mode")
-        groups[int(name)] = GroupSpec(int(name), uid, gid, int(mode, 8))
+        groups[int(name)] = GroupNode(int(name), uid, gid, int(mode, 8))
     for gid_ in sorted(used):
-        groups.setdefault(gid_, GroupSpec(gid_))
+        groups.setdefault(gid_, GroupNode(gid_))
     return Topology(devices, groups, source)
 
 

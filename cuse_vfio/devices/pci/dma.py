@@ -1,0 +1,85 @@
+"""DMA from a function: the bus-master-checked port to the container's IOMMU, and its fault."""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+from typing import TYPE_CHECKING, Optional
+
+from ...errors import VfioError
+
+if TYPE_CHECKING:
+    from .device import PciDevice
+
+log = logging.getLogger(__name__)
+
+class DmaFault(VfioError):
+    """A DMA the device attempted did not happen (nothing was transferred)."""
+
+    def __init__(self, reason: str, iova: int, size: int, write: bool, device: str):
+        super().__init__(errno.EIO, f"{device}: DMA {'write' if write else 'read'} of {size} bytes "
+                                    f"at iova 0x{iova:x} blocked: {reason}")
+        self.reason = reason
+        self.iova = iova
+        self.size = size
+        self.write = write
+        self.device = device
+
+# -- DMA -------------------------------------------------------------------------
+class DmaPort:
+    """The only way a model reaches memory: by IOVA, through the container's IOMMU.
+
+    The DmaSpace itself is never handed to the model: vfio-pci attaches it with
+    :meth:`_attach`, and every transfer first checks the function's bus-master
+    bit, as a PCI function may not issue requests while it is clear.
+    """
+
+    MAX_FAULTS = 256
+
+    def __init__(self, device: "PciDevice"):
+        self.__device = device
+        self.__space = None
+        #: the faults this function saw, newest last (also reported to the DmaSpace when it keeps a log)
+        self.faults = collections.deque(maxlen=self.MAX_FAULTS)
+
+    def _attach(self, space) -> None:
+        self.__space = space
+
+    def read(self, iova: int, size: int) -> bytes:
+        return self.__transfer(iova, size, None)
+
+    def write(self, iova: int, data: bytes) -> None:
+        self.__transfer(iova, len(data), bytes(data))
+
+    def __transfer(self, iova: int, size: int, data: Optional[bytes]):
+        device = self.__device
+        write = data is not None
+        if not device.bus_master_enabled():
+            self.__fault("bus-master-disabled", iova, size, write)
+        space = self.__space
+        if space is None:
+            self.__fault("no-iommu-domain", iova, size, write)
+        try:
+            if write:
+                space.dma_write(iova, data, device=device.name)
+                return None
+            return space.dma_read(iova, size, device=device.name)
+        except VfioError as e:
+            self.faults.append({"iova": iova, "size": size, "write": write,
+                                "reason": getattr(e, "reason", e.strerror), "device": device.name})
+            raise
+
+    def __fault(self, reason: str, iova: int, size: int, write: bool):
+        device = self.__device
+        record = {"iova": iova, "size": size, "write": write, "reason": reason, "device": device.name}
+        self.faults.append(record)
+        recorder = getattr(self.__space, "record_fault", None)
+        if recorder is not None:
+            try:
+                recorder(iova=iova, size=size, write=write, reason=reason, device=device.name)
+            except Exception:
+                log.exception("the DmaSpace failed to record a fault")
+        log.info("%s: DMA %s of %d bytes at iova 0x%x blocked: %s", device.name,
+                 "write" if write else "read", size, iova, reason)
+        raise DmaFault(reason, iova, size, write, device.name)

@@ -1,0 +1,474 @@
+"""vfio-pci's interrupts, as ``vfio_pci_intrs.c`` (6.1): INTx, MSI/MSI-X, ERR and REQ, and SET_IRQS.
+
+INTx is automasked when it fires, in the function's own INTx-disable bit (a
+PCI 2.3 function), and UNMASK re-signals instead while the function still
+has it pending; MSI/MSI-X vectors map to eventfds, their count fixed when
+enabled (NORESIZE: no dynamic MSI-X in 6.1); ERR (PCI Express only) and REQ
+are single eventfds.  The MSI Enable the user reads is the virtual one it
+wrote, as on the kernel; MSI-X's is the function's.
+
+Eventfds come from the caller: ``arg.caller.get_eventfd(fd)`` returns an
+object with ``signal()`` (and optionally ``release()``; ``watch(callback)``
+returning a cancel function, for the unmask irqfd).
+
+``Interrupts`` is the part of a ``VfioPciDevice`` that owns this state; it is
+also the function's ``irq_sink`` (``PciDevice.irq_sink``), where the model's
+interrupts arrive.  It runs under the device's lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+
+from ...errors import VfioError
+from ...uapi import (
+    VFIO_IRQ_INFO_AUTOMASKED,
+    VFIO_IRQ_INFO_EVENTFD,
+    VFIO_IRQ_INFO_MASKABLE,
+    VFIO_IRQ_INFO_NORESIZE,
+    VFIO_IRQ_SET_ACTION_MASK,
+    VFIO_IRQ_SET_ACTION_TRIGGER,
+    VFIO_IRQ_SET_ACTION_TYPE_MASK,
+    VFIO_IRQ_SET_ACTION_UNMASK,
+    VFIO_IRQ_SET_DATA_BOOL,
+    VFIO_IRQ_SET_DATA_EVENTFD,
+    VFIO_IRQ_SET_DATA_NONE,
+    VFIO_PCI_ERR_IRQ_INDEX,
+    VFIO_PCI_INTX_IRQ_INDEX,
+    VFIO_PCI_MSI_IRQ_INDEX,
+    VFIO_PCI_MSIX_IRQ_INDEX,
+    VFIO_PCI_NUM_IRQS,
+    VFIO_PCI_REQ_IRQ_INDEX,
+    offsetofend,
+    set_irqs_validate_and_prepare,
+    vfio_irq_info,
+    vfio_irq_set,
+)
+from ..pci import PCI_COMMAND, PCI_COMMAND_INTX_DISABLE, PCI_INTERRUPT_PIN, PCI_STATUS, PCI_STATUS_INTERRUPT
+
+if TYPE_CHECKING:
+    from .core import VfioPciDevice
+
+log = logging.getLogger(__name__)
+
+
+def release_eventfd(efd) -> None:
+    """Drop the reference a fetched eventfd holds (eventfd_ctx_put), when the transport gave it one."""
+    release = getattr(efd, "release", None)
+    if release is not None:
+        release()
+
+
+def fd_at(data: bytes, i: int = 0) -> int:
+    """The ``i``-th 32-bit fd number in an ioctl's trailing data."""
+    return int.from_bytes(data[4 * i:4 * i + 4], "little", signed=True)
+
+
+class _IntxCtx:
+    def __init__(self, trigger, masked: bool):
+        self.trigger = trigger
+        self.masked = masked
+        self.unmask_watch: Optional[Callable[[], None]] = None
+
+
+class Interrupts:
+    """The interrupt state of one vfio-pci device (``vdev->irq_type``, ``ctx``, ``err_trigger``...)."""
+
+    def __init__(self, vdev: "VfioPciDevice"):
+        self.vdev = vdev
+        self.function = vdev.function
+        self.name = vdev.name
+        self.lock = vdev.lock
+        self.irq_type: Optional[int] = None
+        self.intx: Optional[_IntxCtx] = None
+        self.msi_ctx: Dict[int, object] = {}
+        self.msi_qmax = 0
+        #: vectors enabled with the current MSI / MSI-X type (vdev->num_ctx)
+        self.num_ctx = 0
+        #: the user's virtual INTx-disable bit (vdev->virq_disabled)
+        self.virq_disabled = False
+        self.err_trigger = None
+        self.req_trigger = None
+
+    # -- what the rest of vfio-pci asks -------------------------------------------
+    def set_virq_disabled(self, disabled: bool) -> None:
+        """The user wrote the virtual INTx-disable bit (vfio_basic_config_write)."""
+        if disabled and not self.virq_disabled:
+            self.virq_disabled = True
+            self.intx_mask()
+        elif not disabled and self.virq_disabled:
+            self.virq_disabled = False
+            self.intx_unmask()
+
+    def disable(self) -> None:
+        """vfio_pci_core_disable: the enabled interrupt type off, as SET_IRQS(DATA_NONE|TRIGGER, count 0) does."""
+        if self.irq_type is not None:
+            self._set_irqs_ioctl(VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, self.irq_type, 0, 0, b"", None)
+        self.virq_disabled = False
+
+    def release_err_req(self) -> None:
+        """The last close lets go of the ERR and REQ eventfds."""
+        for attr in ("err_trigger", "req_trigger"):
+            if getattr(self, attr) is not None:
+                release_eventfd(getattr(self, attr))
+                setattr(self, attr, None)
+
+    def request(self, count: int) -> None:
+        """Ask the user, through the REQ eventfd, to let the device go (vfio_pci_core_request)."""
+        if self.req_trigger is not None:
+            if count % 10 == 0:
+                log.info("%s: relaying device request to user (#%d)", self.name, count)
+            self.req_trigger.signal()
+        elif count == 0:
+            log.warning("%s: no device request channel registered, blocked until released by user",
+                                  self.name)
+
+    # -- GET_IRQ_INFO ---------------------------------------------------------------
+    def irq_count(self, index: int) -> int:
+        """vfio_pci_get_irq_count."""
+        fn = self.function
+        if index == VFIO_PCI_INTX_IRQ_INDEX:
+            return 1 if self.vdev.vconfig.vconfig[PCI_INTERRUPT_PIN] else 0
+        if index == VFIO_PCI_MSI_IRQ_INDEX:
+            return fn.msi.vectors if fn.msi is not None else 0
+        if index == VFIO_PCI_MSIX_IRQ_INDEX:
+            return fn.msix.vectors if fn.msix is not None else 0
+        if index == VFIO_PCI_ERR_IRQ_INDEX:
+            return 1 if fn.express is not None else 0
+        if index == VFIO_PCI_REQ_IRQ_INDEX:
+            return 1
+        return 0
+
+    def get_irq_info(self, arg) -> int:
+        minsz = offsetofend(vfio_irq_info, "count")
+        info = arg.fetch_struct(vfio_irq_info, minsz)
+        if info.index >= VFIO_PCI_NUM_IRQS:
+            raise VfioError(errno.EINVAL, f"{self.name}: no irq index {info.index}")
+        if info.index == VFIO_PCI_ERR_IRQ_INDEX and self.function.express is None:
+            raise VfioError(errno.EINVAL, f"{self.name}: the ERR index exists only for PCI Express devices")
+        info.flags = VFIO_IRQ_INFO_EVENTFD
+        info.count = self.irq_count(info.index)
+        if info.index == VFIO_PCI_INTX_IRQ_INDEX:
+            info.flags |= VFIO_IRQ_INFO_MASKABLE | VFIO_IRQ_INFO_AUTOMASKED
+        else:
+            info.flags |= VFIO_IRQ_INFO_NORESIZE
+        arg.write(0, bytes(info)[:minsz])
+        return 0
+
+    # -- SET_IRQS ------------------------------------------------------------------
+    def set_irqs(self, arg) -> int:
+        minsz = offsetofend(vfio_irq_set, "count")
+        hdr = arg.fetch_struct(vfio_irq_set, minsz)
+        size = set_irqs_validate_and_prepare(hdr, self.irq_count(hdr.index), VFIO_PCI_NUM_IRQS, minsz)
+        data = arg.read(minsz, hdr.count * size) if size else b""
+        return self._set_irqs_ioctl(hdr.flags, hdr.index, hdr.start, hdr.count, data, arg.caller)
+
+    def _set_irqs_ioctl(self, flags: int, index: int, start: int, count: int, data: bytes, caller) -> int:
+        """vfio_pci_set_irqs_ioctl: the action for this index, or ENOTTY."""
+        action = flags & VFIO_IRQ_SET_ACTION_TYPE_MASK
+        func = None
+        if index == VFIO_PCI_INTX_IRQ_INDEX:
+            func = {VFIO_IRQ_SET_ACTION_MASK: self._set_intx_mask, VFIO_IRQ_SET_ACTION_UNMASK: self._set_intx_unmask,
+                    VFIO_IRQ_SET_ACTION_TRIGGER: self._set_intx_trigger}.get(action)
+        elif index in (VFIO_PCI_MSI_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX):
+            func = self._set_msi_trigger if action == VFIO_IRQ_SET_ACTION_TRIGGER else None  # no MSI masking
+        elif index == VFIO_PCI_ERR_IRQ_INDEX:
+            if action == VFIO_IRQ_SET_ACTION_TRIGGER and self.function.express is not None:
+                func = self._set_err_trigger
+        elif index == VFIO_PCI_REQ_IRQ_INDEX:
+            func = self._set_req_trigger if action == VFIO_IRQ_SET_ACTION_TRIGGER else None
+        if func is None:
+            raise VfioError(errno.ENOTTY, f"{self.name}: action 0x{action:x} is not supported on irq index {index}")
+        func(index, start, count, flags, data, caller)
+        return 0
+
+    @staticmethod
+    def _eventfd(caller, fd: int):
+        return caller.get_eventfd(fd)
+
+    # INTx -----------------------------------------------------------------------
+    # The function masks INTx with its own INTx-disable bit (a PCI 2.3 function:
+    # pci_intx_mask_supported), so vfio-pci masks it there, as the kernel does:
+    # the handler sets the bit when the function says the interrupt is its own
+    # (pci_check_and_mask_intx), unmasking clears it unless another interrupt is
+    # already pending (pci_check_and_unmask_intx), and while INTx is not in use
+    # the bit follows the user's virtual INTx-disable.
+    def _set_intx_unmask(self, index, start, count, flags, data, caller) -> None:
+        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX or start != 0 or count != 1:
+            raise VfioError(errno.EINVAL, "INTx UNMASK needs INTx enabled, start 0 and count 1")
+        if flags & VFIO_IRQ_SET_DATA_NONE or (flags & VFIO_IRQ_SET_DATA_BOOL and data[0]):
+            self.intx_unmask()
+        elif flags & VFIO_IRQ_SET_DATA_EVENTFD:
+            fd = fd_at(data)
+            ctx = self.intx
+            if fd >= 0:
+                if ctx.unmask_watch is not None:
+                    raise VfioError(errno.EBUSY, "an unmask eventfd is already set: de-assign it (-1) first")
+                efd = self._eventfd(caller, fd)
+                watch = getattr(efd, "watch", None)
+                if watch is None:
+                    raise VfioError(errno.EOPNOTSUPP, "this transport cannot watch an eventfd (unmask irqfd)")
+                ctx.unmask_watch = watch(self._unmask_from_eventfd)
+            elif ctx.unmask_watch is not None:
+                ctx.unmask_watch()
+                ctx.unmask_watch = None
+
+    def _unmask_from_eventfd(self) -> None:
+        with self.lock:
+            self.intx_unmask()
+
+    def _set_intx_mask(self, index, start, count, flags, data, caller) -> None:
+        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX or start != 0 or count != 1:
+            raise VfioError(errno.EINVAL, "INTx MASK needs INTx enabled, start 0 and count 1")
+        if flags & VFIO_IRQ_SET_DATA_NONE or (flags & VFIO_IRQ_SET_DATA_BOOL and data[0]):
+            self.intx_mask()
+        elif flags & VFIO_IRQ_SET_DATA_EVENTFD:
+            raise VfioError(errno.ENOTTY, "masking INTx from an eventfd is not implemented (nor in the kernel)")
+
+    def _set_intx_trigger(self, index, start, count, flags, data, caller) -> None:
+        if self.irq_type == VFIO_PCI_INTX_IRQ_INDEX and not count and flags & VFIO_IRQ_SET_DATA_NONE:
+            self._intx_disable()
+            return
+        if self.irq_type not in (None, VFIO_PCI_INTX_IRQ_INDEX) or start != 0 or count != 1:
+            raise VfioError(errno.EINVAL, "INTx TRIGGER needs no other interrupt type, start 0 and count 1")
+        if flags & VFIO_IRQ_SET_DATA_EVENTFD:
+            fd = fd_at(data)
+            if self.irq_type == VFIO_PCI_INTX_IRQ_INDEX:
+                self._intx_set_signal(fd, caller)
+                return
+            self._intx_enable()
+            try:
+                self._intx_set_signal(fd, caller)
+            except VfioError:
+                self._intx_disable()
+                raise
+            return
+        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX:
+            raise VfioError(errno.EINVAL, "INTx loopback needs INTx enabled")
+        if flags & VFIO_IRQ_SET_DATA_NONE or (flags & VFIO_IRQ_SET_DATA_BOOL and data[0]):
+            self._send_intx_eventfd()
+
+    def _intx_enable(self) -> None:
+        """vfio_intx_enable: the context, masked as the user's INTx-disable says."""
+        self.intx = _IntxCtx(None, masked=self.virq_disabled)
+        self._pci_intx(not self.intx.masked)
+        self.irq_type = VFIO_PCI_INTX_IRQ_INDEX
+
+    def _intx_set_signal(self, fd: int, caller) -> None:
+        """vfio_intx_set_signal: drop the old eventfd (and handler), then install the new one."""
+        ctx = self.intx
+        if ctx.trigger is not None:
+            old, ctx.trigger = ctx.trigger, None
+            release_eventfd(old)
+        if fd < 0:
+            return  # de-assigned: no handler, so nothing masks or signals until a new one
+        ctx.trigger = self._eventfd(caller, fd)
+        # request_irq on a level-triggered line already asserted runs the handler at once.
+        if self.function.intx_asserted():
+            self.intx_fire()
+
+    def _intx_disable(self) -> None:
+        ctx = self.intx
+        if ctx is not None:
+            if ctx.unmask_watch is not None:
+                ctx.unmask_watch()
+                ctx.unmask_watch = None
+            if ctx.trigger is not None:
+                release_eventfd(ctx.trigger)
+                ctx.trigger = None
+        self.intx = None
+        self.irq_type = None
+
+    def _send_intx_eventfd(self) -> None:
+        if self.irq_type == VFIO_PCI_INTX_IRQ_INDEX and not self.virq_disabled and self.intx.trigger is not None:
+            self.intx.trigger.signal()
+
+    def intx_fire(self) -> None:
+        """The line went up (vfio_intx_handler): mask it in the function, tell the user once."""
+        ctx = self.intx
+        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX or ctx.trigger is None:
+            return  # no handler registered
+        if not ctx.masked and self._check_and_set_intx_mask(True):
+            ctx.masked = True
+            self._send_intx_eventfd()
+
+    def intx_mask(self) -> None:
+        """vfio_pci_intx_mask."""
+        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX:
+            self._pci_intx(False)  # not in use: the function's bit follows the virtual one
+        elif not self.intx.masked:
+            self._pci_intx(False)
+            self.intx.masked = True
+
+    def intx_unmask(self) -> None:
+        """vfio_pci_intx_unmask: unmask, or re-send when the function still has an interrupt pending."""
+        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX:
+            self._pci_intx(True)
+            return
+        ctx = self.intx
+        if not ctx.masked or self.virq_disabled:
+            return
+        if self._check_and_set_intx_mask(False):
+            ctx.masked = False
+        else:
+            self._send_intx_eventfd()  # stays masked
+
+    def _pci_intx(self, enable: bool) -> None:
+        """pci_intx: set or clear the function's INTx-disable bit."""
+        fn = self.function
+        cmd = fn.command()
+        new = (cmd & ~PCI_COMMAND_INTX_DISABLE) | (0 if enable else PCI_COMMAND_INTX_DISABLE)
+        if new != cmd:
+            fn.config_write(PCI_COMMAND, 2, new)
+
+    def _check_and_set_intx_mask(self, mask: bool) -> bool:
+        """pci_check_and_{mask,unmask}_intx: act only when the Interrupt Status bit agrees."""
+        fn = self.function
+        pending = bool(fn.config_read(PCI_STATUS, 2) & PCI_STATUS_INTERRUPT)
+        if mask != pending:
+            return False
+        self._pci_intx(not mask)
+        return True
+
+    # MSI / MSI-X ----------------------------------------------------------------
+    def _set_msi_trigger(self, index, start, count, flags, data, caller) -> None:
+        msix = index == VFIO_PCI_MSIX_IRQ_INDEX
+        if self.irq_type == index and not count and flags & VFIO_IRQ_SET_DATA_NONE:
+            self._msi_disable(msix)
+            return
+        if self.irq_type not in (None, index):
+            raise VfioError(errno.EINVAL, f"{self.name}: another interrupt type is enabled")
+        if flags & VFIO_IRQ_SET_DATA_EVENTFD:
+            fds = [fd_at(data, i) for i in range(count)]
+            if self.irq_type == index:
+                self._msi_set_block(start, fds, msix, caller)
+                return
+            self._msi_enable(start + count, msix)
+            try:
+                self._msi_set_block(start, fds, msix, caller)
+            except VfioError:
+                self._msi_disable(msix)
+                raise
+            return
+        if self.irq_type != index or start + count > self.num_ctx:
+            raise VfioError(errno.EINVAL, f"{self.name}: loopback on vectors {start}+{count} of irq index "
+                                          f"{index}, which has {self.num_ctx} enabled")
+        for i in range(start, start + count):
+            trigger = self.msi_ctx.get(i)
+            if trigger is None:
+                continue
+            if flags & VFIO_IRQ_SET_DATA_NONE or (flags & VFIO_IRQ_SET_DATA_BOOL and data[i - start]):
+                trigger.signal()
+
+    def _msi_enable(self, nvec: int, msix: bool) -> None:
+        """vfio_msi_enable: the vector count is fixed here (NORESIZE) until disabled."""
+        if nvec < 1:
+            # pci_alloc_irq_vectors(pdev, 1, nvec): fewer than the one it needs
+            raise VfioError(errno.ERANGE, f"{self.name}: enabling MSI needs at least one vector")
+        fn = self.function
+        # pci_intx_for_msi: INTx is off in the function while messages are on
+        fn.config_write(PCI_COMMAND, 2, fn.command() | PCI_COMMAND_INTX_DISABLE)
+        if msix:
+            fn.msix.host_enable()
+            self.irq_type = VFIO_PCI_MSIX_IRQ_INDEX
+        else:
+            fn.msi.host_enable(nvec)
+            self.irq_type = VFIO_PCI_MSI_IRQ_INDEX
+            # the virtual Multiple Message Enable may not exceed what was enabled
+            self.msi_qmax = (nvec * 2 - 1).bit_length() - 1
+        self.num_ctx = nvec
+
+    def _msi_set_block(self, start: int, fds: List[int], msix: bool, caller) -> None:
+        if start >= self.num_ctx or start + len(fds) > self.num_ctx:
+            raise VfioError(errno.EINVAL, f"{self.name}: vectors {start}+{len(fds)} beyond the {self.num_ctx} "
+                                          "enabled (disable with count 0 to change the count)")
+        done = start
+        try:
+            for i, fd in enumerate(fds):
+                done = start + i + 1
+                self._msi_set_vector_signal(start + i, fd, msix, caller)
+        except VfioError:
+            for vector in range(start, done):
+                self._msi_set_vector_signal(vector, -1, msix, caller)
+            raise
+
+    def _msi_set_vector_signal(self, vector: int, fd: int, msix: bool, caller) -> None:
+        old = self.msi_ctx.pop(vector, None)
+        if old is not None:
+            if msix:
+                self.function.msix.host_mask(vector, True)  # free_irq masks the entry
+            release_eventfd(old)
+        if fd < 0:
+            return
+        self.msi_ctx[vector] = self._eventfd(caller, fd)
+        if msix:
+            self.function.msix.host_mask(vector, False)  # request_irq: a pending message is delivered now
+
+    def _msi_disable(self, msix: bool) -> None:
+        for vector in list(self.msi_ctx):
+            self._msi_set_vector_signal(vector, -1, msix, None)
+        fn = self.function
+        if msix:
+            fn.msix.host_disable()
+        else:
+            fn.msi.host_disable()
+        fn.config_write(PCI_COMMAND, 2, fn.command() & ~PCI_COMMAND_INTX_DISABLE)
+        self.irq_type = None
+        self.num_ctx = 0
+
+    # ERR / REQ --------------------------------------------------------------------
+    def _set_err_trigger(self, index, start, count, flags, data, caller) -> None:
+        self.err_trigger = self._set_single(self.err_trigger, start, count, flags, data, caller)
+
+    def _set_req_trigger(self, index, start, count, flags, data, caller) -> None:
+        self.req_trigger = self._set_single(self.req_trigger, start, count, flags, data, caller)
+
+    def _set_single(self, current, start, count, flags, data, caller):
+        """vfio_pci_set_ctx_trigger_single: DATA_NONE/BOOL loop back, EVENTFD (re)assigns; returns the new one."""
+        if start != 0 or count > 1:
+            raise VfioError(errno.EINVAL, "this index has one vector")
+        if flags & VFIO_IRQ_SET_DATA_NONE:
+            if current is not None:
+                if count:
+                    current.signal()
+                    return current
+                release_eventfd(current)
+                return None
+        elif flags & VFIO_IRQ_SET_DATA_BOOL:
+            if not count:
+                raise VfioError(errno.EINVAL, "DATA_BOOL needs count 1")
+            if data[0] and current is not None:
+                current.signal()
+            return current
+        elif flags & VFIO_IRQ_SET_DATA_EVENTFD:
+            if not count:
+                raise VfioError(errno.EINVAL, "DATA_EVENTFD needs count 1")
+            fd = fd_at(data)
+            if fd == -1:
+                if current is not None:
+                    release_eventfd(current)
+                return None
+            if fd >= 0:
+                new = self._eventfd(caller, fd)
+                if current is not None:
+                    release_eventfd(current)
+                return new
+            return current
+        raise VfioError(errno.EINVAL, "nothing to trigger: no eventfd is set")
+
+    # -- the function's interrupts arrive here (PciDevice.irq_sink) -----------------
+    def intx_line(self, asserted: bool) -> None:
+        if asserted:
+            self.intx_fire()
+
+    def msi_message(self, index: int, vector: int) -> None:
+        if self.irq_type == index:
+            trigger = self.msi_ctx.get(vector)
+            if trigger is not None:
+                trigger.signal()
+
+    def error_signal(self) -> None:
+        if self.err_trigger is not None:
+            self.err_trigger.signal()

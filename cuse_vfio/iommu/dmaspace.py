@@ -1,0 +1,140 @@
+"""The container's type1 IOMMU as a device sees it: translation, DMA, faults (``core.ops.DmaSpace``)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, List, Optional, Tuple
+
+from .dma import U64_MASK, DmaMapping
+from .faults import (
+    CLIENT_MEMORY,
+    READ_NOT_PERMITTED,
+    UNMAPPED,
+    VADDR_INVALIDATED,
+    WRITE_NOT_PERMITTED,
+    Fault,
+    IommuFault,
+)
+
+if TYPE_CHECKING:
+    from .type1 import Type1Iommu
+
+
+class Type1DmaSpace:
+    """The container's IOMMU as a device sees it (``core.ops.DmaSpace``).
+
+    A transfer is translated in full before any byte moves: every page must
+    be mapped, allow the direction, and have a valid vaddr; otherwise a fault
+    is logged and the model gets ``IommuFault`` (EFAULT).  A transfer may
+    span adjacent mappings.
+    """
+
+    def __init__(self, iommu: "Type1Iommu"):
+        self._iommu = iommu
+        self.fault_log = iommu.driver.fault_log
+
+    def __repr__(self) -> str:
+        return f"Type1DmaSpace({self._iommu!r})"
+
+    def translate(self, iova: int, size: int, write: bool = False,
+                  device: Optional[str] = None) -> List[Tuple[object, int, int]]:
+        """[(memory, vaddr, length), ...] covering [iova, iova + size); faults like a DMA would."""
+        with self._iommu.lock:
+            return [(dma.owner.memory, dma.vaddr + off, n) for dma, off, n in
+                    self._translate(iova, size, write, device)]
+
+    def dma_read(self, iova: int, size: int, device: Optional[str] = None) -> bytes:
+        """The device reads ``size`` bytes of memory at ``iova`` (needs VFIO_DMA_MAP_FLAG_READ)."""
+        iommu = self._iommu
+        with iommu.lock:
+            segments = self._translate(iova, size, False, device)
+            chunks = []
+            for dma, off, n in segments:
+                try:
+                    chunks.append(dma.owner.memory.read(dma.vaddr + off, n))
+                except OSError as e:
+                    self._fault(CLIENT_MEMORY, iova, size, False, device, self._memory_text(dma, off, n, e))
+            return b"".join(chunks)
+
+    def dma_write(self, iova: int, data: bytes, device: Optional[str] = None) -> None:
+        """The device writes ``data`` to memory at ``iova`` (needs VFIO_DMA_MAP_FLAG_WRITE)."""
+        iommu = self._iommu
+        data = bytes(data)
+        with iommu.lock:
+            # Every segment is translated and permitted, and its memory is there,
+            # before a byte moves.  Past that, as on hardware, what is written
+            # stays written: memory vanishing part way faults the rest, and
+            # nothing is "undone" over bytes the client may have written since.
+            segments = self._translate(iova, len(data), True, device)
+            if len(segments) > 1:
+                for dma, off, n in segments:
+                    try:
+                        dma.owner.memory.read(dma.vaddr + off, 1)
+                    except OSError as e:
+                        self._fault(CLIENT_MEMORY, iova, len(data), True, device, self._memory_text(dma, off, n, e))
+            pos = 0
+            for dma, off, n in segments:
+                try:
+                    dma.owner.memory.write(dma.vaddr + off, data[pos:pos + n])
+                except OSError as e:
+                    self._fault(CLIENT_MEMORY, iova, len(data), True, device, self._memory_text(dma, off, n, e))
+                pos += n
+            if iommu.dirty_page_tracking:
+                for dma, off, n in segments:
+                    iommu.mark_dirty(dma, off, n)
+
+    def record_fault(self, *, iova: int, size: int, write: bool, reason: str,
+                     device: Optional[str] = None, detail: str = "") -> Fault:
+        """A fault seen before the IOMMU (DmaPort: bus master disabled) goes in the same log."""
+        return self.fault_log.record_fault(iova=iova, size=size, write=write, reason=reason,
+                                           device=device, detail=detail)
+
+    def faults(self) -> List[Fault]:
+        return self.fault_log.faults()
+
+    # -- translation -------------------------------------------------------------
+    def _translate(self, iova: int, size: int, write: bool, device: Optional[str]):
+        """[(dma, offset in dma, length)], or a fault (lock held)."""
+        if size <= 0:
+            return []
+        iommu = self._iommu
+        dmas = iommu.dmas
+        end = iova + size
+        if iova < 0 or end - 1 > U64_MASK or iommu.released:
+            self._fault(UNMAPPED, iova, size, write, device, "outside the IOVA space")
+        segments = []
+        pos = iova
+        dma = dmas.containing(iova)
+        while pos < end:
+            # Mappings do not overlap: after the first, the next must start at pos.
+            if dma is None or not dma.iova <= pos < dma.end:
+                self._fault(UNMAPPED, iova, size, write, device, f"nothing is mapped at iova 0x{pos:x}")
+            if write and not dma.writable:
+                self._fault(WRITE_NOT_PERMITTED, iova, size, write, device,
+                            f"mapped without VFIO_DMA_MAP_FLAG_WRITE: {dma!r}")
+            if not write and not dma.readable:
+                self._fault(READ_NOT_PERMITTED, iova, size, write, device,
+                            f"mapped without VFIO_DMA_MAP_FLAG_READ: {dma!r}")
+            if dma.vaddr_invalid:
+                # 6.1 would make a pinning user wait for MAP_DMA with VADDR; a
+                # hardware device keeps using the pinned pages.  User space
+                # cannot keep old pages, and the old vaddr may now mean other
+                # memory (after exec), so the transfer is refused.
+                self._fault(VADDR_INVALIDATED, iova, size, write, device,
+                            f"vaddr invalidated by UNMAP_DMA with VFIO_DMA_UNMAP_FLAG_VADDR: {dma!r}")
+            n = min(end, dma.end) - pos
+            segments.append((dma, pos - dma.iova, n))
+            pos += n
+            if pos < end:
+                dma = dmas.successor(dma)
+        return segments
+
+    def _fault(self, reason: str, iova: int, size: int, write: bool, device: Optional[str], detail: str):
+        fault = self.fault_log.record(Fault(time.time(), device, iova, size, "write" if write else "read",
+                                            reason, detail))
+        raise IommuFault(fault)
+
+    @staticmethod
+    def _memory_text(dma: DmaMapping, off: int, n: int, error: OSError) -> str:
+        return (f"pid {getattr(dma.owner, 'pid', '?')} memory at vaddr 0x{dma.vaddr + off:x}+{n}: "
+                f"{error.strerror or error}")

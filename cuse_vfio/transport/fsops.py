@@ -1,0 +1,169 @@
+"""One table of operations per file system, and the one router that serves a request through it.
+
+As libfuse's ``fuse_lowlevel_ops``: each of our file systems (the CUSE node
+devices, the FUSE mount of the nodes, the FUSE mount of device files) is a
+``FileOps`` subclass with a method per kind of request, and ``serve`` routes
+every request of its sessions to it.  What every file system answers the
+same way is here: reads and writes go to the dispatcher, RELEASE to the
+handle table, ioctls to the ioctl path; anything a file system does not
+implement is ENOSYS.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+from ..dispatch import Node
+from ..errors import VfioError
+from .shim import (
+    OP_GETATTR,
+    OP_INIT_DONE,
+    OP_IOCTL,
+    OP_LOOKUP,
+    OP_OPEN,
+    OP_READ,
+    OP_READDIR,
+    OP_RELEASE,
+    OP_SESSION_END,
+    OP_WRITE,
+    Request,
+    Session,
+    is_null,
+    payload,
+)
+
+if TYPE_CHECKING:
+    from .server import Server
+
+log = logging.getLogger(__name__)
+
+ROOT_INO = 1
+NODE_TIMEOUT = 3600.0  # nodes never change behind the kernel's back
+FUSE_OPTIONS = "allow_other,default_permissions,fsname={name},subtype=vfio"
+
+
+@dataclass
+class Inode:
+    ino: int
+    name: str
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    node: Optional[Node] = None
+
+
+class FileOps:
+    """The operations of one file system; a method per request kind the loop delivers."""
+
+    def __init__(self, server: "Server"):
+        self.server = server
+
+    # -- what a file system answers itself (ENOSYS unless it does) ---------------------
+    def lookup(self, rq: Request, r) -> None:
+        rq.err(errno.ENOSYS)
+
+    def getattr(self, rq: Request, r) -> None:
+        rq.err(errno.ENOSYS)
+
+    def readdir(self, rq: Request, r) -> None:
+        rq.err(errno.ENOSYS)
+
+    def open(self, rq: Request, r) -> None:
+        rq.err(errno.ENOSYS)
+
+    def init_done(self, r) -> None:
+        """CUSE created the device (no request to answer)."""
+
+    def session_end(self, r) -> None:
+        """The kernel side went away (no request to answer)."""
+
+    # -- what every file system answers the same way -----------------------------------
+    #: CUSE ioctls are unrestricted (the argument comes with retries); a FUSE file's are restricted
+    unrestricted_ioctls = False
+
+    def ioctl(self, rq: Request, r) -> None:
+        handle = self.server.handles.get(r.fh)
+        if handle is None:
+            rq.err(errno.EBADF)
+        elif self.unrestricted_ioctls:
+            self.server.ioctls.unrestricted(rq, r, handle)
+        else:
+            self.server.ioctls.restricted(rq, r, handle)
+
+    def read(self, rq: Request, r) -> None:
+        handle = self.server.handles.get(r.fh)
+        if handle is None:
+            rq.err(errno.EBADF)
+            return
+        try:
+            data = self.server.dispatcher.read(handle.file_object, r.size, r.off)
+        except VfioError as e:
+            rq.err(e.errno)
+            return
+        rq.buf(bytes(data))
+
+    def write(self, rq: Request, r) -> None:
+        handle = self.server.handles.get(r.fh)
+        if handle is None:
+            rq.err(errno.EBADF)
+            return
+        data = payload(r.in_buf, r.in_size)
+        try:
+            count = self.server.dispatcher.write(handle.file_object, data, r.off)
+        except VfioError as e:
+            rq.err(e.errno)
+            return
+        rq.write(count)
+
+    def release(self, rq: Request, r) -> None:
+        self.server.release(rq, r.fh, r.sid)
+
+    def open_node(self, rq: Request, r, session: Session, inode: Inode) -> None:
+        """OPEN of the container node or a group node: the core's open, then a handle."""
+        server = self.server
+        if inode.node.group_id is not None:
+            # A device fd's release travels on the device-file mount and may
+            # still be queued there after its process died; it must count
+            # before this open does, as the kernel's exit would have
+            # completed it (a killed client's group opens again at once).
+            server.runtime.loop.drain(server.device_files.session)
+        try:
+            file_object = server.dispatcher.open(inode.node)
+        except VfioError as e:
+            log.info("pid %d: open %s: %s", r.pid, inode.name, e.strerror)
+            rq.err(e.errno)
+            return
+        handle = server.handles.new(file_object, session, inode.ino)
+        rq.open(handle.fh, direct_io=True, nonseekable=True)
+
+
+#: request kind -> the FileOps method that answers it
+_METHODS = {
+    OP_LOOKUP: "lookup", OP_GETATTR: "getattr", OP_READDIR: "readdir", OP_OPEN: "open",
+    OP_IOCTL: "ioctl", OP_READ: "read", OP_WRITE: "write", OP_RELEASE: "release",
+}
+
+
+def serve(ops: FileOps, r) -> None:
+    """The one router: request ``r`` of the loop to the method of its file system's table."""
+    op = r.op
+    if op == OP_INIT_DONE:
+        ops.init_done(r)
+        return
+    if op == OP_SESSION_END:
+        ops.session_end(r)
+        return
+    rq = Request(r.req)
+    try:
+        name = _METHODS.get(op)
+        if name is None:
+            rq.err(errno.ENOSYS)
+        else:
+            getattr(ops, name)(rq, r)
+    except Exception:
+        log.exception("request %d (pid %d) failed inside the server", r.op, r.pid)
+        if not rq.replied and not is_null(r.req):
+            rq.err(errno.EIO)

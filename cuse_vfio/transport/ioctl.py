@@ -1,0 +1,209 @@
+"""The ioctl path: one request object from the kernel's request to the dispatcher's answer.
+
+Most ioctls are answered on the loop thread; the few that need the server's
+own files while they run (resolving a container fd, opening a device file to
+hand off) run on a worker and are answered from there later, since doing
+them inline would make the loop wait for itself (``OFF_LOOP``).
+
+FUSE ioctls are restricted: the argument is read where it lies, through the
+calling thread (``ProcessMemory``).  CUSE ioctls are unrestricted: the
+kernel sends the argument bytes the server asked for in its last retry
+reply, and :mod:`.retry` plans those rounds from what the handler reads.
+The retry reaches the handler as an exception (``RetryRequest``, which every
+layer that catches Exception lets through, and ``RetryMemory.incomplete`` in
+case one does not): the handler runs again with more bytes, which is safe
+because every VFIO handler reads all of its input before it acts.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Dict, List, Tuple
+
+from ..dispatch import Dispatcher, RetryRequest
+from ..errors import VfioError
+from ..memory import ProcessMemory, tgid_of
+from ..uapi.ioctls import VFIO_DEVICE_PCI_HOT_RESET, VFIO_GROUP_GET_DEVICE_FD, VFIO_GROUP_SET_CONTAINER, NodeKind
+from .handles import Handle, HandleTable
+from .retry import CuseIoctlArg, RetryMemory, RetryState
+from .shim import Request, payload
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+#: The server's private "which open are you" ioctl, issued on fds fetched from
+#: clients.  ';' 100+99 is past every VFIO number; the argument must be the
+#: server's secret and the caller the server itself, so clients learn nothing.
+VFIO_CUSE_IDENTIFY = (ord(";") << 8) | (100 + 99)
+
+#: Ioctls that need the server's own files while they run (see module doc).
+OFF_LOOP = frozenset({
+    (NodeKind.GROUP, VFIO_GROUP_SET_CONTAINER),
+    (NodeKind.GROUP, VFIO_GROUP_GET_DEVICE_FD),
+    (NodeKind.DEVICE, VFIO_DEVICE_PCI_HOT_RESET),
+})
+
+_OFF_LOOP_BY_KIND = {kind: frozenset(cmd for k, cmd in OFF_LOOP if k is kind) for kind in NodeKind}
+
+
+@dataclass
+class IoctlRequest:
+    """One ioctl as the kernel sent it: on which open, which call, from which thread, with which bytes."""
+
+    rq: Request
+    handle: Handle
+    cmd: int
+    arg: int
+    tid: int
+    uid: int
+    sid: int
+    #: unrestricted (CUSE): ``in_data`` holds what the last retry asked for
+    cuse: bool = False
+    in_data: bytes = b""
+    in_size: int = 0
+    out_size: int = 0
+
+    @classmethod
+    def from_kernel(cls, rq: Request, r, handle: Handle, cuse: bool) -> "IoctlRequest":
+        return cls(rq, handle, r.cmd, r.arg, r.pid, r.uid, r.sid, cuse,
+                   payload(r.in_buf, r.in_size) if cuse else b"", r.in_size, r.out_size)
+
+    @property
+    def key(self) -> Tuple[int, int]:
+        """What a retry is known by: the session and the calling thread (one ioctl at a time each)."""
+        return self.sid, self.tid
+
+    @property
+    def off_loop(self) -> bool:
+        return self.cmd in _OFF_LOOP_BY_KIND[self.handle.kind]
+
+
+class IoctlPath:
+    """Serves ioctls of every file system; ``make_caller(tid, uid)`` is the RequestCaller of a request."""
+
+    def __init__(self, dispatcher: Dispatcher, handles: HandleTable, runtime: "Runtime",
+                 make_caller: Callable[[int, int], object], secret: int):
+        self.dispatcher = dispatcher
+        self.handles = handles
+        self.runtime = runtime
+        self.make_caller = make_caller
+        self.secret = secret
+        self._lock = threading.Lock()
+        self._retries: Dict[Tuple[int, int], RetryState] = {}
+
+    # -- entry points ----------------------------------------------------------------------
+    def restricted(self, rq: Request, r, handle: Handle) -> None:
+        """A FUSE file's ioctl.  The hot path: answered on the loop thread (GET_API_VERSION, GET_STATUS...)."""
+        cmd = r.cmd
+        if cmd in _OFF_LOOP_BY_KIND[handle.kind] or cmd == VFIO_CUSE_IDENTIFY:
+            self.submit(IoctlRequest.from_kernel(rq, r, handle, cuse=False))
+            return
+        tid = r.pid
+        caller = self.make_caller(tid, r.uid)
+        try:
+            result = self.dispatcher.ioctl(handle.file_object, cmd,
+                                           self.dispatcher.make_arg(r.arg, caller, ProcessMemory(tid)))
+        finally:
+            caller.done()
+        rq.ioctl(result)
+
+    def unrestricted(self, rq: Request, r, handle: Handle) -> None:
+        """A CUSE device's ioctl, with the bytes of its last retry."""
+        self.submit(IoctlRequest.from_kernel(rq, r, handle, cuse=True))
+
+    def forget(self, sid: int, fh: int) -> None:
+        """RELEASE of ``fh``: a retry still planned for it will never come."""
+        with self._lock:
+            for key in [k for k, v in self._retries.items() if k[0] == sid and v.fh == fh]:
+                del self._retries[key]
+
+    # -- the path --------------------------------------------------------------------------
+    def submit(self, req: IoctlRequest) -> None:
+        """The server's identify ioctl, or the request: on this thread, or on a worker when off-loop."""
+        rq = req.rq
+        if req.cmd == VFIO_CUSE_IDENTIFY and req.arg == self.secret and tgid_of(req.tid) == os.getpid():
+            rq.ioctl(req.handle.fh)
+            return
+        if not req.off_loop:
+            self.run(req)
+            return
+        if not self.runtime.accepts_work():
+            rq.err(errno.EIO)
+            return
+        self.handles.hold(req.handle)
+
+        def deferred() -> None:
+            try:
+                self.run(req)
+            except Exception:
+                log.exception("pid %d: ioctl 0x%x failed inside the server", req.tid, req.cmd)
+                if not rq.replied:
+                    rq.err(errno.EIO)
+            finally:
+                self.handles.unhold(req.handle)
+
+        try:
+            self.runtime.workers.submit(deferred)
+        except RuntimeError:  # shut down meanwhile
+            self.handles.unhold(req.handle)
+            rq.err(errno.EIO)
+
+    def run(self, req: IoctlRequest) -> None:
+        caller = self.make_caller(req.tid, req.uid)
+        try:
+            if not req.cuse:
+                # FUSE: a restricted ioctl, the argument is read where it lies,
+                # through the calling thread (process_vm_* take any tid of the
+                # process, so the tgid is looked up only if someone asks).
+                result = self.dispatcher.ioctl(req.handle.file_object, req.cmd,
+                                               self.dispatcher.make_arg(req.arg, caller, ProcessMemory(req.tid)))
+                req.rq.ioctl(result)
+                return
+            self.run_cuse(req, caller)
+        finally:
+            caller.done()
+
+    def run_cuse(self, req: IoctlRequest, caller) -> None:
+        """One round of the unrestricted-ioctl retry protocol (cv_reply_ioctl_retry in csrc/shim.c)."""
+        rq, key, cmd, arg = req.rq, req.key, req.cmd, req.arg
+        with self._lock:
+            state = self._retries.pop(key, None)
+        if req.in_size == 0 and req.out_size == 0:
+            ranges: List[Tuple[int, int]] = []  # a new call: the kernel sends nothing first
+        elif state is not None and state.matches(req.handle.fh, cmd, arg, req.in_size, req.out_size):
+            ranges = state.ranges
+        else:
+            log.error("thread %d: CUSE ioctl 0x%x came back with %d/%d bytes that no retry of ours asked for",
+                      key[1], cmd, req.in_size, req.out_size)
+            rq.err(errno.EIO)
+            return
+        memory = RetryMemory(key[1], ranges, req.in_data)
+        io_arg = CuseIoctlArg(arg, caller, memory, record=self.dispatcher.trace is not None)
+        try:
+            result = self.dispatcher.ioctl(req.handle.file_object, cmd, io_arg)
+            retry = memory.incomplete
+            if retry:
+                log.debug("thread %d: ioctl 0x%x: a RetryRequest was caught below the dispatcher", key[1], cmd)
+        except RetryRequest:
+            retry = True
+        if not retry:
+            rq.ioctl(result, memory.out_data())
+            return
+        try:
+            wanted = memory.next_ranges()
+        except VfioError as e:
+            log.info("thread %d: ioctl 0x%x: %s", key[1], cmd, e.strerror)
+            rq.err(e.errno)
+            return
+        with self._lock:
+            self._retries[key] = RetryState(req.handle.fh, cmd, arg, wanted)
+        if rq.ioctl_retry(wanted) == -errno.ENOMEM:
+            with self._lock:
+                self._retries.pop(key, None)
+            rq.err(errno.ENOMEM)

@@ -1,0 +1,167 @@
+"""What serving runs on: its directories, the loop and its sessions, the workers, the hand-off socket.
+
+``start`` makes them, in an order that lets each find what it needs;
+``stop`` takes them down in the reverse order, bounded in time, and removes
+only the directories and mounts it made itself.  Nothing here knows a node,
+a file or a VFIO rule: sessions come from the file systems that serve them.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, List, Optional
+
+from ..mounts import detach
+from .eventfd import EventfdPoller
+from .handoff import Handoff, Mapper
+from .shim import Loop, Session
+
+log = logging.getLogger(__name__)
+
+
+def _rmdir_quietly(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+class Runtime:
+    """The runtime directory (0711: every user reaches the socket by name, nobody lists it), and the rest."""
+
+    def __init__(self, runtime_dir: Optional[str], workers: int):
+        self._runtime_dir_arg = runtime_dir
+        self.runtime_dir: Optional[str] = None
+        self._workers_count = workers
+        self.loop: Optional[Loop] = None
+        self.loop_thread: Optional[threading.Thread] = None
+        self.workers: Optional[ThreadPoolExecutor] = None
+        self.handoff: Optional[Handoff] = None
+        self.eventfd_poller: Optional[EventfdPoller] = None
+        self.sessions: List[Session] = []
+        self.stopping = False
+        self._created_runtime_dir = False
+        self._created_dirs: List[str] = []
+
+    @property
+    def device_mount(self) -> str:
+        """The FUSE mount device fds are files of (inside the 0711 runtime dir, 0700 itself)."""
+        return os.path.join(self.runtime_dir or "", "devices")
+
+    @property
+    def socket_path(self) -> str:
+        return os.path.join(self.runtime_dir or "", "handoff.sock")
+
+    # -- start -----------------------------------------------------------------------
+    def start(self, mapper: Mapper, handoff_ttl: float) -> None:
+        """The runtime directory, the eventfd poller, the hand-off socket, the workers, the loop."""
+        self._make_runtime_dir()
+        self.eventfd_poller = EventfdPoller()
+        self.handoff = Handoff(self.socket_path, ttl=handoff_ttl, mapper=mapper)
+        self.handoff.start()
+        self.workers = ThreadPoolExecutor(max_workers=self._workers_count, thread_name_prefix="cuse-vfio-worker")
+        self.loop = Loop()
+        os.makedirs(self.device_mount, mode=0o700, exist_ok=True)
+
+    def _make_runtime_dir(self) -> None:
+        if self._runtime_dir_arg:
+            os.makedirs(self._runtime_dir_arg, mode=0o700, exist_ok=True)
+            self.runtime_dir = os.path.abspath(self._runtime_dir_arg)
+        else:
+            base = "/run" if os.access("/run", os.W_OK) else None
+            self.runtime_dir = tempfile.mkdtemp(prefix="cuse-vfio.", dir=base)
+            self._created_runtime_dir = True
+        # Every local user must reach the hand-off socket by its name (a client
+        # need not be root), but nobody lists or changes what is in here.
+        os.chmod(self.runtime_dir, 0o711)
+
+    def make_dir(self, path: str, mode: int) -> None:
+        """A directory serving needs (the nodes' mount point); removed at stop only if made here."""
+        if not os.path.isdir(path):
+            os.makedirs(path, mode=mode)
+            self._created_dirs.append(path)
+
+    def add_session(self, session: Session) -> None:
+        self.sessions.append(session)
+        self.loop.add(session)
+
+    def run_loop(self) -> None:
+        self.loop_thread = threading.Thread(target=self._serve, name="cuse-vfio-loop", daemon=True)
+        self.loop_thread.start()
+
+    def _serve(self) -> None:
+        rc = self.loop.run()
+        if rc != 0 and not self.stopping:
+            log.error("the serving loop stopped: %s", os.strerror(-rc))
+
+    def on_loop_thread(self) -> bool:
+        return self.loop is not None and threading.get_ident() == self.loop.thread_ident
+
+    def accepts_work(self) -> bool:
+        return not self.stopping and self.workers is not None
+
+    # -- stop ------------------------------------------------------------------------
+    def stop(self, timeout: float, release_all: Callable[[], None]) -> None:
+        """Down in the reverse order of start; ``release_all`` ends what clients still hold.
+
+        Safe to call twice or after a failed start.
+        """
+        if self.stopping:
+            return
+        self.stopping = True
+        # 1. Let in-flight deferred requests finish while the loop still serves
+        #    them, for a bounded time: a worker stuck (in a client's own FUSE
+        #    file, say) is left behind.
+        if self.workers is not None:
+            self.workers.shutdown(wait=False)
+            deadline = time.monotonic() + timeout
+            for worker in list(getattr(self.workers, "_threads", ())):
+                worker.join(max(0.0, deadline - time.monotonic()))
+                if worker.is_alive():
+                    log.error("%s is still busy after %g s: stopping without it", worker.name, timeout)
+        # 2. Unredeemed device files are closed, which the loop turns into releases.
+        if self.handoff is not None:
+            self.handoff.stop()
+        # 3. Stop the loop, then the kernel connections (nothing can reply to them any more).
+        if self.loop is not None:
+            self.loop.stop()
+        if self.loop_thread is not None:
+            self.loop_thread.join(timeout=timeout)
+            if self.loop_thread.is_alive():
+                # The sessions cannot be freed under the loop; at least leave nothing mounted.
+                log.error("the serving loop did not stop; its mounts are detached, sessions left to process exit")
+                self.detach_mounts()
+                return
+        for session in reversed(self.sessions):
+            session.free()
+        self.sessions.clear()
+        if self.loop is not None:
+            self.loop.free()
+        # 4. Whatever clients still hold is gone now: release it like their exit would.
+        release_all()
+        if self.eventfd_poller is not None:
+            self.eventfd_poller.stop()
+        for path in reversed(self._created_dirs):
+            _rmdir_quietly(path)
+        if self.runtime_dir:
+            _rmdir_quietly(self.device_mount)
+            if self._created_runtime_dir:
+                shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    def detach_mounts(self) -> None:
+        """Lazily unmount every FUSE mount of ours, without a lookup its (stuck) daemon would answer."""
+        for session in self.sessions:
+            if session.kind != "fuse":
+                continue
+            try:
+                detach(session.where)
+            except OSError as e:
+                if e.errno != errno.EINVAL:  # EINVAL: not mounted (any more)
+                    log.error("cannot detach %s: %s", session.where, os.strerror(e.errno))
