@@ -11,7 +11,7 @@ implementation in :mod:`cuse_vfio.dispatch`, never re-implemented by drivers.
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, Type, TypeVar, runtime_checkable
+from typing import Optional, Protocol, Sequence, Tuple, Type, TypeVar, runtime_checkable
 
 T = TypeVar("T")
 
@@ -131,3 +131,9 @@ class DmaSpace(Protocol):
     def dma_read(self, iova: int, size: int, device: Optional[str] = None) -> bytes: ...
 
     def dma_write(self, iova: int, data: bytes, device: Optional[str] = None) -> None: ...
+
+    # Scatter lists [(iova, length), ...] in one go; a DmaSpace without them is
+    # driven one entry at a time by the PCI framework's DmaPort.
+    def dma_readv(self, segments: Sequence[Tuple[int, int]], device: Optional[str] = None) -> bytes: ...
+
+    def dma_writev(self, segments: Sequence[Tuple[int, int]], data: bytes, device: Optional[str] = None) -> None: ...
