@@ -63,9 +63,16 @@ class Machine:
                 self._pending[spec.bdf] = VfioPciDevice(function, spec.bdf, io_width=io_width)
             except ValueError as e:
                 raise TopologyError(f"{topology.source}: device {spec.bdf}: {e}") from None
+            if not spec.iommu and not self.noiommu.enable_unsafe_noiommu_mode:
+                # vfio_pci_core_register_device -> vfio_group_find_or_alloc: -EINVAL, the probe fails
+                raise TopologyError(f"{topology.source}: device {spec.bdf} has iommu = false: vfio-pci binds a "
+                                    "device without an IOMMU only with [module.vfio] "
+                                    "enable_unsafe_noiommu_mode = true (or --noiommu)")
             group = self.iommu_groups.get(spec.group)
             if group is None:
-                group = self.iommu_groups[spec.group] = IommuGroup(spec.group)
+                group = self.iommu_groups[spec.group] = IommuGroup(spec.group, noiommu=not spec.iommu)
+                if not spec.iommu:  # vfio_noiommu_group_alloc
+                    log.warning("vfio-pci %s: Adding kernel taint for vfio-noiommu group on device", spec.bdf)
             dev = self.bus_devices[spec.bdf] = BusDevice(spec.bdf)
             group.add_device(dev)
             device_bind(dev, self.vfio_pci)

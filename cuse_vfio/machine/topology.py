@@ -171,6 +171,7 @@ def parse(text: str, source: str, known_models=None) -> Topology:
 
     groups: Dict[int, GroupNode] = {}
     used = {d.group for d in devices}
+    noiommu = {d.group for d in devices if not d.iommu}
     raw_groups = doc.get("group", {})
     if not isinstance(raw_groups, dict):
         fail("group must be tables like [group.2]", "group")
@@ -186,9 +187,9 @@ def parse(text: str, source: str, known_models=None) -> Topology:
         mode = entry.get("mode", "0600")
         if not isinstance(mode, str) or not re.fullmatch(r"0?[0-7]{3}", mode):
             fail(f"mode {mode!r} is not an octal string like \"0660\"", table, 0, "mode")
-        groups[int(name)] = GroupNode(int(name), uid, gid, int(mode, 8))
+        groups[int(name)] = GroupNode(int(name), uid, gid, int(mode, 8), int(name) in noiommu)
     for gid_ in sorted(used):
-        groups.setdefault(gid_, GroupNode(gid_))
+        groups.setdefault(gid_, GroupNode(gid_, noiommu=gid_ in noiommu))
     modules = _modules(doc.get("module", {}), fail)
     return Topology(devices, groups, source, modules, _iommu(doc.get("iommu", {}), fail))
 
