@@ -123,7 +123,7 @@ class LocalProcess:
         name = os.path.basename(path)
         node = Node.container() if name == "vfio" else Node.group(int(name.rpartition("-")[2]))
         try:
-            return self.install_fd(self.dispatcher.open(node))
+            return self.install_fd(self.dispatcher.open(node, self))
         except VfioError as e:
             raise OSError(e.errno, e.strerror, path) from None
 
