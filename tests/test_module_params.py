@@ -72,9 +72,9 @@ def iova_ranges(p, c):
 # -- the topology tables -------------------------------------------------------------------
 
 def test_module_tables_are_read_under_the_kernels_names():
-    t = parse(DEVICE + "[module.vfio-iommu-type1]\ndma_entry_limit = 262144\n[module.vfio_pci]\nnointxmask = true\n",
+    t = parse(DEVICE + "[module.vfio-iommu-type1]\ndma_entry_limit = 262144\n[module.vfio_pci]\ndisable_vga = true\n",
               "t.toml")
-    assert t.modules == {"vfio_iommu_type1": {"dma_entry_limit": 262144}, "vfio_pci": {"nointxmask": True}}
+    assert t.modules == {"vfio_iommu_type1": {"dma_entry_limit": 262144}, "vfio_pci": {"disable_vga": True}}
 
 
 @pytest.mark.parametrize("table, needle", [
@@ -86,6 +86,7 @@ def test_module_tables_are_read_under_the_kernels_names():
     ("[module.vfio]\nenable_unsafe_noiommu_mode = \"yes\"\n", "line 7: vfio.enable_unsafe_noiommu_mode is a bool"),
     ("[module.kvm]\nhalt_poll_ns = 0\n", "unknown module 'kvm'"),
     ("[module.vfio_pci]\nenable_sriov = true\n", "cannot be set here"),
+    ("[module.vfio_pci]\nnointxmask = true\n", "cannot be set here"),
     ("[iommu]\naw_bits = 57\n", "line 7: aw_bits 57: QEMU's intel-iommu offers 39 or 48"),
     ("[iommu]\nintremap = 1\n", "intremap 1 is true or false"),
     ("[iommu]\nreserved = [[\"0x2000\", \"0x1000\"]]\n", "reserved region"),
@@ -112,15 +113,15 @@ def test_every_parameter_has_a_default_that_its_own_check_accepts():
 
 def test_sysfs_parameters_show_what_the_topology_set(made):
     m = made("[module.vfio_iommu_type1]\ndma_entry_limit = 3\ndisable_hugepages = true\n"
-             "[module.vfio_pci]\ndisable_idle_d3 = true\nnointxmask = true\n[module.vfio]\n"
+             "[module.vfio_pci]\ndisable_vga = true\n[module.vfio]\n"
              "enable_unsafe_noiommu_mode = true\n")
     view = m.sysfs_view()
     for path, value in (("vfio_iommu_type1/parameters/dma_entry_limit", b"3\n"),
                         ("vfio_iommu_type1/parameters/disable_hugepages", b"Y\n"),
                         ("vfio_iommu_type1/parameters/allow_unsafe_interrupts", b"N\n"),
-                        ("vfio_pci/parameters/disable_idle_d3", b"Y\n"),
-                        ("vfio_pci/parameters/nointxmask", b"Y\n"),
-                        ("vfio_pci/parameters/disable_vga", b"N\n"),
+                        ("vfio_pci/parameters/disable_idle_d3", b"N\n"),
+                        ("vfio_pci/parameters/nointxmask", b"N\n"),
+                        ("vfio_pci/parameters/disable_vga", b"Y\n"),
                         ("vfio/parameters/enable_unsafe_noiommu_mode", b"Y\n")):
         assert view.read(f"module/{path}") == value, path
     assert m.type1.dma_entry_limit == 3 and m.noiommu.enable_unsafe_noiommu_mode
