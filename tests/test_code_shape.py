@@ -43,13 +43,15 @@ def test_the_walk_finds_the_package():
     assert "cuse_vfio/devices/vfio_pci/core.py" in FILES
 
 
-@pytest.mark.parametrize("path", sorted(OVER_THE_LIMIT))
-def test_an_exception_is_still_needed(path):
+def test_every_exception_is_still_needed():
     # A file that came under the limit leaves the list, so the list says what is left.
-    full = os.path.join(ROOT, path)
-    assert os.path.exists(full), f"{path} is gone: remove it from OVER_THE_LIMIT"
-    with open(full, encoding="utf-8") as f:
-        assert len(f.read().splitlines()) > MAX_FILE_LINES, f"{path} is within the limit now: remove it from OVER_THE_LIMIT"
+    # (One test over the list, not one per entry: an empty list is no skipped test.)
+    for path in sorted(OVER_THE_LIMIT):
+        full = os.path.join(ROOT, path)
+        assert os.path.exists(full), f"{path} is gone: remove it from OVER_THE_LIMIT"
+        with open(full, encoding="utf-8") as f:
+            lines = len(f.read().splitlines())
+        assert lines > MAX_FILE_LINES, f"{path} is within the limit now: remove it from OVER_THE_LIMIT"
 
 
 @pytest.mark.parametrize("path", FILES)

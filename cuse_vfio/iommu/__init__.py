@@ -39,7 +39,8 @@ def register_default_drivers(vfio, noiommu: bool = False, **type1_options) -> Tu
     """Register type1 and noiommu with ``vfio`` (a ``core.Vfio``) and return them.
 
     The noiommu driver is always registered, as with ``CONFIG_VFIO_NOIOMMU=y``
-    (Debian's config); ``noiommu`` is its ``enable_unsafe_noiommu_mode``
+    (Debian's 6.1 leaves it unset: its vfio module shows no parameters in the
+    vfio VM); ``noiommu`` is its ``enable_unsafe_noiommu_mode``
     switch.  ``type1_options`` go to ``Type1Driver``.
     """
     noiommu_driver = NoIommuDriver(enable_unsafe_noiommu_mode=noiommu)

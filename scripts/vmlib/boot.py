@@ -150,7 +150,7 @@ class Run:
     """One boot's run directory (the guest's /vmrun) and its outcome.
 
     ``launcher`` names what started qemu in messages ("qemu", or "cuse-vfio
-    run and qemu" when qemu runs under a server); ``progress`` says on stderr
+    run" when qemu runs under a server; its output and qemu's are one log); ``progress`` says on stderr
     when the guest has booted and when it finished."""
 
     def __init__(self, launcher="qemu", progress=False):
@@ -165,6 +165,7 @@ class Run:
             open(self.path(f), "wb").close()
         self.boot_seconds = None
         self.launcher_log = ""
+        self.log_shown = False      # the launcher's own output was shown with a failure
 
     def path(self, name):
         return os.path.join(self.dir, name)
@@ -293,11 +294,12 @@ class Run:
                 "booted": "the guest booted but failed before running the command",
                 "running": "the guest died while running the command (no exit status)"}.get(stage, stage)
         if not stage and proc.returncode != 0 and not console_text:
-            what = "%s failed to start the VM" % self.launcher
-        say("%s; %s exited %s" % (what, self.launcher, proc.returncode))
-        q = read_text(self.path("qemu.log"))
-        if q and q.strip():
-            say("%s said:\n%s" % (self.launcher, tail_lines(q, 10)))
+            say("%s failed to start the VM (exit status %s)" % (self.launcher, proc.returncode))
+        else:
+            say("%s; %s exited %s" % (what, self.launcher, proc.returncode))
+        if self.launcher_log.strip():
+            say("%s said:\n%s" % (self.launcher, tail_lines(self.launcher_log, 10)))
+            self.log_shown = True
         if console_text:
             say("kernel console log: %s; what it says:\n%s" % (last_console, console_summary(console_text)))
         else:

@@ -8,8 +8,8 @@
 # A, B, C are MiB offsets on the namespace.  MIB MiB of random data go to A
 # and, at the same time from the other vCPU, to B (two dd with O_DIRECT,
 # pinned with taskset, so they go down two I/O queues); both are read back
-# with O_DIRECT and compared.  BAD_LBA (none: skip) must fail to read with
-# EIO.  Then a controller reset, after which A is read again and 1 MiB goes
+# with O_DIRECT and compared.  BAD_LBA (none: skip) must fail to read
+# (ENODATA with O_DIRECT, EIO through the page cache).  Then a controller reset, after which A is read again and 1 MiB goes
 # to C.  sha256 sums of what was written let the host check its backing file.
 set -u
 A=$1 B=$2 MIB=$3 BAD=$4 C=$5
@@ -73,15 +73,19 @@ say readback_a "$(cmp -s $work/a $work/ra && echo same || echo different)"
 say readback_b "$(cmp -s $work/b $work/rb && echo same || echo different)"
 
 if [ "$BAD" != none ]; then
+    # The block layer gives BLK_STS_MEDIUM to the reader as ENODATA (O_DIRECT);
+    # a buffered read of the page sees it as EIO (the page is not uptodate).
     lba=$(cat /sys/block/$ns/queue/logical_block_size)
-    dd_rc bad if=$dev of=/dev/null bs=$lba skip=$BAD count=1 iflag=direct
-    say bad_error "$(grep -o 'Input/output error' $work/bad.err | head -n 1)"
+    dd_rc bad_direct if=$dev of=/dev/null bs=$lba skip=$BAD count=1 iflag=direct
+    say bad_direct_error "$(sed -n 's/^dd: .*: //p' $work/bad_direct.err | head -n 1)"
     dd_rc before_bad if=$dev of=/dev/null bs=$lba skip=$((BAD - 1)) count=1 iflag=direct
-    sleep 1  # the kernel's error lines are printed as the request completes
-    # nvme_log_error: "nvme0n1: I/O Cmd(0x2) @ LBA N, 1 blocks, I/O Error (sct 0x2 / sc 0x81) DNR"
+    # nvme_log_error, before the request ends (so before dd returns):
+    # "nvme0n1: I/O Cmd(0x2) @ LBA N, 1 blocks, I/O Error (sct 0x2 / sc 0x81) DNR"
     # (the names are "Read", "Unrecovered Read Error" with CONFIG_NVME_VERBOSE_ERRORS)
-    say dmesg_nvme_error "$(dmesg | grep -E "$ns: .*\(0x2\) @ LBA $BAD, " | tail -n 1 | sed 's/^\[[^]]*\] //')"
-    say dmesg_medium_error "$(dmesg | grep -E "critical medium error, dev $ns, sector" | tail -n 1 | sed 's/^\[[^]]*\] //')"
+    say dmesg_nvme_error "$(dmesg | grep -E "$ns: .*\(0x2\) @ LBA $BAD, 1 blocks" | tail -n 1 | sed 's/^\[[^]]*\] //')"
+    say dmesg_medium_error "$(dmesg | grep -E "critical medium error, dev $ns, sector $BAD " | tail -n 1 | sed 's/^\[[^]]*\] //')"
+    dd_rc bad_buffered if=$dev of=/dev/null bs=4096 skip=$((BAD * lba / 4096)) count=1
+    say bad_buffered_error "$(sed -n 's/^dd: .*: //p' $work/bad_buffered.err | head -n 1)"
 fi
 
 echo 1 > $ctrl/reset_controller

@@ -2,7 +2,7 @@
 # Runs inside a scripts/guest guest for scripts/bench: reads from the first
 # NVMe namespace with O_DIRECT and prints what dd measured, one name=value a line.
 #
-#   nvme-read.sh MIB ROUNDS N4K
+#   guest-nvme-read.sh MIB ROUNDS N4K
 #
 #   seq_bytes_per_s=B   ROUNDS times: MIB MiB in 1 MiB reads (dd bs=1M iflag=direct)
 #   read4k_ns=T         ROUNDS times: N4K 4 KiB reads, one at a time; T is the
