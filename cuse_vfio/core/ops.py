@@ -137,3 +137,14 @@ class DmaSpace(Protocol):
     def dma_readv(self, segments: Sequence[Tuple[int, int]], device: Optional[str] = None) -> bytes: ...
 
     def dma_writev(self, segments: Sequence[Tuple[int, int]], data: bytes, device: Optional[str] = None) -> None: ...
+
+
+#: capability numbers (include/uapi/linux/capability.h)
+CAP_SYS_RAWIO = 17
+
+
+def capable(caller, cap: int) -> bool:
+    """``capable(cap)`` of the process behind ``caller``; in-process callers without a
+    ``capable`` method (tests, tools) act as the server's own root."""
+    check = getattr(caller, "capable", None)
+    return True if check is None else bool(check(cap))
