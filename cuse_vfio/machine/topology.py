@@ -1,6 +1,8 @@
 """Topology files: which emulated devices exist, in which IOMMU groups, with which node owners.
 
     # one QEMU edu device where q35 with an intel-iommu puts it
+    kernel_abi = "6.1" # optional: the Linux release the VFIO nodes behave as (6.1, 6.12)
+
     [[device]]
     bdf = "0000:00:02.0"
     model = "edu"
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from ..dispatch import GroupNode
+from ..uapi.abi import KERNEL_ABIS
 
 try:
     import tomllib
@@ -58,6 +61,8 @@ class Topology:
     devices: List[DeviceSpec]
     groups: Dict[int, GroupNode]
     source: str = "<default>"
+    #: the kernel release the file asks for (None: the command line's, else 6.1)
+    kernel_abi: Optional[str] = None
 
 
 def load(path: Optional[str] = None, known_models=None) -> Topology:
@@ -84,10 +89,15 @@ def parse(text: str, source: str, known_models=None) -> Topology:
         where = f"{source}, line {line}" if line else source
         raise TopologyError(f"{where}: {msg}")
 
-    unknown = set(doc) - {"device", "group"}
+    unknown = set(doc) - {"device", "group", "kernel_abi"}
     if unknown:
         key = sorted(unknown)[0]
-        fail(f"unknown section {key!r}: a topology has [[device]] entries and [group.N] tables", key)
+        fail(f"unknown section {key!r}: a topology has kernel_abi, [[device]] entries and [group.N] tables", key)
+    kernel_abi = doc.get("kernel_abi")
+    if kernel_abi is not None and kernel_abi not in KERNEL_ABIS:
+        line = next((n + 1 for n, t in enumerate(lines) if re.match(r"\s*kernel_abi\s*=", t)), 0)
+        raise TopologyError(f"{source}{f', line {line}' if line else ''}: kernel_abi {kernel_abi!r} is not "
+                            f"a kernel cuse-vfio can be: write one of " + ", ".join(f'"{v}"' for v in KERNEL_ABIS))
     raw_devices = doc.get("device", [])
     if not isinstance(raw_devices, list) or not raw_devices:
         fail("no [[device]] entry: a topology needs at least one device", "device")
@@ -135,7 +145,7 @@ def parse(text: str, source: str, known_models=None) -> Topology:
         groups[int(name)] = GroupNode(int(name), uid, gid, int(mode, 8))
     for gid_ in sorted(used):
         groups.setdefault(gid_, GroupNode(gid_))
-    return Topology(devices, groups, source)
+    return Topology(devices, groups, source, kernel_abi)
 
 
 def _id(value, lookup, attr: str, what: str, fail) -> int:
