@@ -10,7 +10,7 @@ that differs is a ``Rule`` declared beside the code it changes::
     SET_CONTAINER_NOT_A_CONTAINER = Rule(
         "group.set_container.not_a_container", errno.EINVAL,
         since={"6.2": errno.EBADFD},
-        why="vfio_group_ioctl_set_container ... (commit ...)")
+        why="... vfio_group_ioctl_set_container ends with -EBADFD ...")
     ...
     raise VfioError(SET_CONTAINER_NOT_A_CONTAINER.of(self.vfio.abi), ...)
 
