@@ -9,6 +9,7 @@
 * :mod:`.edu` -- QEMU's educational device.
 * :mod:`.nvme` -- an NVM Express 1.4 controller (QEMU's ``nvme``).
 * :mod:`.virtio` -- virtio-net on the transitional virtio PCI transport.
+* :mod:`.ivshmem` -- QEMU's ivshmem-plain: a big BAR of shared memory.
 """
 
 from .pci import (
@@ -36,6 +37,7 @@ from .vfio_pci import HotResetBus, ModelFailure, VfioPciDevice
 from . import edu  # noqa: E402,F401  (registers "edu")
 from . import nvme  # noqa: E402,F401  (registers "nvme")
 from . import virtio  # noqa: E402,F401  (registers "virtio-net")
+from . import ivshmem  # noqa: E402,F401  (registers "ivshmem-plain")
 
 __all__ = [
     "Bar", "Capability", "DmaFault", "ExpressCapability", "ExtendedCapability", "HotResetBus", "IoBar",

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Optional
 
 from ..dispatch import Node
 from ..errors import VfioError
+from .caller import RequestCaller
 from .shim import (
     OP_GETATTR,
     OP_INIT_DONE,
@@ -131,7 +132,7 @@ class FileOps:
             # completed it (a killed client's group opens again at once).
             server.runtime.loop.drain(server.device_files.session)
         try:
-            file_object = server.dispatcher.open(inode.node)
+            file_object = server.dispatcher.open(inode.node, RequestCaller(server, r.pid, r.uid))
         except VfioError as e:
             log.info("pid %d: open %s: %s", r.pid, inode.name, e.strerror)
             rq.err(e.errno)

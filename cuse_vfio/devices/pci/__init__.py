@@ -74,7 +74,7 @@ identity -> BARs and capabilities -> register handlers -> reset::
 from .regs import *  # noqa: F401,F403  (every register name of pci_regs.h)
 from .irq import IrqIndex, IrqSink  # noqa: F401
 from .config import ConfigSpace, capability_offsets  # noqa: F401
-from .bars import Bar, IoBar, MmioBar, RamBar, Rom, SharedMemory  # noqa: F401
+from .bars import Bar, FileMemory, FileRamBar, IoBar, MmioBar, RamBar, Rom, SharedMemory  # noqa: F401
 from .caps import (  # noqa: F401
     Capability,
     ExpressCapability,
