@@ -32,6 +32,18 @@ class AddressSpace(Protocol):
         not mapped (or not writable, with ``write``)."""
 
 
+class ForeignFile:
+    """An fd argument that is open but is none of this VFIO's files (/dev/null,
+    an eventfd): what ``fget`` gives the kernel before it checks ``f_op``, so
+    each ioctl answers it with its own errno (SET_CONTAINER: EINVAL or EBADFD)."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __repr__(self) -> str:
+        return f"ForeignFile({self.what!r})"
+
+
 class Caller(Protocol):
     """Who issued a request: the process, and its memory."""
 
