@@ -19,6 +19,7 @@ import pytest
 from cuse_vfio.machine import Machine
 from cuse_vfio.machine.topology import parse
 from cuse_vfio.transport.server import Server
+from cuse_vfio.transport.shim import TransportError
 from serving_support import CLIENT_TIMEOUT, TRANSPORT, parse_values, serving, unmount
 from test_transport_clients import CLIENT_C
 
@@ -200,4 +201,36 @@ def test_a_client_whose_memory_stalls_costs_only_itself(tmp_path):
             armed.unlink()
         unmount(str(mnt))
         fs.wait(timeout=CLIENT_TIMEOUT)
+        machine.close()
+
+
+def test_serve_refuses_a_dev_dir_another_server_mounted_and_leaves_its_mount(tmp_path):
+    machine = Machine(parse(TOPOLOGY, "<stall test topology>"))
+    dev_dir = str(tmp_path / "vfio")
+    first = Server(machine.dispatcher, machine.topology.groups.values(), transport="fuse",
+                   dev_dir=dev_dir, runtime_dir=str(tmp_path / "run1"))
+    second = Server(machine.dispatcher, machine.topology.groups.values(), transport="fuse",
+                    dev_dir=dev_dir, runtime_dir=str(tmp_path / "run2"))
+    try:
+        with serving(first):
+            print("a second server on the first one's --dev-dir is refused, and stops without touching it")
+            with pytest.raises(TransportError, match="already a mount point"):
+                second.start()
+            second.stop()
+            assert sorted(os.listdir(dev_dir)) == ["2", "3", "vfio"]  # the first one's mount, still served
+    finally:
+        machine.close()
+
+
+def test_a_sysfs_view_refuses_a_mount_point(tmp_path):
+    from cuse_vfio.sysfs.tree import SysfsViewError
+    machine = Machine(parse(TOPOLOGY, "<stall test topology>"))
+    mnt = str(tmp_path / "sys")
+    os.mkdir(mnt)
+    subprocess.run(["mount", "-t", "tmpfs", "none", mnt], check=True)
+    try:
+        with pytest.raises(SysfsViewError, match="already a mount point"):
+            machine.sysfs_view().mount(mnt)
+    finally:
+        unmount(mnt)
         machine.close()
