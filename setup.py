@@ -39,6 +39,6 @@ class build_py_with_client(build_py):
 
 # Metadata lives in pyproject.toml; this file adds only what must be code.
 setup(
-    cffi_modules=["csrc/_build_shim.py:ffibuilder"],
+    cffi_modules=["csrc/_build_shim.py:ffibuilder", "csrc/_build_shim.py:copier_ffibuilder"],
     cmdclass={"build_ext": build_ext_with_preload, "build_py": build_py_with_client},
 )

@@ -1,8 +1,10 @@
-"""cffi (API mode) build of ``cuse_vfio.transport._shim``, and of the LD_PRELOAD library.
+"""cffi (API mode) builds of ``cuse_vfio.transport._shim`` and ``cuse_vfio.memory._copier``,
+and of the LD_PRELOAD library.
 
-``setup.py`` names ``ffibuilder`` in ``cffi_modules``; its ``build_ext`` also
-calls :func:`build_preload`.  The cdef is read from ``shim.h`` (one
-declaration of every function and struct both sides use).
+``setup.py`` names ``ffibuilder`` and ``copier_ffibuilder`` in ``cffi_modules``;
+its ``build_ext`` also calls :func:`build_preload`.  Each cdef is read from its
+header (``shim.h``, ``copier.h``: one declaration of every function and struct
+both sides use).
 """
 
 import os
@@ -70,6 +72,18 @@ ffibuilder.set_source(
     library_dirs=[f[2:] for f in _pkg_config("--libs-only-L") if f.startswith("-L")],
 )
 
+#: The bounded copies of client memory (csrc/copier.h), below the transport: no libfuse in it.
+copier_ffibuilder = FFI()
+copier_ffibuilder.cdef(shim_cdef(os.path.join(HERE, "copier.h")))
+copier_ffibuilder.set_source(
+    "cuse_vfio.memory._copier",
+    '#include "copier.h"',
+    sources=[_relative(os.path.join(HERE, "copier.c"))],
+    include_dirs=[HERE],
+    extra_compile_args=["-Wall", "-O2"],
+    libraries=["pthread"],
+)
+
 PRELOAD_NAME = "libcuse_vfio_preload.so"
 
 
@@ -85,3 +99,4 @@ def build_preload(compiler, out_dir, build_temp):
 
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)
+    copier_ffibuilder.compile(verbose=True)

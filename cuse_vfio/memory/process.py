@@ -5,6 +5,15 @@
 ptrace (root, or ``kernel.yama.ptrace_scope`` allowing it).  ``fetch_fd`` is
 ``fdget`` on a number in the client's table: ``pidfd_getfd`` (Linux 5.6).
 FUSE and CUSE report the calling *thread*; ``tgid_of`` finds its process.
+
+No byte of a client's memory moves on the thread that asked for it: a page
+there may be a file on a FUSE mount whose daemon never answers, and the
+fault would hold that thread (and whatever lock it holds: the serving loop,
+the container's IOMMU) for as long as the client likes.  ``bounded_copy``
+makes the syscall on a copier thread (csrc/copier.c) and waits: up to
+``STALL_CHECK`` for any copy, then, unless the memory is a file on a FUSE
+mount (refused at once), up to ``STALL_LIMIT`` in all.  A copy that does not
+finish fails as a faulting copy does (EFAULT) and is left to its copier.
 """
 
 from __future__ import annotations
@@ -17,35 +26,10 @@ import weakref
 from typing import Optional
 
 from ..errors import VfioError
+from ._copier import ffi as _ffi
+from ._copier import lib as _copier
 
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-class _iovec(ctypes.Structure):
-    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
-
-
-_process_vm_readv = _libc.process_vm_readv
-_process_vm_writev = _libc.process_vm_writev
-for _fn in (_process_vm_readv, _process_vm_writev):
-    _fn.restype = ctypes.c_ssize_t
-    # iovec pointers as plain addresses: every ioctl argument crosses here, and
-    # byref() plus two new structures per call cost more than the syscall.
-    _fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
-
-
-class _IovecPair(threading.local):
-    """One local and one remote iovec per thread, reused by every transfer."""
-
-    def __init__(self) -> None:
-        self.iov = (_iovec * 2)()
-        self.local = self.iov[0]
-        self.remote = self.iov[1]
-        self.local_addr = ctypes.addressof(self.iov)
-        self.remote_addr = self.local_addr + ctypes.sizeof(_iovec)
-
-
-_iovecs = _IovecPair()
 
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
@@ -83,15 +67,14 @@ class ProcessMemory:
     def read(self, addr: int, size: int) -> bytes:
         if size == 0:
             return b""
-        buf = ctypes.create_string_buffer(size)
-        self._transfer(_process_vm_readv, ctypes.addressof(buf), addr, size, "read")
-        return buf.raw
+        buf = bytearray(size)
+        self._transfer(_copier.CV_COPY_READV, buf, addr, size, "read")
+        return bytes(buf)
 
     def write(self, addr: int, data: bytes) -> None:
         if not data:
             return
-        buf = ctypes.create_string_buffer(bytes(data), len(data))
-        self._transfer(_process_vm_writev, ctypes.addressof(buf), addr, len(data), "written")
+        self._transfer(_copier.CV_COPY_WRITEV, data, addr, len(data), "written")
 
     def probe(self, addr: int, size: int, write: bool) -> None:
         """What pinning user pages checks (MAP_DMA), without moving a byte: every page of
@@ -122,16 +105,13 @@ class ProcessMemory:
         raise VfioError(errno.EFAULT, f"pid {self.pid}: 0x{pos:x} (in [0x{addr:x}, 0x{end:x})) is not mapped"
                         + (" writable" if write else " readable"))
 
-    def _transfer(self, fn, local: int, remote: int, size: int, verb: str) -> None:
+    def _transfer(self, op: int, local, remote: int, size: int, verb: str) -> None:
         if remote < 0 or remote + size > 1 << 64:
             raise VfioError(errno.EFAULT, f"pid {self.pid}: 0x{remote:x} is not a user address")
-        iov = _iovecs
-        iov.local.iov_base, iov.local.iov_len = local, size
-        iov.remote.iov_base, iov.remote.iov_len = remote, size
-        done = fn(self.pid, iov.local_addr, 1, iov.remote_addr, 1, 0)
+        done = bounded_copy(op, self.pid, self.pid, remote, local, size)
         if done == size:
             return
-        err = ctypes.get_errno() if done < 0 else errno.EFAULT
+        err = -done if done < 0 else errno.EFAULT
         if err == errno.EPERM:
             raise VfioError(errno.EPERM, f"cannot reach the memory of pid {self.pid}: run the server as root "
                                          "(or allow ptrace: sysctl kernel.yama.ptrace_scope=0)")
@@ -178,24 +158,23 @@ class ProcessImage:
     def read(self, addr: int, size: int) -> bytes:
         if size == 0:
             return b""
-        try:
-            data = os.pread(self._fd, size, addr)
-        except (OSError, OverflowError):
-            raise VfioError(errno.EFAULT, f"pid {self.pid}: {size} bytes at 0x{addr:x} cannot be read") from None
-        if not data:
+        buf = bytearray(size)
+        done = self._copy(_copier.CV_COPY_PREAD, buf, addr, size)
+        if done < 0:
+            raise VfioError(errno.EFAULT, f"pid {self.pid}: {size} bytes at 0x{addr:x} cannot be read")
+        if done == 0:
             raise self._gone()
-        if len(data) != size:
+        data = bytes(buf)
+        if done != size:
             raise VfioError(errno.EFAULT, f"pid {self.pid}: {size} bytes at 0x{addr:x} cannot be read")
         return data
 
     def write(self, addr: int, data: bytes) -> None:
         if not data:
             return
-        try:
-            done = os.pwrite(self._fd, data, addr)
-        except (OSError, OverflowError):
-            raise VfioError(errno.EFAULT, f"pid {self.pid}: {len(data)} bytes at 0x{addr:x} "
-                                          "cannot be written") from None
+        done = self._copy(_copier.CV_COPY_PWRITE, data, addr, len(data))
+        if done < 0:
+            raise VfioError(errno.EFAULT, f"pid {self.pid}: {len(data)} bytes at 0x{addr:x} cannot be written")
         if done == 0:
             raise self._gone()
         if done != len(data):
@@ -210,9 +189,16 @@ class ProcessImage:
     def current(self, addr: int) -> bool:
         """Whether this image is still the process's: a byte of a mapped ``addr`` reads through it."""
         try:
-            return len(os.pread(self._fd, 1, addr)) == 1
-        except (OSError, OverflowError):
-            return True  # unmapped, but the address space is alive
+            done = self._copy(_copier.CV_COPY_PREAD, bytearray(1), addr, 1)
+        except VfioError:
+            return True  # a stalled page: the address space is there to stall
+        return done != 0  # an error: unmapped, but the address space is alive
+
+    def _copy(self, op: int, local, addr: int, size: int) -> int:
+        """Bytes moved through the image's fd, -errno, or 0 once the image is gone."""
+        if addr < 0 or addr + size > 1 << 63:  # past what an offset of /proc/PID/mem can name
+            return -errno.EFAULT
+        return bounded_copy(op, self._fd, self.pid, addr, local, size)
 
     def account_pinned(self, size: int) -> None:
         """vfio_lock_acct for MAP_DMA: ``size`` more bytes pinned, ENOMEM past RLIMIT_MEMLOCK
@@ -236,6 +222,66 @@ class ProcessImage:
 
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+#: Seconds any copy of client memory may take before its backing is looked at.
+STALL_CHECK = 0.05
+#: Seconds any copy may take in all (memory on a FUSE mount: ``STALL_CHECK``).
+STALL_LIMIT = 2.0
+
+
+def bounded_copy(op: int, target: int, pid: int, remote: int, local, size: int) -> int:
+    """One copy of ``size`` bytes at ``remote`` in the memory of ``pid`` (see the module): the
+    bytes moved or -errno; ``VfioError(EFAULT)`` when it stalls.  ``local`` is a writable buffer
+    for a read, the bytes for a write; ``target`` is ``pid`` or an fd of its /proc/PID/mem."""
+    reading = op in (_copier.CV_COPY_READV, _copier.CV_COPY_PREAD)
+    copy = _copier.cv_copy_start(op, target, remote, _ffi.NULL if reading else _ffi.from_buffer(local), size, pid)
+    if copy == _ffi.NULL:
+        err = _ffi.errno
+        if err == errno.EBUSY:
+            raise VfioError(errno.EFAULT, f"pid {pid}: {_copier.CV_COPY_MAX_STALLED} copies of its memory are "
+                                          "still stalled; no more are tried until they end")
+        raise VfioError(errno.EFAULT, f"pid {pid}: no copier for {size} bytes at 0x{remote:x} "
+                                      f"({os.strerror(err)}): too many copies are stalled")
+    dst = _ffi.from_buffer(local) if reading else _ffi.NULL
+    done = _copier.cv_copy_wait(copy, int(STALL_CHECK * 1000), dst)
+    if done != -errno.ETIMEDOUT:
+        return done
+    fuse = fuse_backing(pid, remote, size)
+    if fuse is None:
+        done = _copier.cv_copy_wait(copy, int((STALL_LIMIT - STALL_CHECK) * 1000), dst)
+        if done != -errno.ETIMEDOUT:
+            return done
+    _copier.cv_copy_abandon(copy)
+    why = f"it is {fuse}" if fuse else f"it did not move in {STALL_LIMIT:g} s"
+    raise VfioError(errno.EFAULT, f"pid {pid}: {size} bytes at 0x{remote:x} cannot be reached: {why}")
+
+
+def fuse_backing(pid: int, addr: int, size: int) -> Optional[str]:
+    """What names [addr, addr + size) of ``pid`` as a file on a FUSE mount (whose daemon decides
+    when a fault ends), or None: /proc/PID/maps device numbers against the FUSE mounts of its mountinfo."""
+    end = addr + max(size, 1)
+    devices = {}
+    try:
+        with open(f"/proc/{pid}/maps", "rb") as maps:
+            for line in maps:
+                fields = line.split(None, 5)
+                start, stop = (int(x, 16) for x in fields[0].split(b"-"))
+                if stop > addr and start < end:
+                    major, minor = (int(x, 16) for x in fields[3].split(b":"))
+                    path = fields[5].strip().decode("utf-8", "replace") if len(fields) > 5 else ""
+                    devices[(major, minor)] = path
+        if not any(dev != (0, 0) for dev in devices):
+            return None
+        with open(f"/proc/{pid}/mountinfo", "rb") as mountinfo:
+            for line in mountinfo:
+                mount, _, fs = line.partition(b" - ")
+                if fs.startswith(b"fuse"):
+                    major, minor = (int(x) for x in mount.split()[2].split(b":"))
+                    if (major, minor) in devices:
+                        return f"a file on a FUSE mount ({devices[(major, minor)] or 'unnamed'})"
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 CAP_IPC_LOCK = 14
 
 

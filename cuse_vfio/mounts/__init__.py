@@ -78,3 +78,40 @@ def mountinfo(path: str = "/proc/self/mountinfo") -> Dict[str, str]:
 def fs_types(mountpoint: str, path: str = "/proc/self/mountinfo") -> List[str]:
     """The file system types mounted exactly on ``mountpoint``, bottom to top."""
     return [fstype for where, fstype in _mounts(path) if where == mountpoint]
+
+
+def top_device(mountpoint: str, path: str = "/proc/self/mountinfo") -> Optional[Tuple[int, int]]:
+    """(major, minor) of the topmost mount exactly on ``mountpoint``, or None: read from mountinfo,
+    never by a stat that a stuck FUSE daemon at that place would have to answer."""
+    top = None
+    try:
+        with open(path) as f:
+            for line in f:
+                fields = line.split()
+                where = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+                if where == mountpoint:
+                    major, minor = fields[2].split(":")
+                    top = (int(major), int(minor))
+    except (OSError, ValueError, IndexError):
+        return None
+    return top
+
+
+def canonical(mountpoint: str) -> str:
+    """The path mountinfo names ``mountpoint`` by, without a lookup of the mount point itself
+    (its FUSE daemon may not answer yet, or ever): the parent resolved, the last name kept."""
+    mountpoint = os.path.abspath(mountpoint)
+    return os.path.join(os.path.realpath(os.path.dirname(mountpoint)), os.path.basename(mountpoint))
+
+
+def refuse_mount_point(path: str, what: str) -> None:
+    """A server mounts only on a directory nobody has mounted on: on top of another
+    server's mount it would hide that one, and detach it on exit."""
+    types = fs_types(canonical(path))
+    if types:
+        raise MountPointError(f"{what} {path} is already a mount point ({', '.join(types)}): another server "
+                              "may be serving there; stop it, unmount it, or choose another directory")
+
+
+class MountPointError(RuntimeError):
+    """A directory to mount on is taken; the message says which and what to do."""

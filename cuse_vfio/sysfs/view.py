@@ -8,6 +8,7 @@ import os
 import time
 from typing import Dict, Iterable, List, Optional
 
+from ..mounts import MountPointError, refuse_mount_point
 from .iommu import INTEL_IOMMU_ATTRIBUTES, SysfsIommu
 from .modules import SysfsModule
 from .mount import SysfsMount
@@ -213,6 +214,10 @@ class SysfsView:
         if not os.path.isdir(mnt.mountpoint):
             raise SysfsViewError(f"{mnt.mountpoint}: the sysfs view's mount point is not a directory; "
                                  "create it first")
+        try:
+            refuse_mount_point(mnt.mountpoint, "the sysfs view's mount point")
+        except MountPointError as e:
+            raise SysfsViewError(str(e)) from None
         if foreground:
             mnt.serve_foreground()
         else:

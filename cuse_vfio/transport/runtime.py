@@ -18,10 +18,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, List, Optional
 
-from ..mounts import detach
+from ..mounts import MountPointError, canonical, detach, refuse_mount_point, top_device
 from .eventfd import EventfdPoller
 from .handoff import Handoff, Mapper
-from .shim import Loop, Session
+from .shim import Loop, Session, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,14 @@ class Runtime:
         self.workers = ThreadPoolExecutor(max_workers=self._workers_count, thread_name_prefix="cuse-vfio-worker")
         self.loop = Loop()
         os.makedirs(self.device_mount, mode=0o700, exist_ok=True)
+        self.refuse_mount_point(self.device_mount, "the device-file mount point (in --runtime-dir)")
+
+    @staticmethod
+    def refuse_mount_point(path: str, what: str) -> None:
+        try:
+            refuse_mount_point(path, what)
+        except MountPointError as e:
+            raise TransportError(str(e)) from None
 
     def _make_runtime_dir(self) -> None:
         if self._runtime_dir_arg:
@@ -89,6 +97,9 @@ class Runtime:
             self._created_dirs.append(path)
 
     def add_session(self, session: Session) -> None:
+        if session.kind == "fuse":
+            # What "ours" is at that mount point: detach_mounts touches nothing else.
+            session.device = top_device(canonical(session.where))
         self.sessions.append(session)
         self.loop.add(session)
 
@@ -159,6 +170,10 @@ class Runtime:
         """Lazily unmount every FUSE mount of ours, without a lookup its (stuck) daemon would answer."""
         for session in self.sessions:
             if session.kind != "fuse":
+                continue
+            where = canonical(session.where)
+            if session.device is None or top_device(where) != session.device:
+                log.error("%s: the mount there is not the one this server made; left alone", session.where)
                 continue
             try:
                 detach(session.where)

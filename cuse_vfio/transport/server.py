@@ -186,6 +186,7 @@ class Server:
         runtime.add_session(self.device_files.mount())
         if self.transport == "fuse":
             nodes = self.nodes = NodeFiles(self, self.dev_dir, self.container_mode, self.groups)
+            runtime.refuse_mount_point(self.dev_dir, "--dev-dir")
             runtime.make_dir(self.dev_dir, 0o755)
             runtime.add_session(nodes.mount())
         else:

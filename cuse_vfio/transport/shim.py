@@ -153,6 +153,8 @@ class Session:
         self.ptr = ptr
         self.sid = sid
         self.where = where
+        #: FUSE: (major, minor) of the mount made, once the runtime looked (``top_device``)
+        self.device = None
 
     @classmethod
     def fuse(cls, mountpoint: str, options: str, handler: Callable) -> "Session":

@@ -1,0 +1,282 @@
+/*
+ * cuse-vfio copier: see copier.h.  One lock guards the idle threads, the
+ * thread count and the stalled counts; each copy has its own condition the
+ * thread that asked waits on.
+ */
+#define _GNU_SOURCE
+#include "copier.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#define CV_COPY_KEYS 64      /* keys with stalled copies at once (past that, EAGAIN) */
+#define CV_COPY_MAX_IDLE 8   /* idle threads kept; more exit */
+
+struct cv_copy {
+	int op, target, key;
+	uint64_t remote;
+	size_t len;
+	long result;         /* bytes moved or -errno, once done */
+	int done;
+	int abandoned;
+	pthread_cond_t cond; /* done */
+	struct cv_copier *copier;
+	char buf[];          /* the only memory the syscall touches on our side */
+};
+
+struct cv_copier {
+	pthread_cond_t cond; /* a copy was given */
+	struct cv_copy *copy;
+	struct cv_copier *next_idle;
+};
+
+static pthread_mutex_t cv_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct cv_copier *cv_idle;
+static int cv_idle_count;
+static int cv_threads;
+static struct { int key, count; } cv_stalled[CV_COPY_KEYS];
+
+static int *cv_stalled_slot(int key, int make)
+{
+	int i, free_slot = -1;
+
+	for (i = 0; i < CV_COPY_KEYS; i++) {
+		if (cv_stalled[i].count && cv_stalled[i].key == key)
+			return &cv_stalled[i].count;
+		if (!cv_stalled[i].count && free_slot < 0)
+			free_slot = i;
+	}
+	if (!make || free_slot < 0)
+		return NULL;
+	cv_stalled[free_slot].key = key;
+	return &cv_stalled[free_slot].count;
+}
+
+static long cv_copy_run(struct cv_copy *c)
+{
+	struct iovec local = { c->buf, c->len }, remote = { (void *)(uintptr_t)c->remote, c->len };
+	ssize_t n;
+
+	switch (c->op) {
+	case CV_COPY_READV:
+		n = process_vm_readv(c->target, &local, 1, &remote, 1, 0);
+		break;
+	case CV_COPY_WRITEV:
+		n = process_vm_writev(c->target, &local, 1, &remote, 1, 0);
+		break;
+	case CV_COPY_PREAD:
+		n = pread(c->target, c->buf, c->len, (off_t)c->remote);
+		break;
+	case CV_COPY_PWRITE:
+		n = pwrite(c->target, c->buf, c->len, (off_t)c->remote);
+		break;
+	default:
+		errno = EINVAL;
+		n = -1;
+	}
+	return n < 0 ? -errno : n;
+}
+
+static void cv_copy_free(struct cv_copy *c)
+{
+	pthread_cond_destroy(&c->cond);
+	free(c);
+}
+
+static void *cv_copier_main(void *arg)
+{
+	struct cv_copier *self = arg;
+
+	pthread_mutex_lock(&cv_lock);
+	for (;;) {
+		struct cv_copy *c;
+		long result;
+
+		while (!self->copy)
+			pthread_cond_wait(&self->cond, &cv_lock);
+		c = self->copy;
+		pthread_mutex_unlock(&cv_lock);
+		result = cv_copy_run(c);
+		pthread_mutex_lock(&cv_lock);
+		self->copy = NULL;
+		if (c->abandoned) {
+			int *stalled = cv_stalled_slot(c->key, 0);
+
+			if (stalled)
+				(*stalled)--;
+			cv_copy_free(c);
+		} else {
+			c->result = result;
+			c->done = 1;
+			pthread_cond_signal(&c->cond);
+		}
+		if (cv_idle_count >= CV_COPY_MAX_IDLE)
+			break;
+		self->next_idle = cv_idle;
+		cv_idle = self;
+		cv_idle_count++;
+	}
+	cv_threads--;
+	pthread_mutex_unlock(&cv_lock);
+	pthread_cond_destroy(&self->cond);
+	free(self);
+	return NULL;
+}
+
+/* An idle copier, or a new one; cv_lock held. */
+static struct cv_copier *cv_copier_get(void)
+{
+	struct cv_copier *t = cv_idle;
+	pthread_attr_t attr;
+	pthread_t thread;
+	sigset_t all, old;
+	int rc;
+
+	if (t) {
+		cv_idle = t->next_idle;
+		cv_idle_count--;
+		return t;
+	}
+	if (cv_threads >= CV_COPY_MAX_THREADS) {
+		errno = EAGAIN;
+		return NULL;
+	}
+	t = calloc(1, sizeof(*t));
+	if (!t) {
+		errno = ENOMEM;
+		return NULL;
+	}
+	pthread_cond_init(&t->cond, NULL);
+	pthread_attr_init(&attr);
+	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	pthread_attr_setstacksize(&attr, 64 * 1024);
+	/* Signals are the serving threads' business, never a copier's. */
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &old);
+	rc = pthread_create(&thread, &attr, cv_copier_main, t);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	pthread_attr_destroy(&attr);
+	if (rc) {
+		pthread_cond_destroy(&t->cond);
+		free(t);
+		errno = rc;
+		return NULL;
+	}
+	cv_threads++;
+	return t;
+}
+
+struct cv_copy *cv_copy_start(int op, int target, uint64_t remote, const void *src, size_t len, int key)
+{
+	struct cv_copy *c;
+	struct cv_copier *t;
+	pthread_condattr_t attr;
+	int *stalled;
+
+	c = malloc(sizeof(*c) + len);
+	if (!c) {
+		errno = ENOMEM;
+		return NULL;
+	}
+	c->op = op;
+	c->target = target;
+	c->key = key;
+	c->remote = remote;
+	c->len = len;
+	c->result = 0;
+	c->done = 0;
+	c->abandoned = 0;
+	if (src && (op == CV_COPY_WRITEV || op == CV_COPY_PWRITE))
+		memcpy(c->buf, src, len);
+	pthread_condattr_init(&attr);
+	pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+	pthread_cond_init(&c->cond, &attr);
+	pthread_condattr_destroy(&attr);
+
+	pthread_mutex_lock(&cv_lock);
+	stalled = cv_stalled_slot(key, 0);
+	if (stalled && *stalled >= CV_COPY_MAX_STALLED) {
+		pthread_mutex_unlock(&cv_lock);
+		cv_copy_free(c);
+		errno = EBUSY;
+		return NULL;
+	}
+	t = cv_copier_get();
+	if (!t) {
+		int err = errno;
+
+		pthread_mutex_unlock(&cv_lock);
+		cv_copy_free(c);
+		errno = err;
+		return NULL;
+	}
+	c->copier = t;
+	t->copy = c;
+	pthread_cond_signal(&t->cond);
+	pthread_mutex_unlock(&cv_lock);
+	return c;
+}
+
+long cv_copy_wait(struct cv_copy *c, int timeout_ms, void *dst)
+{
+	struct timespec deadline;
+	long result;
+
+	clock_gettime(CLOCK_MONOTONIC, &deadline);
+	deadline.tv_sec += timeout_ms / 1000;
+	deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+	if (deadline.tv_nsec >= 1000000000L) {
+		deadline.tv_sec++;
+		deadline.tv_nsec -= 1000000000L;
+	}
+	pthread_mutex_lock(&cv_lock);
+	while (!c->done) {
+		if (pthread_cond_timedwait(&c->cond, &cv_lock, &deadline) == ETIMEDOUT && !c->done) {
+			pthread_mutex_unlock(&cv_lock);
+			return -ETIMEDOUT;
+		}
+	}
+	pthread_mutex_unlock(&cv_lock);
+	result = c->result;
+	if (result > 0 && dst && (c->op == CV_COPY_READV || c->op == CV_COPY_PREAD))
+		memcpy(dst, c->buf, (size_t)result);
+	cv_copy_free(c);
+	return result;
+}
+
+void cv_copy_abandon(struct cv_copy *c)
+{
+	pthread_mutex_lock(&cv_lock);
+	if (c->done) {
+		pthread_mutex_unlock(&cv_lock);
+		cv_copy_free(c);
+		return;
+	}
+	c->abandoned = 1;
+	{
+		int *stalled = cv_stalled_slot(c->key, 1);
+
+		if (stalled)
+			(*stalled)++;
+		else
+			c->key = -1;   /* too many stalled keys to count this one */
+	}
+	pthread_mutex_unlock(&cv_lock);
+}
+
+int cv_copy_stalled(int key)
+{
+	int *stalled, n;
+
+	pthread_mutex_lock(&cv_lock);
+	stalled = cv_stalled_slot(key, 0);
+	n = stalled ? *stalled : 0;
+	pthread_mutex_unlock(&cv_lock);
+	return n;
+}

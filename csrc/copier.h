@@ -1,0 +1,54 @@
+/*
+ * cuse-vfio copier: moving bytes to and from a client's memory with a
+ * bounded wait.
+ *
+ * A copy from or to another process can block for as long as that process
+ * wants: its page may be a file on a FUSE mount whose daemon never answers
+ * (the fault waits, killable only, for the daemon).  So the server never
+ * makes the syscall on a thread that must go on: a copier thread makes it,
+ * and the thread that asked waits as long as it chooses.  A copy it stops
+ * waiting for is abandoned: its thread frees it when the syscall returns
+ * and is then idle again.  The thread that asked only ever sees the copy's
+ * own buffer, so an abandoned copy writes nowhere but there.
+ *
+ * Everything between the cffi-cdef markers is also the cdef of the Python
+ * binding (cuse_vfio.memory._copier, built by _build_copier.py).
+ */
+#ifndef CUSE_VFIO_COPIER_H
+#define CUSE_VFIO_COPIER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* cffi-cdef: begin */
+
+/* What a copy does (target is a pid for the *V ops, an fd of /proc/PID/mem for the P* ops). */
+enum cv_copy_op {
+	CV_COPY_READV = 0,   /* process_vm_readv */
+	CV_COPY_WRITEV = 1,  /* process_vm_writev */
+	CV_COPY_PREAD = 2,   /* pread */
+	CV_COPY_PWRITE = 3,  /* pwrite */
+};
+
+struct cv_copy;
+
+/* Start a copy of len bytes at remote, charged to key (the process whose
+ * memory it is).  A write takes its bytes from src now.  NULL with errno:
+ * EBUSY when key already has CV_COPY_MAX_STALLED copies abandoned and still
+ * running, EAGAIN when CV_COPY_MAX_THREADS copier threads exist and none is
+ * idle, ENOMEM. */
+struct cv_copy *cv_copy_start(int op, int target, uint64_t remote, const void *src, size_t len, int key);
+/* Wait at most timeout_ms for it: the bytes moved (a read's go to dst) or
+ * -errno, and the copy is freed; or -ETIMEDOUT, and it is still running. */
+long cv_copy_wait(struct cv_copy *c, int timeout_ms, void *dst);
+/* Stop waiting for a running copy: it is freed when its syscall returns. */
+void cv_copy_abandon(struct cv_copy *c);
+/* Copies of key abandoned and still running. */
+int cv_copy_stalled(int key);
+
+#define CV_COPY_MAX_STALLED 4
+#define CV_COPY_MAX_THREADS 64
+
+/* cffi-cdef: end */
+
+#endif
