@@ -279,9 +279,8 @@ class Type1Iommu:
         self._handed: Dict[object, object] = {}
         self._notifiers: Dict[object, object] = {}
         self._handed_lock = threading.Lock()
-        # The memory of the last MAP_DMA, held while the container is open: a
-        # client mapping and unmapping over and over keeps one ProcessImage
-        # (its fds and its account) instead of making one per MAP.
+        # The last MAP_DMA's memory, held while the container is open: a client that maps
+        # and unmaps over and over keeps one ProcessImage (fds, account), not one per MAP.
         self._recent_memory: object = None
 
     def __repr__(self) -> str:
