@@ -71,11 +71,22 @@ def test_after_exec_the_old_image_moves_nothing_and_a_new_one_is_made(child):
     assert fresh is not image and fresh.read(0x200000000, 8) == b"the next"
 
 
-def test_probe_checks_permissions_and_the_image(child):
+@pytest.mark.parametrize("procmap_query", [True, False], ids=["PROCMAP_QUERY", "maps-file"])
+def test_probe_checks_permissions_and_the_image(child, monkeypatch, procmap_query):
+    # Both ways a probe asks the kernel (PROCMAP_QUERY from 6.11, /proc/<pid>/maps before) agree.
+    from cuse_vfio.memory import process
+    monkeypatch.setattr(process, "_have_procmap_query", procmap_query and process._have_procmap_query)
     image = ProcessImage(child.pid)
     image.probe(0x200000000, 4096, write=True)
-    with pytest.raises(VfioError):
+    with pytest.raises(VfioError) as e:
         image.probe(0x200000000, 8192, write=False)
+    assert e.value.errno == errno.EFAULT and "0x200001000" in e.value.strerror
+    child.stdin.write("exec\n")
+    child.stdin.flush()
+    assert child.stdout.readline().strip() == "ready"  # the next program
+    with pytest.raises(VfioError) as e:
+        image.probe(0x200000000, 4096, write=False)
+    assert e.value.errno == errno.EFAULT and "exec" in e.value.strerror
 
 
 def _nobody():

@@ -279,6 +279,9 @@ class Type1Iommu:
         self._handed: Dict[object, object] = {}
         self._notifiers: Dict[object, object] = {}
         self._handed_lock = threading.Lock()
+        # The last MAP_DMA's memory, held while the container is open: a client that maps
+        # and unmaps over and over keeps one ProcessImage (fds, account), not one per MAP.
+        self._recent_memory: object = None
 
     def __repr__(self) -> str:
         return (f"Type1Iommu({'v2' if self.v2 else 'v1'}, groups={[g.id for g in self.groups]}, "
@@ -347,6 +350,7 @@ class Type1Iommu:
         """``vfio_iommu_type1_release``: every mapping and group goes."""
         with self.lock:
             self.released = True
+            self._recent_memory = None
             groups, self.groups = self.groups, []
             self._remove_all()
             self.dirty_page_tracking = False
@@ -494,6 +498,7 @@ class Type1Iommu:
             # and given to iommu_map alone, so no superpage ever backs it
             dma.iommu_pgsizes = pgsize if self.driver.disable_hugepages else self.pgsize_bitmap
             dma.pinned_in = _account(owner, size)
+            self._recent_memory = dma.pinned_in
             if self.dirty_page_tracking:
                 dma.dirty = dirty.new_bitmap(self, dma)
             self.dmas.insert(dma)

@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
+import resource
+import signal
 import threading
 import weakref
-from typing import Optional
+from typing import Dict, Optional
 
 from ..errors import VfioError
 from ._copier import ffi as _ffi
@@ -39,8 +42,7 @@ SYS_pidfd_open = 434
 SYS_pidfd_getfd = 438
 
 
-def tgid_of(tid: int) -> int:
-    """The process (thread group) of thread ``tid``: FUSE requests carry thread ids."""
+def _read_tgid(tid: int) -> int:
     try:
         with open(f"/proc/{tid}/status", "rb") as f:
             for line in f:
@@ -51,6 +53,71 @@ def tgid_of(tid: int) -> int:
     except ProcessLookupError:
         pass
     raise VfioError(errno.ESRCH, f"thread {tid} has exited")
+
+
+class _TgidCache:
+    """tid -> tgid, each answer checked before it is given again.
+
+    /proc/<tid>/status costs tens of microseconds, and every request needs
+    the answer.  A remembered tgid is kept with a pidfd of that process:
+    while the pidfd's process has not been reaped its pid names it and no
+    other, and /proc/<tgid>/task/<tid> existing then says ``tid`` is one of
+    its threads now (a tid that exited and came back elsewhere fails that).
+    """
+
+    LIMIT = 256
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tgid: Dict[int, int] = {}
+        self._pidfd: Dict[int, int] = {}
+
+    def _valid(self, tgid: int, tid: int) -> bool:
+        fd = self._pidfd.get(tgid)
+        if fd is None:
+            return False
+        try:
+            signal.pidfd_send_signal(fd, 0)
+            os.stat(f"/proc/{tgid}/task/{tid}")
+        except OSError:
+            return False
+        return True
+
+    def lookup(self, tid: int) -> int:
+        with self._lock:
+            tgid = self._tgid.get(tid)
+            if tgid is not None and self._valid(tgid, tid):
+                return tgid
+        tgid = _read_tgid(tid)
+        try:
+            fd = pidfd_open(tgid)
+        except VfioError:
+            return tgid  # gone meanwhile: answered as read, not remembered
+        with self._lock:
+            if len(self._tgid) >= self.LIMIT:
+                self._forget_all()
+            old = self._pidfd.pop(tgid, None)
+            if old is not None:
+                os.close(old)
+            self._pidfd[tgid] = fd
+            self._tgid[tid] = tgid
+            if not self._valid(tgid, tid):  # the pid was recycled between the two reads
+                del self._tgid[tid]
+        return tgid
+
+    def _forget_all(self) -> None:
+        for fd in self._pidfd.values():
+            os.close(fd)
+        self._pidfd.clear()
+        self._tgid.clear()
+
+
+_tgids = _TgidCache()
+
+
+def tgid_of(tid: int) -> int:
+    """The process (thread group) of thread ``tid``: FUSE requests carry thread ids."""
+    return _tgids.lookup(tid)
 
 
 class ProcessMemory:
@@ -134,7 +201,7 @@ class ProcessImage:
     of one image.
     """
 
-    __slots__ = ("pid", "pinned", "_fd", "_finalizer", "_lock", "__weakref__")
+    __slots__ = ("pid", "pinned", "_fd", "_maps_fd", "_locked", "_finalizer", "_lock", "__weakref__")
 
     def __init__(self, pid: int):
         self.pid = pid
@@ -147,7 +214,13 @@ class ProcessImage:
             raise VfioError(errno.ESRCH, f"pid {pid} has exited") from None
         except PermissionError:
             raise VfioError(errno.EPERM, f"cannot reach the memory of pid {pid}: run the server as root") from None
-        self._finalizer = weakref.finalize(self, os.close, self._fd)
+        try:
+            self._maps_fd: Optional[int] = os.open(f"/proc/{pid}/maps", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._maps_fd = None
+        #: VmLck (bytes the process mlock'ed itself) as last read; None: not read yet
+        self._locked: Optional[int] = None
+        self._finalizer = weakref.finalize(self, _close_image_fds, self._fd, self._maps_fd)
 
     def __repr__(self) -> str:
         return f"ProcessImage({self.pid})"
@@ -181,13 +254,47 @@ class ProcessImage:
             raise VfioError(errno.EFAULT, f"pid {self.pid}: {len(data)} bytes at 0x{addr:x} cannot be written")
 
     def probe(self, addr: int, size: int, write: bool) -> None:
-        """What pinning checks (the mappings of the process now), and that this image is its current one."""
-        ProcessMemory(self.pid).probe(addr, size, write)
-        if size > 0 and not self.current(addr):
+        """What pinning checks (the mappings of the process now), and that this image is its current one.
+
+        Each mapping over the range is asked of the kernel alone (PROCMAP_QUERY,
+        Linux 6.11, on a /proc/<pid>/maps fd opened on this image, which then
+        fails once the image is gone); older kernels read /proc/<pid>/maps.
+        """
+        if size <= 0:
+            return
+        if self._maps_fd is None or not _have_procmap_query or not self._query(addr, size, write):
+            ProcessMemory(self.pid).probe(addr, size, write)
+        if not self.current(addr):
             raise self._gone()
 
+    def _query(self, addr: int, size: int, write: bool) -> bool:
+        """The probe through PROCMAP_QUERY; False if this kernel has none."""
+        q = _ProcmapQuery()
+        end = addr + size
+        pos = addr
+        need = PROCMAP_QUERY_VMA_WRITABLE if write else PROCMAP_QUERY_VMA_READABLE
+        while pos < end:
+            q.size, q.query_flags, q.query_addr = ctypes.sizeof(q), 0, pos
+            q.vma_name_size = q.build_id_size = 0
+            try:
+                fcntl.ioctl(self._maps_fd, PROCMAP_QUERY, q)
+            except OSError as e:
+                if e.errno in (errno.ENOTTY, errno.EINVAL):
+                    global _have_procmap_query
+                    _have_procmap_query = False
+                    return False
+                if e.errno == errno.ESRCH:
+                    raise self._gone() from None
+                q.vma_flags = 0  # ENOENT: no mapping covers pos
+            if not q.vma_flags & need:
+                raise VfioError(errno.EFAULT, f"pid {self.pid}: 0x{pos:x} (in [0x{addr:x}, 0x{end:x})) is not "
+                                              "mapped" + (" writable" if write else " readable"))
+            pos = q.vma_end
+        return True
+
     def current(self, addr: int) -> bool:
-        """Whether this image is still the process's: a byte of a mapped ``addr`` reads through it."""
+        """Whether this image is still the process's.  Any ``addr`` tells: a live address space
+        gives a byte (mapped) or EIO (unmapped); a gone one (exit, exec) gives nothing."""
         try:
             done = self._copy(_copier.CV_COPY_PREAD, bytearray(1), addr, 1)
         except VfioError:
@@ -202,11 +309,19 @@ class ProcessImage:
 
     def account_pinned(self, size: int) -> None:
         """vfio_lock_acct for MAP_DMA: ``size`` more bytes pinned, ENOMEM past RLIMIT_MEMLOCK
-        (what the process has mlock'ed counts too) unless it has CAP_IPC_LOCK."""
+        (what the process has mlock'ed counts too) unless it has CAP_IPC_LOCK.
+
+        The capability and the limit are asked each time (capget, prlimit);
+        VmLck, which only /proc/<pid>/status tells, is read at the image's
+        first limited pin and again whenever the pin would fail with it, so
+        ENOMEM is always decided on a fresh figure.
+        """
         with self._lock:
             limit = _memlock_limit(self.pid)
             if limit is not None:
-                locked = _status_field(self.pid, b"VmLck:") * 1024
+                locked = self._locked
+                if locked is None or (locked + self.pinned + size) // PAGE_SIZE > limit // PAGE_SIZE:
+                    locked = self._locked = _status_field(self.pid, b"VmLck:") * 1024
                 if (locked + self.pinned + size) // PAGE_SIZE > limit // PAGE_SIZE:
                     raise VfioError(errno.ENOMEM, f"MAP_DMA: pid {self.pid} would pin {self.pinned + size} bytes "
                                                   f"(+{locked} locked) past its RLIMIT_MEMLOCK of {limit}: raise "
@@ -219,6 +334,30 @@ class ProcessImage:
 
     def close(self) -> None:
         self._finalizer()
+
+
+def _close_image_fds(fd: int, maps_fd: Optional[int]) -> None:
+    os.close(fd)
+    if maps_fd is not None:
+        os.close(maps_fd)
+
+
+class _ProcmapQuery(ctypes.Structure):
+    """``struct procmap_query`` (include/uapi/linux/fs.h, Linux 6.11)."""
+
+    _fields_ = [("size", ctypes.c_uint64), ("query_flags", ctypes.c_uint64), ("query_addr", ctypes.c_uint64),
+                ("vma_start", ctypes.c_uint64), ("vma_end", ctypes.c_uint64), ("vma_flags", ctypes.c_uint64),
+                ("vma_page_size", ctypes.c_uint64), ("vma_offset", ctypes.c_uint64), ("inode", ctypes.c_uint64),
+                ("dev_major", ctypes.c_uint32), ("dev_minor", ctypes.c_uint32), ("vma_name_size", ctypes.c_uint32),
+                ("build_id_size", ctypes.c_uint32), ("vma_name_addr", ctypes.c_uint64),
+                ("build_id_addr", ctypes.c_uint64)]
+
+
+# _IOWR('f', 17, struct procmap_query); the flags of vma_flags
+PROCMAP_QUERY = 0xC0000000 | ctypes.sizeof(_ProcmapQuery) << 16 | ord("f") << 8 | 17
+PROCMAP_QUERY_VMA_READABLE = 0x01
+PROCMAP_QUERY_VMA_WRITABLE = 0x02
+_have_procmap_query = True  # until a kernel says ENOTTY
 
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -298,18 +437,45 @@ def _status_field(pid: int, key: bytes) -> int:
     return 0
 
 
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+_capget = _libc.capget
+_capget.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+
+
+def has_capability(pid: int, cap: int) -> bool:
+    """Whether thread or process ``pid`` has ``cap`` in its effective set now (capget(2))."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, pid)
+    data = (_CapData * 2)()
+    if _capget(ctypes.addressof(header), ctypes.addressof(data)) != 0:
+        return False
+    return bool(data[cap // 32].effective >> (cap % 32) & 1)
+
+
 def _memlock_limit(pid: int) -> Optional[int]:
     """The RLIMIT_MEMLOCK pins count against, or None: unlimited, or CAP_IPC_LOCK (``dma->lock_cap``)."""
-    if _status_field(pid, b"CapEff:") >> CAP_IPC_LOCK & 1:
+    if has_capability(pid, CAP_IPC_LOCK):
         return None
-    # /proc/<pid>/limits, not prlimit(2): reading another process's limit that way
-    # needs CAP_SYS_RESOURCE, which a server in a container may not have.
+    try:
+        soft = resource.prlimit(pid, resource.RLIMIT_MEMLOCK)[0]
+        return None if soft == resource.RLIM_INFINITY else soft
+    except PermissionError:
+        pass  # reading another process's limit so needs CAP_SYS_RESOURCE, which a container may lack
+    except ProcessLookupError:
+        return None
     try:
         with open(f"/proc/{pid}/limits", "rb") as f:
             for line in f:
                 if line.startswith(b"Max locked memory"):
-                    soft = line.split()[3]
-                    return None if soft == b"unlimited" else int(soft)
+                    soft_word = line.split()[3]
+                    return None if soft_word == b"unlimited" else int(soft_word)
     except (OSError, ValueError, IndexError):
         pass
     return None
@@ -319,23 +485,12 @@ _images: "weakref.WeakValueDictionary[int, ProcessImage]" = weakref.WeakValueDic
 _images_lock = threading.Lock()
 
 
-def _first_mapped(pid: int) -> Optional[int]:
-    try:
-        with open(f"/proc/{pid}/maps", "rb") as maps:
-            line = maps.readline()
-    except OSError:
-        return None
-    return int(line.split(b"-", 1)[0], 16) if line else None
-
-
 def process_image(pid: int) -> ProcessImage:
     """The current image of process ``pid``, shared by every caller while someone holds it."""
     with _images_lock:
         image = _images.get(pid)
-        if image is not None:
-            first = _first_mapped(pid)
-            if first is not None and image.current(first):
-                return image
+        if image is not None and image.current(0):
+            return image
         image = ProcessImage(pid)
         _images[pid] = image
         return image
