@@ -60,7 +60,10 @@ class Machine:
                 raise TopologyError(f"{topology.source}: device {spec.bdf} (model {spec.model!r}): "
                                     f"{e.args[0] if e.args else e}") from None
             try:
-                self._pending[spec.bdf] = VfioPciDevice(function, spec.bdf, io_width=io_width)
+                self._pending[spec.bdf] = VfioPciDevice(
+                    function, spec.bdf, io_width=io_width,
+                    nointxmask=self.params.get("vfio_pci", "nointxmask"),
+                    disable_idle_d3=self.params.get("vfio_pci", "disable_idle_d3"))
             except ValueError as e:
                 raise TopologyError(f"{topology.source}: device {spec.bdf}: {e}") from None
             if not spec.iommu and not self.noiommu.enable_unsafe_noiommu_mode:

@@ -6,7 +6,8 @@ on the dev machine and Debian's 6.1 in the vfio VM):
 
 - ``vendor`` ``device`` ``subsystem_*`` ``"0x%04x\\n"``; ``class``
   ``"0x%06x\\n"``; ``revision`` ``"0x%02x\\n"``; ``irq`` ``"%u\\n"``;
-  ``numa_node`` ``"-1\\n"``; ``modalias``
+  ``numa_node`` ``"-1\\n"``; ``power_state`` ``"D0\\n"`` or ``"D3hot\\n"`` (the PM
+  control register's state, through ``config_reader``); ``modalias``
   ``"pci:v%08Xd%08Xsv%08Xsd%08Xbc%02Xsc%02Xi%02X\\n"``; ``uevent`` lines
   ``DRIVER=``, ``PCI_CLASS=%X``, ``PCI_ID=%04X:%04X``, ``PCI_SUBSYS_ID=``,
   ``PCI_SLOT_NAME=``, ``MODALIAS=``; ``local_cpus``/``local_cpulist``: the
@@ -83,6 +84,26 @@ PCI_SRIOV_VF_OFFSET = 0x14
 PCI_SRIOV_VF_STRIDE = 0x16
 PCI_SRIOV_VF_DID = 0x1A
 SRIOV_SIZE = 0x40
+
+
+# the PCI power management capability
+PCI_CAP_ID_PM = 0x01
+PCI_PM_CTRL = 4
+#: pci_power_names, from D0 (pci_power_name(state))
+PCI_POWER_NAMES = ("D0", "D1", "D2", "D3hot")
+
+
+def capability(cfg: bytes, cap_id: int) -> Optional[int]:
+    """The offset of the first standard capability ``cap_id`` in ``cfg`` (None: absent)."""
+    if len(cfg) < 0x40 or not cfg[0x06] & 0x10:  # PCI_STATUS_CAP_LIST
+        return None
+    pos, seen = cfg[0x34] & 0xFC, set()
+    while 0x40 <= pos <= len(cfg) - 2 and pos not in seen:
+        if cfg[pos] == cap_id:
+            return pos
+        seen.add(pos)
+        pos = cfg[pos + 1] & 0xFC
+    return None
 
 
 def ext_capability(cfg: bytes, cap_id: int) -> Optional[int]:
@@ -238,6 +259,19 @@ def _modalias(d: SysfsDevice) -> str:
             f"bc{d.class_code >> 16 & 0xFF:02X}sc{d.class_code >> 8 & 0xFF:02X}i{d.class_code & 0xFF:02X}")
 
 
+def _power_state(d: SysfsDevice) -> str:
+    """``power_state``: pci_power_name(current_state), which follows the PM control register.
+
+    A function without a PM capability stays in the D0 vfio-pci's probe set
+    (``pci_target_state`` gives D0 when it runtime-suspends).
+    """
+    cfg = bytes(d.config_reader())
+    pm = capability(cfg, PCI_CAP_ID_PM)
+    if pm is None or pm + PCI_PM_CTRL >= len(cfg):
+        return "D0\n"
+    return PCI_POWER_NAMES[cfg[pm + PCI_PM_CTRL] & 3] + "\n"
+
+
 def _resource(d: SysfsDevice) -> str:
     lines = list(d.resources) + [(0, 0, 0)] * (RESOURCE_LINES - len(d.resources))
     return "".join(f"0x{start:016x} 0x{end:016x} 0x{flags:016x}\n" for start, end, flags in lines)
@@ -316,6 +350,7 @@ DEVICE_ATTRIBUTES: Tuple[Tuple[str, int, Callable[[SysfsDevice], str]], ...] = (
     ("local_cpus", 0o444, lambda d: _host_cpus()[0] + "\n"),
     ("modalias", 0o444, lambda d: _modalias(d) + "\n"),
     ("numa_node", 0o644, lambda d: "-1\n"),
+    ("power_state", 0o444, _power_state),
     ("resource", 0o444, _resource),
     ("revision", 0o444, lambda d: f"0x{d.revision:02x}\n"),
     ("subsystem_device", 0o444, lambda d: f"0x{d.subsystem_device:04x}\n"),

@@ -1,8 +1,13 @@
 """vfio-pci's interrupts, as ``vfio_pci_intrs.c`` (6.1): INTx, MSI/MSI-X, ERR and REQ, and SET_IRQS.
 
-INTx is automasked when it fires, in the function's own INTx-disable bit (a
-PCI 2.3 function), and UNMASK re-signals instead while the function still
-has it pending; MSI/MSI-X vectors map to eventfds, their count fixed when
+INTx is automasked when it fires, and UNMASK re-signals while the function
+still has it pending.  Where it is masked depends on ``vdev->pci_2_3``: in the
+function's own INTx-disable bit (a PCI 2.3 function, the default), or, with
+``vfio_pci.nointxmask`` or a function whose bit does not work, at the
+interrupt controller (``disable_irq``/``enable_irq`` of its line), which a
+user sees as an INTx-disable bit that vfio-pci never touches in the sysfs
+``config`` (the virtual one of the VFIO config region is the user's either
+way, and GET_IRQ_INFO says MASKABLE | AUTOMASKED either way); MSI/MSI-X vectors map to eventfds, their count fixed when
 enabled (NORESIZE: no dynamic MSI-X in 6.1); ERR (PCI Express only) and REQ
 are single eventfds.  The MSI Enable the user reads is the virtual one it
 wrote, as on the kernel; MSI-X's is the function's.
@@ -123,6 +128,8 @@ class Interrupts:
         self.num_ctx = 0
         #: the user's virtual INTx-disable bit (vdev->virq_disabled)
         self.virq_disabled = False
+        #: INTx is masked in the function's INTx-disable bit (vdev->pci_2_3); False: at the line
+        self.pci_2_3 = True
         self.err_trigger = None
         self.req_trigger = None
 
@@ -223,12 +230,18 @@ class Interrupts:
         return caller.get_eventfd(fd)
 
     # INTx -----------------------------------------------------------------------
-    # The function masks INTx with its own INTx-disable bit (a PCI 2.3 function:
-    # pci_intx_mask_supported), so vfio-pci masks it there, as the kernel does:
-    # the handler sets the bit when the function says the interrupt is its own
-    # (pci_check_and_mask_intx), unmasking clears it unless another interrupt is
-    # already pending (pci_check_and_unmask_intx), and while INTx is not in use
-    # the bit follows the user's virtual INTx-disable.
+    # pci_2_3 (a function whose INTx-disable bit works, pci_intx_mask_supported,
+    # and no nointxmask): vfio-pci masks INTx in that bit: the handler sets it
+    # when the function says the interrupt is its own (pci_check_and_mask_intx),
+    # unmasking clears it unless another interrupt is already pending
+    # (pci_check_and_unmask_intx), and while INTx is not in use the bit follows
+    # the user's virtual INTx-disable.
+    # Otherwise the line is masked at the interrupt controller and the bit is
+    # left alone: the handler disables the line at once (disable_irq_nosync,
+    # the line is the device's alone) and unmasking enables it again
+    # (enable_irq), which runs the handler again right away when the
+    # level-triggered line is still asserted.  ``ctx.masked`` is then the
+    # line's disabled state.
     def _set_intx_unmask(self, index, start, count, flags, data, caller) -> None:
         if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX or start != 0 or count != 1:
             raise VfioError(errno.EINVAL, "INTx UNMASK needs INTx enabled, start 0 and count 1")
@@ -287,7 +300,8 @@ class Interrupts:
     def _intx_enable(self) -> None:
         """vfio_intx_enable: the context, masked as the user's INTx-disable says."""
         self.intx = _IntxCtx(None, masked=self.virq_disabled)
-        self._pci_intx(not self.intx.masked)
+        if self.pci_2_3:
+            self._pci_intx(not self.intx.masked)
         self.irq_type = VFIO_PCI_INTX_IRQ_INDEX
 
     def _intx_set_signal(self, fd: int, caller) -> None:
@@ -324,27 +338,41 @@ class Interrupts:
         ctx = self.intx
         if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX or ctx.trigger is None:
             return  # no handler registered
-        if not ctx.masked and self._check_and_set_intx_mask(True):
+        if not self.pci_2_3:
+            if not ctx.masked:  # an enabled line: disable_irq_nosync, then tell the user
+                ctx.masked = True
+                self._send_intx_eventfd()
+        elif not ctx.masked and self._check_and_set_intx_mask(True):
             ctx.masked = True
             self._send_intx_eventfd()
 
-    def intx_mask(self) -> None:
-        """vfio_pci_intx_mask."""
+    def intx_mask(self) -> bool:
+        """vfio_pci_intx_mask: True when this masked INTx (it was not masked before)."""
         if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX:
-            self._pci_intx(False)  # not in use: the function's bit follows the virtual one
-        elif not self.intx.masked:
+            if self.pci_2_3:
+                self._pci_intx(False)  # not in use: the function's bit follows the virtual one
+            return False
+        if self.intx.masked:
+            return False
+        if self.pci_2_3:
             self._pci_intx(False)
-            self.intx.masked = True
+        self.intx.masked = True  # else disable_irq_nosync: the line is off
+        return True
 
     def intx_unmask(self) -> None:
         """vfio_pci_intx_unmask: unmask, or re-send when the function still has an interrupt pending."""
         if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX:
-            self._pci_intx(True)
+            if self.pci_2_3:
+                self._pci_intx(True)
             return
         ctx = self.intx
         if not ctx.masked or self.virq_disabled:
             return
-        if self._check_and_set_intx_mask(False):
+        if not self.pci_2_3:
+            ctx.masked = False  # enable_irq: a line still asserted runs the handler again at once
+            if self.function.intx_asserted():
+                self.intx_fire()
+        elif self._check_and_set_intx_mask(False):
             ctx.masked = False
         else:
             self._send_intx_eventfd()  # stays masked
