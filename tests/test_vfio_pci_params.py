@@ -222,3 +222,21 @@ def test_topology_nointxmask_reaches_vfio_pci_and_sysfs():
         assert vdev.nointxmask and not vdev.irqs.pci_2_3
     finally:
         m.close()
+
+
+def test_hot_reset_wakes_an_idle_member_and_lets_it_sleep_again():
+    from cuse_vfio.devices import HotResetBus
+    from devices_fakes import FakeGroupFile
+
+    bus = HotResetBus(segment=0, bus=3)
+    a, idle = opened(Pin(pm=True)), VfioPciDevice(Pin(pm=True))
+    resets, reset_function = [], idle.function.reset_function
+    idle.function.reset_function = lambda: (resets.append(idle.function.power_state), reset_function())
+    bus.add(0x00, 7, a)
+    bus.add(0x08, 8, idle)
+    assert idle.function.power_state == 3
+    caller = FakeCaller()
+    groups = fds(caller.add(FakeGroupFile(7)), caller.add(FakeGroupFile(8)))
+    ioctl(a, uapi.VFIO_DEVICE_PCI_HOT_RESET, struct.pack("<III", 12 + len(groups), 0, 2) + groups, caller)
+    assert resets == [0]  # the bus reset finds it in D0 (vfio_pci_dev_set_pm_runtime_get), then back to sleep
+    assert idle.function.power_state == 3 and idle.runtime_pm.suspended and a.function.power_state == 0
