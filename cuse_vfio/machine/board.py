@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Dict, List, Optional
 
-from ..core import BusDevice, IommuGroup, Vfio, VfioBusDriver, device_bind
+from ..core import DEFAULT_KERNEL_ABI, BusDevice, IommuGroup, KernelAbi, Vfio, VfioBusDriver, device_bind
 from ..devices import VfioPciDevice, create_model, load_model_file
 from ..dispatch import Dispatcher
 from ..iommu import register_default_drivers
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 class Machine:
     def __init__(self, topology: Topology, *, trace: Optional[Callable[[dict], None]] = None,
-                 noiommu: bool = False, model_files: List[str] = ()):
+                 noiommu: bool = False, model_files: List[str] = (), kernel_abi: Optional[str] = None):
         self.topology = topology
         for path in model_files:
             load_model_file(path)
@@ -34,7 +34,8 @@ class Machine:
         self.params = ModuleParams(topology.modules)
         if noiommu:
             self.params.set("vfio", "enable_unsafe_noiommu_mode", True)
-        self.vfio = Vfio()
+        # the command line's choice, else the topology file's, else 6.1
+        self.vfio = Vfio(abi=KernelAbi(kernel_abi or topology.kernel_abi or DEFAULT_KERNEL_ABI))
         geometry = topology.iommu
         type1_params = {name: self.params.get("vfio_iommu_type1", name)
                         for name in ("dma_entry_limit", "allow_unsafe_interrupts", "disable_hugepages")}
@@ -51,9 +52,9 @@ class Machine:
         self._pending: Dict[str, VfioPciDevice] = {}
         for spec in topology.devices:
             options = dict(spec.options)
-            # Linux 6.1's vfio-pci splits BAR accesses into at most 4 bytes (8-byte
-            # accesses came with 6.9); a topology may ask for io_width = 8.
-            io_width = options.pop("io_width", 4)
+            # BAR accesses are split as the kernel ABI's vfio-pci splits them
+            # (rdwr.BAR_IO_WIDTH); a topology may still ask for another io_width.
+            io_width = options.pop("io_width", None)
             try:
                 function = create_model(spec.model, name=spec.bdf, **options)
             except (KeyError, TypeError, ValueError) as e:
@@ -61,7 +62,7 @@ class Machine:
                                     f"{e.args[0] if e.args else e}") from None
             try:
                 self._pending[spec.bdf] = VfioPciDevice(
-                    function, spec.bdf, io_width=io_width,
+                    function, spec.bdf, io_width=io_width, abi=self.vfio.abi,
                     nointxmask=self.params.get("vfio_pci", "nointxmask"),
                     disable_idle_d3=self.params.get("vfio_pci", "disable_idle_d3"))
             except ValueError as e:
@@ -109,7 +110,7 @@ class Machine:
             devices.append(SysfsDevice.from_config_space(
                 bdf, self.bus_devices[bdf].iommu_group.id, lambda fn=fn: bytes(fn.config.data),
                 resources=resources, config_size=fn.config.size))
-        modules = vfio_modules(self.params.get)
+        modules = vfio_modules(self.params.get, abi=self.vfio.abi)
         iommu = qemu_vtd(self.type1.aperture, self.type1.pgsize_bitmap, intremap=self.type1.interrupt_remapping)
         reserved = tuple(sorted((start, end, "msi" if (start, end) == MSI_WINDOW else "reserved")
                          for start, end in self.topology.iommu.reserved_regions))

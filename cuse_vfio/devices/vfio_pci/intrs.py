@@ -7,8 +7,10 @@ function's own INTx-disable bit (a PCI 2.3 function, the default), or, with
 interrupt controller (``disable_irq``/``enable_irq`` of its line), which a
 user sees as an INTx-disable bit that vfio-pci never touches in the sysfs
 ``config`` (the virtual one of the VFIO config region is the user's either
-way, and GET_IRQ_INFO says MASKABLE | AUTOMASKED either way); MSI/MSI-X vectors map to eventfds, their count fixed when
-enabled (NORESIZE: no dynamic MSI-X in 6.1); ERR (PCI Express only) and REQ
+way, and GET_IRQ_INFO says MASKABLE | AUTOMASKED either way).
+MSI/MSI-X vectors map to eventfds, their count fixed when enabled (NORESIZE)
+on 6.1, MSI-X growing vector by vector on 6.5+ (rule MSIX_DYNAMIC); ERR
+(PCI Express only) and REQ
 are single eventfds.  The MSI Enable the user reads is the virtual one it
 wrote, as on the kernel; MSI-X's is the function's.
 
@@ -25,9 +27,10 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, List, Optional
 
 from ...errors import VfioError
+from ...uapi.abi import Rule
 from ...uapi import (
     VFIO_IRQ_INFO_AUTOMASKED,
     VFIO_IRQ_INFO_EVENTFD,
@@ -51,7 +54,14 @@ from ...uapi import (
     vfio_irq_info,
     vfio_irq_set,
 )
-from ..pci import PCI_COMMAND, PCI_COMMAND_INTX_DISABLE, PCI_INTERRUPT_PIN, PCI_STATUS, PCI_STATUS_INTERRUPT
+from ..pci import (
+    PCI_COMMAND,
+    PCI_COMMAND_INTX_DISABLE,
+    PCI_INTERRUPT_PIN,
+    PCI_STATUS,
+    PCI_STATUS_INTERRUPT,
+    PciDevice,
+)
 
 if TYPE_CHECKING:
     from .core import VfioPciDevice
@@ -112,118 +122,34 @@ class _IntxCtx:
         self.unmask_watch: Optional[Callable[[], None]] = None
 
 
-class Interrupts:
-    """The interrupt state of one vfio-pci device (``vdev->irq_type``, ``ctx``, ``err_trigger``...)."""
+#: MSI-X vectors can be added while MSI-X is enabled (vdev->has_dyn_msix).
+MSIX_DYNAMIC = Rule(
+    "vfio_pci.msix.dynamic", False, since={"6.5": True},
+    why="the dynamic MSI-X series of 6.5 ('vfio/pci: Support dynamic MSI-X', 'vfio/pci: Clear "
+        "VFIO_IRQ_INFO_NORESIZE for MSI-X') sets has_dyn_msix where pci_msix_can_alloc_dyn (x86's PCI/MSI "
+        "domains can), allocates a vector in vfio_msi_alloc_irq when a trigger is set beyond those "
+        "enabled, and drops NORESIZE from MSI-X's GET_IRQ_INFO.")
 
-    def __init__(self, vdev: "VfioPciDevice"):
-        self.vdev = vdev
-        self.function = vdev.function
-        self.name = vdev.name
-        self.lock = vdev.lock
-        self.irq_type: Optional[int] = None
-        self.intx: Optional[_IntxCtx] = None
-        self.msi_ctx: Dict[int, object] = {}
-        self.msi_qmax = 0
-        #: vectors enabled with the current MSI / MSI-X type (vdev->num_ctx)
-        self.num_ctx = 0
-        #: the user's virtual INTx-disable bit (vdev->virq_disabled)
-        self.virq_disabled = False
-        #: INTx is masked in the function's INTx-disable bit (vdev->pci_2_3); False: at the line
-        self.pci_2_3 = True
-        self.err_trigger = None
-        self.req_trigger = None
+#: MSI/MSI-X triggers are bounded by the count enabled first (vdev->num_ctx).
+MSI_NUM_CTX_BOUND = Rule(
+    "vfio_pci.msi.num_ctx_bound", True, since={"6.5": False},
+    why="6.1's vfio_msi_set_block and vfio_pci_set_msi_trigger refuse vectors at or past num_ctx with "
+        "-EINVAL; 'vfio/pci: Remove interrupt context counter' (6.5) drops num_ctx: a loopback skips "
+        "vectors with no context, an eventfd past the enabled MSI vectors fails in pci_irq_vector.")
 
-    # -- what the rest of vfio-pci asks -------------------------------------------
-    def set_virq_disabled(self, disabled: bool) -> None:
-        """The user wrote the virtual INTx-disable bit (vfio_basic_config_write)."""
-        if disabled and not self.virq_disabled:
-            self.virq_disabled = True
-            self.intx_mask()
-        elif not disabled and self.virq_disabled:
-            self.virq_disabled = False
-            self.intx_unmask()
 
-    def disable(self) -> None:
-        """vfio_pci_core_disable: the enabled interrupt type off, as SET_IRQS(DATA_NONE|TRIGGER, count 0) does."""
-        if self.irq_type is not None:
-            self._set_irqs_ioctl(VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, self.irq_type, 0, 0, b"", None)
-        self.virq_disabled = False
+class IntxMasking:
+    """The INTx half of :class:`Interrupts`: its SET_IRQS actions, the handler, masking and unmasking.
 
-    def release_err_req(self) -> None:
-        """The last close lets go of the ERR and REQ eventfds."""
-        for attr in ("err_trigger", "req_trigger"):
-            if getattr(self, attr) is not None:
-                release_eventfd(getattr(self, attr))
-                setattr(self, attr, None)
+    Uses the state ``Interrupts`` keeps (``irq_type``, ``intx``, ``virq_disabled``, ``pci_2_3``).
+    """
 
-    def request(self, count: int) -> None:
-        """Ask the user, through the REQ eventfd, to let the device go (vfio_pci_core_request)."""
-        if self.req_trigger is not None:
-            if count % 10 == 0:
-                log.info("%s: relaying device request to user (#%d)", self.name, count)
-            self.req_trigger.signal()
-        elif count == 0:
-            log.warning("%s: no device request channel registered, blocked until released by user",
-                                  self.name)
-
-    # -- GET_IRQ_INFO ---------------------------------------------------------------
-    def irq_count(self, index: int) -> int:
-        """vfio_pci_get_irq_count."""
-        fn = self.function
-        if index == VFIO_PCI_INTX_IRQ_INDEX:
-            return 1 if self.vdev.vconfig.vconfig[PCI_INTERRUPT_PIN] else 0
-        if index == VFIO_PCI_MSI_IRQ_INDEX:
-            return fn.msi.vectors if fn.msi is not None else 0
-        if index == VFIO_PCI_MSIX_IRQ_INDEX:
-            return fn.msix.vectors if fn.msix is not None else 0
-        if index == VFIO_PCI_ERR_IRQ_INDEX:
-            return 1 if fn.express is not None else 0
-        if index == VFIO_PCI_REQ_IRQ_INDEX:
-            return 1
-        return 0
-
-    def get_irq_info(self, arg) -> int:
-        minsz = offsetofend(vfio_irq_info, "count")
-        info = arg.fetch_struct(vfio_irq_info, minsz)
-        if info.index >= VFIO_PCI_NUM_IRQS:
-            raise VfioError(errno.EINVAL, f"{self.name}: no irq index {info.index}")
-        if info.index == VFIO_PCI_ERR_IRQ_INDEX and self.function.express is None:
-            raise VfioError(errno.EINVAL, f"{self.name}: the ERR index exists only for PCI Express devices")
-        info.flags = VFIO_IRQ_INFO_EVENTFD
-        info.count = self.irq_count(info.index)
-        if info.index == VFIO_PCI_INTX_IRQ_INDEX:
-            info.flags |= VFIO_IRQ_INFO_MASKABLE | VFIO_IRQ_INFO_AUTOMASKED
-        else:
-            info.flags |= VFIO_IRQ_INFO_NORESIZE
-        arg.write(0, bytes(info)[:minsz])
-        return 0
-
-    # -- SET_IRQS ------------------------------------------------------------------
-    def set_irqs(self, arg) -> int:
-        minsz = offsetofend(vfio_irq_set, "count")
-        hdr = arg.fetch_struct(vfio_irq_set, minsz)
-        size = set_irqs_validate_and_prepare(hdr, self.irq_count(hdr.index), VFIO_PCI_NUM_IRQS, minsz)
-        data = arg.read(minsz, hdr.count * size) if size else b""
-        return self._set_irqs_ioctl(hdr.flags, hdr.index, hdr.start, hdr.count, data, arg.caller)
-
-    def _set_irqs_ioctl(self, flags: int, index: int, start: int, count: int, data: bytes, caller) -> int:
-        """vfio_pci_set_irqs_ioctl: the action for this index, or ENOTTY."""
-        action = flags & VFIO_IRQ_SET_ACTION_TYPE_MASK
-        func = None
-        if index == VFIO_PCI_INTX_IRQ_INDEX:
-            func = {VFIO_IRQ_SET_ACTION_MASK: self._set_intx_mask, VFIO_IRQ_SET_ACTION_UNMASK: self._set_intx_unmask,
-                    VFIO_IRQ_SET_ACTION_TRIGGER: self._set_intx_trigger}.get(action)
-        elif index in (VFIO_PCI_MSI_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX):
-            func = self._set_msi_trigger if action == VFIO_IRQ_SET_ACTION_TRIGGER else None  # no MSI masking
-        elif index == VFIO_PCI_ERR_IRQ_INDEX:
-            if action == VFIO_IRQ_SET_ACTION_TRIGGER and self.function.express is not None:
-                func = self._set_err_trigger
-        elif index == VFIO_PCI_REQ_IRQ_INDEX:
-            func = self._set_req_trigger if action == VFIO_IRQ_SET_ACTION_TRIGGER else None
-        if func is None:
-            raise VfioError(errno.ENOTTY, f"{self.name}: action 0x{action:x} is not supported on irq index {index}")
-        func(index, start, count, flags, data, caller)
-        return 0
+    function: PciDevice
+    lock: ContextManager[Any]
+    irq_type: Optional[int]
+    intx: Optional[_IntxCtx]
+    virq_disabled: bool
+    pci_2_3: bool
 
     @staticmethod
     def _eventfd(caller, fd: int):
@@ -394,6 +320,121 @@ class Interrupts:
         self._pci_intx(not mask)
         return True
 
+
+
+class Interrupts(IntxMasking):
+    """The interrupt state of one vfio-pci device (``vdev->irq_type``, ``ctx``, ``err_trigger``...)."""
+
+    def __init__(self, vdev: "VfioPciDevice"):
+        self.vdev = vdev
+        self.function = vdev.function
+        self.name = vdev.name
+        self.lock = vdev.lock
+        self.irq_type: Optional[int] = None
+        self.intx: Optional[_IntxCtx] = None
+        self.msi_ctx: Dict[int, object] = {}
+        self.msi_qmax = 0
+        #: vectors enabled with the current MSI / MSI-X type (vdev->num_ctx)
+        self.num_ctx = 0
+        #: the user's virtual INTx-disable bit (vdev->virq_disabled)
+        self.virq_disabled = False
+        #: INTx is masked in the function's INTx-disable bit (vdev->pci_2_3); False: at the line
+        self.pci_2_3 = True
+        self.err_trigger = None
+        self.req_trigger = None
+
+    # -- what the rest of vfio-pci asks -------------------------------------------
+    def set_virq_disabled(self, disabled: bool) -> None:
+        """The user wrote the virtual INTx-disable bit (vfio_basic_config_write)."""
+        if disabled and not self.virq_disabled:
+            self.virq_disabled = True
+            self.intx_mask()
+        elif not disabled and self.virq_disabled:
+            self.virq_disabled = False
+            self.intx_unmask()
+
+    def disable(self) -> None:
+        """vfio_pci_core_disable: the enabled interrupt type off, as SET_IRQS(DATA_NONE|TRIGGER, count 0) does."""
+        if self.irq_type is not None:
+            self._set_irqs_ioctl(VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, self.irq_type, 0, 0, b"", None)
+        self.virq_disabled = False
+
+    def release_err_req(self) -> None:
+        """The last close lets go of the ERR and REQ eventfds."""
+        for attr in ("err_trigger", "req_trigger"):
+            if getattr(self, attr) is not None:
+                release_eventfd(getattr(self, attr))
+                setattr(self, attr, None)
+
+    def request(self, count: int) -> None:
+        """Ask the user, through the REQ eventfd, to let the device go (vfio_pci_core_request)."""
+        if self.req_trigger is not None:
+            if count % 10 == 0:
+                log.info("%s: relaying device request to user (#%d)", self.name, count)
+            self.req_trigger.signal()
+        elif count == 0:
+            log.warning("%s: no device request channel registered, blocked until released by user",
+                                  self.name)
+
+    # -- GET_IRQ_INFO ---------------------------------------------------------------
+    def irq_count(self, index: int) -> int:
+        """vfio_pci_get_irq_count."""
+        fn = self.function
+        if index == VFIO_PCI_INTX_IRQ_INDEX:
+            return 1 if self.vdev.vconfig.vconfig[PCI_INTERRUPT_PIN] else 0
+        if index == VFIO_PCI_MSI_IRQ_INDEX:
+            return fn.msi.vectors if fn.msi is not None else 0
+        if index == VFIO_PCI_MSIX_IRQ_INDEX:
+            return fn.msix.vectors if fn.msix is not None else 0
+        if index == VFIO_PCI_ERR_IRQ_INDEX:
+            return 1 if fn.express is not None else 0
+        if index == VFIO_PCI_REQ_IRQ_INDEX:
+            return 1
+        return 0
+
+    def get_irq_info(self, arg) -> int:
+        minsz = offsetofend(vfio_irq_info, "count")
+        info = arg.fetch_struct(vfio_irq_info, minsz)
+        if info.index >= VFIO_PCI_NUM_IRQS:
+            raise VfioError(errno.EINVAL, f"{self.name}: no irq index {info.index}")
+        if info.index == VFIO_PCI_ERR_IRQ_INDEX and self.function.express is None:
+            raise VfioError(errno.EINVAL, f"{self.name}: the ERR index exists only for PCI Express devices")
+        info.flags = VFIO_IRQ_INFO_EVENTFD
+        info.count = self.irq_count(info.index)
+        if info.index == VFIO_PCI_INTX_IRQ_INDEX:
+            info.flags |= VFIO_IRQ_INFO_MASKABLE | VFIO_IRQ_INFO_AUTOMASKED
+        elif info.index != VFIO_PCI_MSIX_IRQ_INDEX or not self._msix_dynamic():
+            info.flags |= VFIO_IRQ_INFO_NORESIZE
+        arg.write(0, bytes(info)[:minsz])
+        return 0
+
+    # -- SET_IRQS ------------------------------------------------------------------
+    def set_irqs(self, arg) -> int:
+        minsz = offsetofend(vfio_irq_set, "count")
+        hdr = arg.fetch_struct(vfio_irq_set, minsz)
+        size = set_irqs_validate_and_prepare(hdr, self.irq_count(hdr.index), VFIO_PCI_NUM_IRQS, minsz)
+        data = arg.read(minsz, hdr.count * size) if size else b""
+        return self._set_irqs_ioctl(hdr.flags, hdr.index, hdr.start, hdr.count, data, arg.caller)
+
+    def _set_irqs_ioctl(self, flags: int, index: int, start: int, count: int, data: bytes, caller) -> int:
+        """vfio_pci_set_irqs_ioctl: the action for this index, or ENOTTY."""
+        action = flags & VFIO_IRQ_SET_ACTION_TYPE_MASK
+        func = None
+        if index == VFIO_PCI_INTX_IRQ_INDEX:
+            func = {VFIO_IRQ_SET_ACTION_MASK: self._set_intx_mask, VFIO_IRQ_SET_ACTION_UNMASK: self._set_intx_unmask,
+                    VFIO_IRQ_SET_ACTION_TRIGGER: self._set_intx_trigger}.get(action)
+        elif index in (VFIO_PCI_MSI_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX):
+            func = self._set_msi_trigger if action == VFIO_IRQ_SET_ACTION_TRIGGER else None  # no MSI masking
+        elif index == VFIO_PCI_ERR_IRQ_INDEX:
+            if action == VFIO_IRQ_SET_ACTION_TRIGGER and self.function.express is not None:
+                func = self._set_err_trigger
+        elif index == VFIO_PCI_REQ_IRQ_INDEX:
+            func = self._set_req_trigger if action == VFIO_IRQ_SET_ACTION_TRIGGER else None
+        if func is None:
+            raise VfioError(errno.ENOTTY, f"{self.name}: action 0x{action:x} is not supported on irq index {index}")
+        func(index, start, count, flags, data, caller)
+        return 0
+
     # MSI / MSI-X ----------------------------------------------------------------
     def _set_msi_trigger(self, index, start, count, flags, data, caller) -> None:
         msix = index == VFIO_PCI_MSIX_IRQ_INDEX
@@ -414,7 +455,7 @@ class Interrupts:
                 self._msi_disable(msix)
                 raise
             return
-        if self.irq_type != index or start + count > self.num_ctx:
+        if self.irq_type != index or (start + count > self.num_ctx and MSI_NUM_CTX_BOUND.of(self.vdev.abi)):
             raise VfioError(errno.EINVAL, f"{self.name}: loopback on vectors {start}+{count} of irq index "
                                           f"{index}, which has {self.num_ctx} enabled")
         for i in range(start, start + count):
@@ -442,7 +483,13 @@ class Interrupts:
             self.msi_qmax = (nvec * 2 - 1).bit_length() - 1
         self.num_ctx = nvec
 
+    def _msix_dynamic(self) -> bool:
+        return MSIX_DYNAMIC.of(self.vdev.abi) and self.function.msix is not None
+
     def _msi_set_block(self, start: int, fds: List[int], msix: bool, caller) -> None:
+        if not MSI_NUM_CTX_BOUND.of(self.vdev.abi):
+            self._msi_set_block_dynamic(start, fds, msix, caller)
+            return
         if start >= self.num_ctx or start + len(fds) > self.num_ctx:
             raise VfioError(errno.EINVAL, f"{self.name}: vectors {start}+{len(fds)} beyond the {self.num_ctx} "
                                           "enabled (disable with count 0 to change the count)")
@@ -451,6 +498,23 @@ class Interrupts:
             for i, fd in enumerate(fds):
                 done = start + i + 1
                 self._msi_set_vector_signal(start + i, fd, msix, caller)
+        except VfioError:
+            for vector in range(start, done):
+                self._msi_set_vector_signal(vector, -1, msix, caller)
+            raise
+
+    def _msi_set_block_dynamic(self, start: int, fds: List[int], msix: bool, caller) -> None:
+        """6.5+'s vfio_msi_set_block: vector by vector; a vector past those enabled
+        exists only for dynamic MSI-X (vfio_msi_alloc_irq), else pci_irq_vector's -EINVAL."""
+        done = start
+        try:
+            for i, fd in enumerate(fds):
+                vector = start + i
+                if fd >= 0 and vector >= self.num_ctx and not (msix and self._msix_dynamic()):
+                    raise VfioError(errno.EINVAL, f"{self.name}: vector {vector} is past the {self.num_ctx} "
+                                                  f"{'MSI-X' if msix else 'MSI'} vectors enabled")
+                done = vector + 1
+                self._msi_set_vector_signal(vector, fd, msix, caller)
         except VfioError:
             for vector in range(start, done):
                 self._msi_set_vector_signal(vector, -1, msix, caller)
