@@ -109,12 +109,17 @@ class Machine:
                 resources.append((fn.rom.address, fn.rom.address + fn.rom.size - 1, 0x46200))
             devices.append(SysfsDevice.from_config_space(
                 bdf, self.bus_devices[bdf].iommu_group.id, lambda fn=fn: bytes(fn.config.data),
-                resources=resources, config_size=fn.config.size))
+                resources=resources, config_size=fn.config.size,
+                iommu=not self.bus_devices[bdf].iommu_group.noiommu))
         modules = vfio_modules(self.params.get, abi=self.vfio.abi)
         iommu = qemu_vtd(self.type1.aperture, self.type1.pgsize_bitmap, intremap=self.type1.interrupt_remapping)
         reserved = tuple(sorted((start, end, "msi" if (start, end) == MSI_WINDOW else "reserved")
                          for start, end in self.topology.iommu.reserved_regions))
-        groups = [SysfsGroup(gid, reserved_regions=reserved) for gid in self.group_ids]
+        # vfio_noiommu_group_alloc: a group of its own, named "vfio-noiommu", with no IOMMU domain
+        # (type "unknown") and no reserved regions (no device of it has IOMMU ops)
+        groups = [SysfsGroup(gid, type="unknown", reserved_regions=(), name="vfio-noiommu")
+                  if self.iommu_groups[gid].noiommu else SysfsGroup(gid, reserved_regions=reserved)
+                  for gid in self.group_ids]
         return SysfsView(devices, groups, modules, iommu)
 
     def close(self) -> None:

@@ -37,6 +37,10 @@ on the dev machine and Debian's 6.1 in the vfio VM):
 - IOMMU groups: ``type`` is ``"DMA-FQ\\n"`` by default (what the 6.1 VM shows
   for QEMU's intel-iommu); ``reserved_regions`` ``"0x%016x 0x%016x msi\\n"``
   for the x86 MSI window.  Both are per-group settings (:class:`SysfsGroup`).
+  A noiommu group (``vfio_noiommu_group_alloc``) has type ``"unknown\\n"``
+  (no default domain), an empty ``reserved_regions`` and a ``name`` file,
+  ``"vfio-noiommu\\n"`` (``iommu_group_set_name``); its devices have no
+  ``iommu`` link and the IOMMU unit does not list them.
 """
 
 from __future__ import annotations
@@ -175,6 +179,8 @@ class SysfsDevice:
     config_size: int = 256
     is_enabled: Optional[Callable[[], bool]] = field(default=None, repr=False, compare=False)
     sriov: Optional[int] = None
+    #: behind the IOMMU (an ``iommu`` link, listed by the IOMMU unit); False for a noiommu device
+    iommu: bool = True
 
     def __post_init__(self) -> None:
         where = f"sysfs device {self.bdf!r}"
@@ -206,7 +212,7 @@ class SysfsDevice:
     def from_config_space(cls, bdf: str, group_id: int, config_reader: Callable[[], bytes], *,
                           irq: Optional[int] = None, resources: Sequence[Resource] = (),
                           config_size: Optional[int] = None,
-                          is_enabled: Optional[Callable[[], bool]] = None) -> "SysfsDevice":
+                          is_enabled: Optional[Callable[[], bool]] = None, iommu: bool = True) -> "SysfsDevice":
         """Take the IDs from the model's config header (read once, now).
 
         ``irq`` defaults to the Interrupt Line register when the device has an
@@ -232,7 +238,7 @@ class SysfsDevice:
                    class_code=le(0x09, 3), revision=cfg[0x08], irq=irq,
                    config_reader=config_reader, resources=tuple(resources),
                    config_size=config_size or (4096 if len(cfg) > 256 else 256),
-                   is_enabled=is_enabled, sriov=sriov)
+                   is_enabled=is_enabled, sriov=sriov, iommu=iommu)
 
 
 @dataclass(frozen=True)
@@ -242,6 +248,8 @@ class SysfsGroup:
     id: int
     type: str = "DMA-FQ"
     reserved_regions: Sequence[Tuple[int, int, str]] = (MSI_WINDOW,)
+    #: iommu_group_set_name's name, shown in a ``name`` file (None: the group has no such file)
+    name: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.type not in GROUP_TYPES:
