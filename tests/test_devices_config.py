@@ -421,11 +421,13 @@ def test_reset_methods_follow_the_capabilities():
 def test_pm_soft_reset_through_d3hot():
     fn = SoftReset()
     vdev = VfioPciDevice(fn)
+    assert fn.power_state == 3 and fn.resets == 0  # idle after probe: runtime-suspended to D3hot
     vdev.open()
-    assert fn.resets == 1                      # the reset probed at open (pci_try_reset_function)
+    # waking from D3hot is a soft reset, then the reset probed at open (pci_try_reset_function)
+    assert fn.resets == 2 and fn.power_state == 0
     cfg_write(vdev, fn.pm.offset + 4, 2, 3)    # D3hot
     cfg_write(vdev, fn.pm.offset + 4, 2, 0)    # D0: No_Soft_Reset clear, the function resets
-    assert fn.resets == 2 and fn.power_state == 0
+    assert fn.resets == 3 and fn.power_state == 0
 
 
 def test_vfio_pm_capability_hides_pme_support():

@@ -972,8 +972,8 @@ def test_low_power_puts_a_pm_capable_function_in_d3hot():
     low_power(vdev, VFIO_DEVICE_FEATURE_SET | 3)
     assert fn.power_state == 3
     assert bar_read(vdev, 0, 0, 4) == 0x05060708 and fn.power_state == 3  # woken for the access only
-    vdev.release()
-    assert fn.power_state == 0 and not vdev.pm_runtime_engaged
+    vdev.release()  # out of low power; then idle again, so back in D3hot (no disable_idle_d3)
+    assert fn.power_state == 3 and not vdev.pm_runtime_engaged and vdev.runtime_pm.suspended
 
 
 # -- broken models -----------------------------------------------------------------------------

@@ -86,7 +86,6 @@ def test_module_tables_are_read_under_the_kernels_names():
     ("[module.vfio]\nenable_unsafe_noiommu_mode = \"yes\"\n", "line 7: vfio.enable_unsafe_noiommu_mode is a bool"),
     ("[module.kvm]\nhalt_poll_ns = 0\n", "unknown module 'kvm'"),
     ("[module.vfio_pci]\nenable_sriov = true\n", "cannot be set here"),
-    ("[module.vfio_pci]\nnointxmask = true\n", "cannot be set here"),
     ("[iommu]\naw_bits = 57\n", "line 7: aw_bits 57: QEMU's intel-iommu offers 39 or 48"),
     ("[iommu]\nintremap = 1\n", "intremap 1 is true or false"),
     ("[iommu]\nreserved = [[\"0x2000\", \"0x1000\"]]\n", "reserved region"),

@@ -64,6 +64,28 @@ def test_the_group_node_is_noiommu_n_and_the_kernel_is_tainted(caplog):
         m.close()
 
 
+def test_sysfs_shows_the_noiommu_group_as_the_kernel_does():
+    """vfio_noiommu_group_alloc: iommu_group_set_name "vfio-noiommu"; no domain, no IOMMU ops, no iommu link."""
+    text = NOIOMMU_EDU + '[[device]]\nbdf = "0000:00:06.0"\nmodel = "edu"\ngroup = 6\n'
+    m = Machine(parse(text, "t.toml"), noiommu=True)
+    try:
+        view = m.sysfs_view()
+        assert view.read("kernel/iommu_groups/5/name") == b"vfio-noiommu\n"
+        assert view.read("kernel/iommu_groups/5/type") == b"unknown\n"
+        assert view.read("kernel/iommu_groups/5/reserved_regions") == b""
+        assert view.listdir("kernel/iommu_groups/5/devices") == [EDU]
+        assert "iommu" not in view.listdir(f"bus/pci/devices/{EDU}")
+        units = view.listdir("devices/virtual/iommu")
+        assert all(EDU not in view.listdir(f"devices/virtual/iommu/{u}/devices") for u in units)
+        # the device behind the IOMMU keeps all of it
+        assert "name" not in view.listdir("kernel/iommu_groups/6")
+        assert view.read("kernel/iommu_groups/6/type") == b"DMA-FQ\n"
+        assert "iommu" in view.listdir("bus/pci/devices/0000:00:06.0")
+        assert all("0000:00:06.0" in view.listdir(f"devices/virtual/iommu/{u}/devices") for u in units) and units
+    finally:
+        m.close()
+
+
 def test_opening_the_group_and_setting_noiommu_need_cap_sys_rawio(machine):
     weak = Unprivileged(machine.dispatcher)
     with pytest.raises(OSError) as e:

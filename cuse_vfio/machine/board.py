@@ -61,7 +61,10 @@ class Machine:
                 raise TopologyError(f"{topology.source}: device {spec.bdf} (model {spec.model!r}): "
                                     f"{e.args[0] if e.args else e}") from None
             try:
-                self._pending[spec.bdf] = VfioPciDevice(function, spec.bdf, io_width=io_width, abi=self.vfio.abi)
+                self._pending[spec.bdf] = VfioPciDevice(
+                    function, spec.bdf, io_width=io_width, abi=self.vfio.abi,
+                    nointxmask=self.params.get("vfio_pci", "nointxmask"),
+                    disable_idle_d3=self.params.get("vfio_pci", "disable_idle_d3"))
             except ValueError as e:
                 raise TopologyError(f"{topology.source}: device {spec.bdf}: {e}") from None
             if not spec.iommu and not self.noiommu.enable_unsafe_noiommu_mode:
@@ -106,12 +109,17 @@ class Machine:
                 resources.append((fn.rom.address, fn.rom.address + fn.rom.size - 1, 0x46200))
             devices.append(SysfsDevice.from_config_space(
                 bdf, self.bus_devices[bdf].iommu_group.id, lambda fn=fn: bytes(fn.config.data),
-                resources=resources, config_size=fn.config.size))
+                resources=resources, config_size=fn.config.size,
+                iommu=not self.bus_devices[bdf].iommu_group.noiommu))
         modules = vfio_modules(self.params.get, abi=self.vfio.abi)
         iommu = qemu_vtd(self.type1.aperture, self.type1.pgsize_bitmap, intremap=self.type1.interrupt_remapping)
         reserved = tuple(sorted((start, end, "msi" if (start, end) == MSI_WINDOW else "reserved")
                          for start, end in self.topology.iommu.reserved_regions))
-        groups = [SysfsGroup(gid, reserved_regions=reserved) for gid in self.group_ids]
+        # vfio_noiommu_group_alloc: a group of its own, named "vfio-noiommu", with no IOMMU domain
+        # (type "unknown") and no reserved regions (no device of it has IOMMU ops)
+        groups = [SysfsGroup(gid, type="unknown", reserved_regions=(), name="vfio-noiommu")
+                  if self.iommu_groups[gid].noiommu else SysfsGroup(gid, reserved_regions=reserved)
+                  for gid in self.group_ids]
         return SysfsView(devices, groups, modules, iommu)
 
     def close(self) -> None:

@@ -43,19 +43,23 @@ vfio_iommu_type1
   emulated IOMMU records, per mapping, the page sizes its page table would
   use (``DmaMapping.iommu_pages``).
 vfio_pci
-  ``nointxmask`` (bool, N, 0644): in the kernel, vfio-pci then does not use
-  the function's INTx-disable bit (PCI 2.3 masking, ``vdev->pci_2_3``) and
-  masks INTx by disabling the host's interrupt line instead.  The emulated
-  vfio-pci always masks with the bit, so the parameter is shown at its
-  default and cannot be set yet.
+  ``nointxmask`` (bool, N, 0644): vfio-pci does not use the function's
+  INTx-disable bit (PCI 2.3 masking, ``vdev->pci_2_3``) and masks INTx by
+  disabling its interrupt line instead (``disable_irq``); the bit the
+  sysfs ``config`` shows is then never set by vfio-pci
+  (``cuse_vfio.devices.vfio_pci.intrs``).  A function whose INTx-disable
+  bit does not stick (``pci_intx_mask_broken``) is masked that way anyway.
   ``disable_vga`` (bool, N, 0444; ``CONFIG_VFIO_PCI_VGA``): without it a VGA
   class device gets the legacy VGA region; no emulated model is VGA class,
   so on this machine VGA region info is EINVAL either way.
-  ``disable_idle_d3`` (bool, N, 0644): by default the kernel's vfio-pci
-  runtime-suspends a device no one has open, which puts a function with a
-  PM capability into D3hot (``pm_runtime_put`` at probe and at last close).
-  The emulated vfio-pci keeps idle devices in D0, which is this parameter
-  set; it is shown as N (the kernel's default) and cannot be set yet.
+  ``disable_idle_d3`` (bool, N, 0644): by default vfio-pci runtime-suspends
+  a device no one has open, which puts a function with a PM capability into
+  D3hot (``pm_runtime_put`` at probe and at last close; the first open
+  wakes it to D0); set, idle devices stay in D0
+  (``cuse_vfio.devices.vfio_pci.power``).
+  Both are handed to vfio-pci-core when the module loads
+  (``vfio_pci_core_set_params``), so they act on every device from the
+  start, as on a kernel command line.
   ``disable_denylist``, ``enable_sriov`` are shown at their defaults and
   cannot be set here (no model is on the denylist; vfio-pci's SR-IOV is not
   emulated).
@@ -88,10 +92,10 @@ PARAMETERS: Dict[str, Dict[str, ParameterSpec]] = {
     },
     "vfio_pci": {
         "disable_denylist": ParameterSpec("bool", False, 0o444, settable=False),
-        "disable_idle_d3": ParameterSpec("bool", False, 0o644, settable=False),
+        "disable_idle_d3": ParameterSpec("bool", False, 0o644),
         "disable_vga": ParameterSpec("bool", False, 0o444),
         "enable_sriov": ParameterSpec("bool", False, 0o644, settable=False),
-        "nointxmask": ParameterSpec("bool", False, 0o644, settable=False),
+        "nointxmask": ParameterSpec("bool", False, 0o644),
     },
 }
 

@@ -6,7 +6,8 @@ on the dev machine and Debian's 6.1 in the vfio VM):
 
 - ``vendor`` ``device`` ``subsystem_*`` ``"0x%04x\\n"``; ``class``
   ``"0x%06x\\n"``; ``revision`` ``"0x%02x\\n"``; ``irq`` ``"%u\\n"``;
-  ``numa_node`` ``"-1\\n"``; ``modalias``
+  ``numa_node`` ``"-1\\n"``; ``power_state`` ``"D0\\n"`` or ``"D3hot\\n"`` (the PM
+  control register's state, through ``config_reader``); ``modalias``
   ``"pci:v%08Xd%08Xsv%08Xsd%08Xbc%02Xsc%02Xi%02X\\n"``; ``uevent`` lines
   ``DRIVER=``, ``PCI_CLASS=%X``, ``PCI_ID=%04X:%04X``, ``PCI_SUBSYS_ID=``,
   ``PCI_SLOT_NAME=``, ``MODALIAS=``; ``local_cpus``/``local_cpulist``: the
@@ -36,6 +37,10 @@ on the dev machine and Debian's 6.1 in the vfio VM):
 - IOMMU groups: ``type`` is ``"DMA-FQ\\n"`` by default (what the 6.1 VM shows
   for QEMU's intel-iommu); ``reserved_regions`` ``"0x%016x 0x%016x msi\\n"``
   for the x86 MSI window.  Both are per-group settings (:class:`SysfsGroup`).
+  A noiommu group (``vfio_noiommu_group_alloc``) has type ``"unknown\\n"``
+  (no default domain), an empty ``reserved_regions`` and a ``name`` file,
+  ``"vfio-noiommu\\n"`` (``iommu_group_set_name``); its devices have no
+  ``iommu`` link and the IOMMU unit does not list them.
 """
 
 from __future__ import annotations
@@ -83,6 +88,26 @@ PCI_SRIOV_VF_OFFSET = 0x14
 PCI_SRIOV_VF_STRIDE = 0x16
 PCI_SRIOV_VF_DID = 0x1A
 SRIOV_SIZE = 0x40
+
+
+# the PCI power management capability
+PCI_CAP_ID_PM = 0x01
+PCI_PM_CTRL = 4
+#: pci_power_names, from D0 (pci_power_name(state))
+PCI_POWER_NAMES = ("D0", "D1", "D2", "D3hot")
+
+
+def capability(cfg: bytes, cap_id: int) -> Optional[int]:
+    """The offset of the first standard capability ``cap_id`` in ``cfg`` (None: absent)."""
+    if len(cfg) < 0x40 or not cfg[0x06] & 0x10:  # PCI_STATUS_CAP_LIST
+        return None
+    pos, seen = cfg[0x34] & 0xFC, set()
+    while 0x40 <= pos <= len(cfg) - 2 and pos not in seen:
+        if cfg[pos] == cap_id:
+            return pos
+        seen.add(pos)
+        pos = cfg[pos + 1] & 0xFC
+    return None
 
 
 def ext_capability(cfg: bytes, cap_id: int) -> Optional[int]:
@@ -154,6 +179,8 @@ class SysfsDevice:
     config_size: int = 256
     is_enabled: Optional[Callable[[], bool]] = field(default=None, repr=False, compare=False)
     sriov: Optional[int] = None
+    #: behind the IOMMU (an ``iommu`` link, listed by the IOMMU unit); False for a noiommu device
+    iommu: bool = True
 
     def __post_init__(self) -> None:
         where = f"sysfs device {self.bdf!r}"
@@ -185,7 +212,7 @@ class SysfsDevice:
     def from_config_space(cls, bdf: str, group_id: int, config_reader: Callable[[], bytes], *,
                           irq: Optional[int] = None, resources: Sequence[Resource] = (),
                           config_size: Optional[int] = None,
-                          is_enabled: Optional[Callable[[], bool]] = None) -> "SysfsDevice":
+                          is_enabled: Optional[Callable[[], bool]] = None, iommu: bool = True) -> "SysfsDevice":
         """Take the IDs from the model's config header (read once, now).
 
         ``irq`` defaults to the Interrupt Line register when the device has an
@@ -211,7 +238,7 @@ class SysfsDevice:
                    class_code=le(0x09, 3), revision=cfg[0x08], irq=irq,
                    config_reader=config_reader, resources=tuple(resources),
                    config_size=config_size or (4096 if len(cfg) > 256 else 256),
-                   is_enabled=is_enabled, sriov=sriov)
+                   is_enabled=is_enabled, sriov=sriov, iommu=iommu)
 
 
 @dataclass(frozen=True)
@@ -221,6 +248,8 @@ class SysfsGroup:
     id: int
     type: str = "DMA-FQ"
     reserved_regions: Sequence[Tuple[int, int, str]] = (MSI_WINDOW,)
+    #: iommu_group_set_name's name, shown in a ``name`` file (None: the group has no such file)
+    name: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.type not in GROUP_TYPES:
@@ -236,6 +265,19 @@ class SysfsGroup:
 def _modalias(d: SysfsDevice) -> str:
     return (f"pci:v{d.vendor:08X}d{d.device:08X}sv{d.subsystem_vendor:08X}sd{d.subsystem_device:08X}"
             f"bc{d.class_code >> 16 & 0xFF:02X}sc{d.class_code >> 8 & 0xFF:02X}i{d.class_code & 0xFF:02X}")
+
+
+def _power_state(d: SysfsDevice) -> str:
+    """``power_state``: pci_power_name(current_state), which follows the PM control register.
+
+    A function without a PM capability stays in the D0 vfio-pci's probe set
+    (``pci_target_state`` gives D0 when it runtime-suspends).
+    """
+    cfg = bytes(d.config_reader())
+    pm = capability(cfg, PCI_CAP_ID_PM)
+    if pm is None or pm + PCI_PM_CTRL >= len(cfg):
+        return "D0\n"
+    return PCI_POWER_NAMES[cfg[pm + PCI_PM_CTRL] & 3] + "\n"
 
 
 def _resource(d: SysfsDevice) -> str:
@@ -316,6 +358,7 @@ DEVICE_ATTRIBUTES: Tuple[Tuple[str, int, Callable[[SysfsDevice], str]], ...] = (
     ("local_cpus", 0o444, lambda d: _host_cpus()[0] + "\n"),
     ("modalias", 0o444, lambda d: _modalias(d) + "\n"),
     ("numa_node", 0o644, lambda d: "-1\n"),
+    ("power_state", 0o444, _power_state),
     ("resource", 0o444, _resource),
     ("revision", 0o444, lambda d: f"0x{d.revision:02x}\n"),
     ("subsystem_device", 0o444, lambda d: f"0x{d.subsystem_device:04x}\n"),

@@ -88,6 +88,8 @@ class SysfsView:
             self._put(f"{here}/reserved_regions", Text(functools.partial(reserved_regions, group),
                                                        0o444, f"group {gid} reserved_regions"))
             self._put(f"{here}/type", Text(lambda g=group: g.type + "\n", 0o644, f"group {gid} type"))
+            if group.name is not None:
+                self._put(f"{here}/name", Text(lambda g=group: g.name + "\n", 0o444, f"group {gid} name"))
         for name in DRIVER_CONTROLS:
             self._put(f"{drv}/{name}", Control(f"emulated devices stay bound to {DRIVER}"))
         for module in self.modules.values():
@@ -105,7 +107,7 @@ class SysfsView:
         self._put(f"{here}/driver", Link(f"{_TO_ROOT}/{drv}"))
         self._put(f"{here}/iommu_group", Link(f"{_TO_ROOT}/kernel/iommu_groups/{dev.group_id}"))
         self._put(f"{here}/subsystem", Link(f"{_TO_ROOT}/bus/pci"))
-        if self.iommu is not None:
+        if self.iommu is not None and dev.iommu:
             self._put(f"{here}/iommu", Link(f"{_TO_ROOT}/devices/virtual/iommu/{self.iommu.name}"))
         self._put(f"kernel/iommu_groups/{dev.group_id}/devices/{bdf}", Link(f"{_TO_ROOT}/{here}"))
         self._put(f"{drv}/{bdf}", Link(f"{_TO_ROOT}/{here}"))
@@ -133,7 +135,7 @@ class SysfsView:
     def _build_iommu(self, unit: SysfsIommu) -> None:
         here = f"devices/virtual/iommu/{unit.name}"
         self._put(f"{here}/devices", Dir())
-        for bdf in sorted(self.devices):
+        for bdf in sorted(b for b, dev in self.devices.items() if dev.iommu):
             self._put(f"{here}/devices/{bdf}", Link(f"../{_TO_ROOT}/bus/pci/devices/{bdf}"))
         for name, render in INTEL_IOMMU_ATTRIBUTES:
             self._put(f"{here}/intel-iommu/{name}", Text(functools.partial(render, unit), 0o444,

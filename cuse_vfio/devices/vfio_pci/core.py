@@ -68,6 +68,7 @@ from ..pci import (
     PCI_COMMAND_IO,
     PCI_COMMAND_MASTER,
     PCI_COMMAND_MEMORY,
+    PCI_INTERRUPT_PIN,
     PCI_PM_CTRL,
     PCI_PM_CTRL_STATE_MASK,
     PciDevice,
@@ -95,13 +96,36 @@ def _default_group_of_fd(caller, fd: int) -> int:
     return iommu_group.id
 
 
+def intx_mask_broken(fn: PciDevice) -> bool:
+    """pci_intx_mask_broken: the INTx-disable bit does not take a toggle (a function before PCI 2.3)."""
+    orig = fn.command()
+    toggle = orig ^ PCI_COMMAND_INTX_DISABLE
+    fn.config_write(PCI_COMMAND, 2, toggle)
+    new = fn.command()
+    fn.config_write(PCI_COMMAND, 2, orig)
+    return new != toggle
+
+
+def pci_enable_device(fn: PciDevice) -> None:
+    """pci_enable_device: decode on for the resource types the function has, and
+    INTx enabled in a function with an interrupt pin (do_pci_enable_device)."""
+    cmd = fn.command()
+    if any(b is not None and b.io for b in fn.bars):
+        cmd |= PCI_COMMAND_IO
+    if any(b is not None and not b.io for b in fn.bars) or fn.rom is not None:
+        cmd |= PCI_COMMAND_MEMORY
+    if fn.config_read(PCI_INTERRUPT_PIN, 1):
+        cmd &= ~PCI_COMMAND_INTX_DISABLE
+    fn.config_write(PCI_COMMAND, 2, cmd)
+
+
 class VfioPciDevice:
     """A PCI function bound to vfio-pci: the DeviceOps the core calls."""
 
     def __init__(self, function: PciDevice, name: Optional[str] = None, *, dma_space=None,
                  reset_bus: Optional[HotResetBus] = None, io_width: Optional[int] = None,
                  group_of_fd: Callable[[object, int], int] = _default_group_of_fd,
-                 abi: Optional[KernelAbi] = None):
+                 abi: Optional[KernelAbi] = None, nointxmask: bool = False, disable_idle_d3: bool = False):
         #: the kernel release whose vfio-pci this device is (uapi/abi.py)
         self.abi = abi or KernelAbi()
         if io_width is None:
@@ -117,7 +141,9 @@ class VfioPciDevice:
         self.vconfig: Optional[VirtualConfig] = None
         self.irqs = Interrupts(self)
         self.ioeventfds = Ioeventfds(self)
-        self.runtime_pm = RuntimePm(self)
+        self.runtime_pm = RuntimePm(self, disable_idle_d3)
+        #: vfio_pci.nointxmask when the device was probed (the module hands it to vfio-pci-core at load)
+        self.nointxmask = nointxmask
         self.reset_works = False
         self._saved_state: Optional[Dict[int, tuple]] = None
         function.irq_sink = self.irqs
@@ -134,8 +160,12 @@ class VfioPciDevice:
             VFIO_DEVICE_FEATURE: self._feature,
         }
         function.firmware_setup()  # the function was enumerated at boot...
-        self._enable_device()  # ...and vfio-pci's probe enabled it
+        #: pci_setup_device: whether the function's INTx-disable bit works (!broken_intx_masking)
+        self.intx_mask_supported = not intx_mask_broken(function)
+        self.irqs.pci_2_3 = not nointxmask and self.intx_mask_supported
+        pci_enable_device(self.function)  # ...and vfio-pci's probe enabled it
         self.vconfig = VirtualConfig(self)
+        self.runtime_pm.probe()
 
     def __repr__(self) -> str:
         return f"VfioPciDevice({self.name!r}, {self.function!r})"
@@ -158,22 +188,27 @@ class VfioPciDevice:
     def open(self) -> None:
         """First open of a device fd (vfio_pci_core_enable)."""
         with self.lock:
-            self._power_up()
+            self.runtime_pm.enable()
+            self.power_up()
             self._clear_master()  # the saved state must not include bus mastering
-            self._enable_device()
+            pci_enable_device(self.function)
             # pci_try_reset_function at enable: whether it works decides VFIO_DEVICE_FLAGS_RESET
             self.reset_works = bool(self.reset_methods())
             self.guarded(self.try_reset_function)
             self._saved_state = self.save_state()
+            # PCI 2.3 INTx masking (the function's INTx-disable bit), unless the module says not to:
+            # then INTx is masked at the interrupt controller (disable_irq), see .intrs
+            self.irqs.pci_2_3 = not self.nointxmask and self.intx_mask_supported
+            if self.irqs.pci_2_3 and self.function.command() & PCI_COMMAND_INTX_DISABLE:
+                self.function.config_write(PCI_COMMAND, 2, self.function.command() & ~PCI_COMMAND_INTX_DISABLE)
             self.vconfig = VirtualConfig(self)
 
     def release(self) -> None:
         """Last close (vfio_pci_core_disable + close_device): quiet the device, restore it."""
         with self.lock:
             # out of low-power mode and into D0 first: the reset below needs it
-            self.runtime_pm.resume()
-            self.runtime_pm.exit()
-            self._power_up()
+            self.runtime_pm.disable()
+            self.power_up()
             self._clear_master()  # stop the device from further DMA
             self.irqs.disable()
             self.ioeventfds.release_all()
@@ -191,6 +226,7 @@ class VfioPciDevice:
             self._clear_master()  # pci_disable_device
             self.irqs.release_err_req()
             self._revoke_mappings()
+            self.runtime_pm.disabled()
 
     def _revoke_mappings(self) -> None:
         """Cut off every client mapping of the BARs' memory (taken before this last close).
@@ -248,16 +284,6 @@ class VfioPciDevice:
         return True
 
     # -- the PCI core, as vfio-pci calls it --------------------------------------------
-    def _enable_device(self) -> None:
-        # pci_enable_device: decode on for the resource types the function has
-        fn = self.function
-        cmd = fn.command()
-        if any(b is not None and b.io for b in fn.bars):
-            cmd |= PCI_COMMAND_IO
-        if any(b is not None and not b.io for b in fn.bars) or fn.rom is not None:
-            cmd |= PCI_COMMAND_MEMORY
-        fn.config_write(PCI_COMMAND, 2, cmd & ~PCI_COMMAND_INTX_DISABLE)
-
     def _clear_master(self) -> None:
         fn = self.function
         fn.config_write(PCI_COMMAND, 2, fn.command() & ~PCI_COMMAND_MASTER)
@@ -291,8 +317,8 @@ class VfioPciDevice:
         finally:
             self.restore_state(saved)
 
-    def _power_up(self) -> None:
-        """vfio_pci_set_power_state(vdev, PCI_D0)."""
+    def power_up(self) -> None:
+        """vfio_pci_set_power_state(vdev, PCI_D0) (pci_power_up on resume)."""
         if self.function.pm is not None and self.function.power_state:
             self.set_power_state(self.function.pm.offset, 0)
 
@@ -412,7 +438,7 @@ class VfioPciDevice:
     def _reset(self, arg) -> int:
         if not self.reset_works:
             raise VfioError(errno.EINVAL, f"{self.name} cannot be reset on its own")
-        self._power_up()
+        self.power_up()
         self.guarded(self.try_reset_function)
         return 0
 

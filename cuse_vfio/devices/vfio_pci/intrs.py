@@ -1,10 +1,16 @@
 """vfio-pci's interrupts, as ``vfio_pci_intrs.c`` (6.1): INTx, MSI/MSI-X, ERR and REQ, and SET_IRQS.
 
-INTx is automasked when it fires, in the function's own INTx-disable bit (a
-PCI 2.3 function), and UNMASK re-signals instead while the function still
-has it pending; MSI/MSI-X vectors map to eventfds, their count fixed when
-enabled (NORESIZE) on 6.1, MSI-X growing vector by vector on 6.5+ (rule
-MSIX_DYNAMIC); ERR (PCI Express only) and REQ
+INTx is automasked when it fires, and UNMASK re-signals while the function
+still has it pending.  Where it is masked depends on ``vdev->pci_2_3``: in the
+function's own INTx-disable bit (a PCI 2.3 function, the default), or, with
+``vfio_pci.nointxmask`` or a function whose bit does not work, at the
+interrupt controller (``disable_irq``/``enable_irq`` of its line), which a
+user sees as an INTx-disable bit that vfio-pci never touches in the sysfs
+``config`` (the virtual one of the VFIO config region is the user's either
+way, and GET_IRQ_INFO says MASKABLE | AUTOMASKED either way).
+MSI/MSI-X vectors map to eventfds, their count fixed when enabled (NORESIZE)
+on 6.1, MSI-X growing vector by vector on 6.5+ (rule MSIX_DYNAMIC); ERR
+(PCI Express only) and REQ
 are single eventfds.  The MSI Enable the user reads is the virtual one it
 wrote, as on the kernel; MSI-X's is the function's.
 
@@ -21,7 +27,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, List, Optional
 
 from ...errors import VfioError
 from ...uapi.abi import Rule
@@ -48,7 +54,14 @@ from ...uapi import (
     vfio_irq_info,
     vfio_irq_set,
 )
-from ..pci import PCI_COMMAND, PCI_COMMAND_INTX_DISABLE, PCI_INTERRUPT_PIN, PCI_STATUS, PCI_STATUS_INTERRUPT
+from ..pci import (
+    PCI_COMMAND,
+    PCI_COMMAND_INTX_DISABLE,
+    PCI_INTERRUPT_PIN,
+    PCI_STATUS,
+    PCI_STATUS_INTERRUPT,
+    PciDevice,
+)
 
 if TYPE_CHECKING:
     from .core import VfioPciDevice
@@ -125,7 +138,191 @@ MSI_NUM_CTX_BOUND = Rule(
         "vectors with no context, an eventfd past the enabled MSI vectors fails in pci_irq_vector.")
 
 
-class Interrupts:
+class IntxMasking:
+    """The INTx half of :class:`Interrupts`: its SET_IRQS actions, the handler, masking and unmasking.
+
+    Uses the state ``Interrupts`` keeps (``irq_type``, ``intx``, ``virq_disabled``, ``pci_2_3``).
+    """
+
+    function: PciDevice
+    lock: ContextManager[Any]
+    irq_type: Optional[int]
+    intx: Optional[_IntxCtx]
+    virq_disabled: bool
+    pci_2_3: bool
+
+    @staticmethod
+    def _eventfd(caller, fd: int):
+        return caller.get_eventfd(fd)
+
+    # INTx -----------------------------------------------------------------------
+    # pci_2_3 (a function whose INTx-disable bit works, pci_intx_mask_supported,
+    # and no nointxmask): vfio-pci masks INTx in that bit: the handler sets it
+    # when the function says the interrupt is its own (pci_check_and_mask_intx),
+    # unmasking clears it unless another interrupt is already pending
+    # (pci_check_and_unmask_intx), and while INTx is not in use the bit follows
+    # the user's virtual INTx-disable.
+    # Otherwise the line is masked at the interrupt controller and the bit is
+    # left alone: the handler disables the line at once (disable_irq_nosync,
+    # the line is the device's alone) and unmasking enables it again
+    # (enable_irq), which runs the handler again right away when the
+    # level-triggered line is still asserted.  ``ctx.masked`` is then the
+    # line's disabled state.
+    def _set_intx_unmask(self, index, start, count, flags, data, caller) -> None:
+        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX or start != 0 or count != 1:
+            raise VfioError(errno.EINVAL, "INTx UNMASK needs INTx enabled, start 0 and count 1")
+        if flags & VFIO_IRQ_SET_DATA_NONE or (flags & VFIO_IRQ_SET_DATA_BOOL and data[0]):
+            self.intx_unmask()
+        elif flags & VFIO_IRQ_SET_DATA_EVENTFD:
+            fd = fd_at(data)
+            ctx = self.intx
+            if fd >= 0:
+                if ctx.unmask_watch is not None:
+                    raise VfioError(errno.EBUSY, "an unmask eventfd is already set: de-assign it (-1) first")
+                efd = self._eventfd(caller, fd)
+                watch = getattr(efd, "watch", None)
+                if watch is None:
+                    raise VfioError(errno.EOPNOTSUPP, "this transport cannot watch an eventfd (unmask irqfd)")
+                ctx.unmask_watch = watch(self._unmask_from_eventfd)
+            elif ctx.unmask_watch is not None:
+                ctx.unmask_watch()
+                ctx.unmask_watch = None
+
+    def _unmask_from_eventfd(self) -> None:
+        with self.lock:
+            self.intx_unmask()
+
+    def _set_intx_mask(self, index, start, count, flags, data, caller) -> None:
+        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX or start != 0 or count != 1:
+            raise VfioError(errno.EINVAL, "INTx MASK needs INTx enabled, start 0 and count 1")
+        if flags & VFIO_IRQ_SET_DATA_NONE or (flags & VFIO_IRQ_SET_DATA_BOOL and data[0]):
+            self.intx_mask()
+        elif flags & VFIO_IRQ_SET_DATA_EVENTFD:
+            raise VfioError(errno.ENOTTY, "masking INTx from an eventfd is not implemented (nor in the kernel)")
+
+    def _set_intx_trigger(self, index, start, count, flags, data, caller) -> None:
+        if self.irq_type == VFIO_PCI_INTX_IRQ_INDEX and not count and flags & VFIO_IRQ_SET_DATA_NONE:
+            self._intx_disable()
+            return
+        if self.irq_type not in (None, VFIO_PCI_INTX_IRQ_INDEX) or start != 0 or count != 1:
+            raise VfioError(errno.EINVAL, "INTx TRIGGER needs no other interrupt type, start 0 and count 1")
+        if flags & VFIO_IRQ_SET_DATA_EVENTFD:
+            fd = fd_at(data)
+            if self.irq_type == VFIO_PCI_INTX_IRQ_INDEX:
+                self._intx_set_signal(fd, caller)
+                return
+            self._intx_enable()
+            try:
+                self._intx_set_signal(fd, caller)
+            except VfioError:
+                self._intx_disable()
+                raise
+            return
+        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX:
+            raise VfioError(errno.EINVAL, "INTx loopback needs INTx enabled")
+        if flags & VFIO_IRQ_SET_DATA_NONE or (flags & VFIO_IRQ_SET_DATA_BOOL and data[0]):
+            self._send_intx_eventfd()
+
+    def _intx_enable(self) -> None:
+        """vfio_intx_enable: the context, masked as the user's INTx-disable says."""
+        self.intx = _IntxCtx(None, masked=self.virq_disabled)
+        if self.pci_2_3:
+            self._pci_intx(not self.intx.masked)
+        self.irq_type = VFIO_PCI_INTX_IRQ_INDEX
+
+    def _intx_set_signal(self, fd: int, caller) -> None:
+        """vfio_intx_set_signal: drop the old eventfd (and handler), then install the new one."""
+        ctx = self.intx
+        if ctx.trigger is not None:
+            old, ctx.trigger = ctx.trigger, None
+            release_eventfd(old)
+        if fd < 0:
+            return  # de-assigned: no handler, so nothing masks or signals until a new one
+        ctx.trigger = self._eventfd(caller, fd)
+        # request_irq on a level-triggered line already asserted runs the handler at once.
+        if self.function.intx_asserted():
+            self.intx_fire()
+
+    def _intx_disable(self) -> None:
+        ctx = self.intx
+        if ctx is not None:
+            if ctx.unmask_watch is not None:
+                ctx.unmask_watch()
+                ctx.unmask_watch = None
+            if ctx.trigger is not None:
+                release_eventfd(ctx.trigger)
+                ctx.trigger = None
+        self.intx = None
+        self.irq_type = None
+
+    def _send_intx_eventfd(self) -> None:
+        if self.irq_type == VFIO_PCI_INTX_IRQ_INDEX and not self.virq_disabled and self.intx.trigger is not None:
+            self.intx.trigger.signal()
+
+    def intx_fire(self) -> None:
+        """The line went up (vfio_intx_handler): mask it in the function, tell the user once."""
+        ctx = self.intx
+        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX or ctx.trigger is None:
+            return  # no handler registered
+        if not self.pci_2_3:
+            if not ctx.masked:  # an enabled line: disable_irq_nosync, then tell the user
+                ctx.masked = True
+                self._send_intx_eventfd()
+        elif not ctx.masked and self._check_and_set_intx_mask(True):
+            ctx.masked = True
+            self._send_intx_eventfd()
+
+    def intx_mask(self) -> bool:
+        """vfio_pci_intx_mask: True when this masked INTx (it was not masked before)."""
+        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX:
+            if self.pci_2_3:
+                self._pci_intx(False)  # not in use: the function's bit follows the virtual one
+            return False
+        if self.intx.masked:
+            return False
+        if self.pci_2_3:
+            self._pci_intx(False)
+        self.intx.masked = True  # else disable_irq_nosync: the line is off
+        return True
+
+    def intx_unmask(self) -> None:
+        """vfio_pci_intx_unmask: unmask, or re-send when the function still has an interrupt pending."""
+        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX:
+            if self.pci_2_3:
+                self._pci_intx(True)
+            return
+        ctx = self.intx
+        if not ctx.masked or self.virq_disabled:
+            return
+        if not self.pci_2_3:
+            ctx.masked = False  # enable_irq: a line still asserted runs the handler again at once
+            if self.function.intx_asserted():
+                self.intx_fire()
+        elif self._check_and_set_intx_mask(False):
+            ctx.masked = False
+        else:
+            self._send_intx_eventfd()  # stays masked
+
+    def _pci_intx(self, enable: bool) -> None:
+        """pci_intx: set or clear the function's INTx-disable bit."""
+        fn = self.function
+        cmd = fn.command()
+        new = (cmd & ~PCI_COMMAND_INTX_DISABLE) | (0 if enable else PCI_COMMAND_INTX_DISABLE)
+        if new != cmd:
+            fn.config_write(PCI_COMMAND, 2, new)
+
+    def _check_and_set_intx_mask(self, mask: bool) -> bool:
+        """pci_check_and_{mask,unmask}_intx: act only when the Interrupt Status bit agrees."""
+        fn = self.function
+        pending = bool(fn.config_read(PCI_STATUS, 2) & PCI_STATUS_INTERRUPT)
+        if mask != pending:
+            return False
+        self._pci_intx(not mask)
+        return True
+
+
+
+class Interrupts(IntxMasking):
     """The interrupt state of one vfio-pci device (``vdev->irq_type``, ``ctx``, ``err_trigger``...)."""
 
     def __init__(self, vdev: "VfioPciDevice"):
@@ -141,6 +338,8 @@ class Interrupts:
         self.num_ctx = 0
         #: the user's virtual INTx-disable bit (vdev->virq_disabled)
         self.virq_disabled = False
+        #: INTx is masked in the function's INTx-disable bit (vdev->pci_2_3); False: at the line
+        self.pci_2_3 = True
         self.err_trigger = None
         self.req_trigger = None
 
@@ -235,154 +434,6 @@ class Interrupts:
             raise VfioError(errno.ENOTTY, f"{self.name}: action 0x{action:x} is not supported on irq index {index}")
         func(index, start, count, flags, data, caller)
         return 0
-
-    @staticmethod
-    def _eventfd(caller, fd: int):
-        return caller.get_eventfd(fd)
-
-    # INTx -----------------------------------------------------------------------
-    # The function masks INTx with its own INTx-disable bit (a PCI 2.3 function:
-    # pci_intx_mask_supported), so vfio-pci masks it there, as the kernel does:
-    # the handler sets the bit when the function says the interrupt is its own
-    # (pci_check_and_mask_intx), unmasking clears it unless another interrupt is
-    # already pending (pci_check_and_unmask_intx), and while INTx is not in use
-    # the bit follows the user's virtual INTx-disable.
-    def _set_intx_unmask(self, index, start, count, flags, data, caller) -> None:
-        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX or start != 0 or count != 1:
-            raise VfioError(errno.EINVAL, "INTx UNMASK needs INTx enabled, start 0 and count 1")
-        if flags & VFIO_IRQ_SET_DATA_NONE or (flags & VFIO_IRQ_SET_DATA_BOOL and data[0]):
-            self.intx_unmask()
-        elif flags & VFIO_IRQ_SET_DATA_EVENTFD:
-            fd = fd_at(data)
-            ctx = self.intx
-            if fd >= 0:
-                if ctx.unmask_watch is not None:
-                    raise VfioError(errno.EBUSY, "an unmask eventfd is already set: de-assign it (-1) first")
-                efd = self._eventfd(caller, fd)
-                watch = getattr(efd, "watch", None)
-                if watch is None:
-                    raise VfioError(errno.EOPNOTSUPP, "this transport cannot watch an eventfd (unmask irqfd)")
-                ctx.unmask_watch = watch(self._unmask_from_eventfd)
-            elif ctx.unmask_watch is not None:
-                ctx.unmask_watch()
-                ctx.unmask_watch = None
-
-    def _unmask_from_eventfd(self) -> None:
-        with self.lock:
-            self.intx_unmask()
-
-    def _set_intx_mask(self, index, start, count, flags, data, caller) -> None:
-        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX or start != 0 or count != 1:
-            raise VfioError(errno.EINVAL, "INTx MASK needs INTx enabled, start 0 and count 1")
-        if flags & VFIO_IRQ_SET_DATA_NONE or (flags & VFIO_IRQ_SET_DATA_BOOL and data[0]):
-            self.intx_mask()
-        elif flags & VFIO_IRQ_SET_DATA_EVENTFD:
-            raise VfioError(errno.ENOTTY, "masking INTx from an eventfd is not implemented (nor in the kernel)")
-
-    def _set_intx_trigger(self, index, start, count, flags, data, caller) -> None:
-        if self.irq_type == VFIO_PCI_INTX_IRQ_INDEX and not count and flags & VFIO_IRQ_SET_DATA_NONE:
-            self._intx_disable()
-            return
-        if self.irq_type not in (None, VFIO_PCI_INTX_IRQ_INDEX) or start != 0 or count != 1:
-            raise VfioError(errno.EINVAL, "INTx TRIGGER needs no other interrupt type, start 0 and count 1")
-        if flags & VFIO_IRQ_SET_DATA_EVENTFD:
-            fd = fd_at(data)
-            if self.irq_type == VFIO_PCI_INTX_IRQ_INDEX:
-                self._intx_set_signal(fd, caller)
-                return
-            self._intx_enable()
-            try:
-                self._intx_set_signal(fd, caller)
-            except VfioError:
-                self._intx_disable()
-                raise
-            return
-        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX:
-            raise VfioError(errno.EINVAL, "INTx loopback needs INTx enabled")
-        if flags & VFIO_IRQ_SET_DATA_NONE or (flags & VFIO_IRQ_SET_DATA_BOOL and data[0]):
-            self._send_intx_eventfd()
-
-    def _intx_enable(self) -> None:
-        """vfio_intx_enable: the context, masked as the user's INTx-disable says."""
-        self.intx = _IntxCtx(None, masked=self.virq_disabled)
-        self._pci_intx(not self.intx.masked)
-        self.irq_type = VFIO_PCI_INTX_IRQ_INDEX
-
-    def _intx_set_signal(self, fd: int, caller) -> None:
-        """vfio_intx_set_signal: drop the old eventfd (and handler), then install the new one."""
-        ctx = self.intx
-        if ctx.trigger is not None:
-            old, ctx.trigger = ctx.trigger, None
-            release_eventfd(old)
-        if fd < 0:
-            return  # de-assigned: no handler, so nothing masks or signals until a new one
-        ctx.trigger = self._eventfd(caller, fd)
-        # request_irq on a level-triggered line already asserted runs the handler at once.
-        if self.function.intx_asserted():
-            self.intx_fire()
-
-    def _intx_disable(self) -> None:
-        ctx = self.intx
-        if ctx is not None:
-            if ctx.unmask_watch is not None:
-                ctx.unmask_watch()
-                ctx.unmask_watch = None
-            if ctx.trigger is not None:
-                release_eventfd(ctx.trigger)
-                ctx.trigger = None
-        self.intx = None
-        self.irq_type = None
-
-    def _send_intx_eventfd(self) -> None:
-        if self.irq_type == VFIO_PCI_INTX_IRQ_INDEX and not self.virq_disabled and self.intx.trigger is not None:
-            self.intx.trigger.signal()
-
-    def intx_fire(self) -> None:
-        """The line went up (vfio_intx_handler): mask it in the function, tell the user once."""
-        ctx = self.intx
-        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX or ctx.trigger is None:
-            return  # no handler registered
-        if not ctx.masked and self._check_and_set_intx_mask(True):
-            ctx.masked = True
-            self._send_intx_eventfd()
-
-    def intx_mask(self) -> None:
-        """vfio_pci_intx_mask."""
-        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX:
-            self._pci_intx(False)  # not in use: the function's bit follows the virtual one
-        elif not self.intx.masked:
-            self._pci_intx(False)
-            self.intx.masked = True
-
-    def intx_unmask(self) -> None:
-        """vfio_pci_intx_unmask: unmask, or re-send when the function still has an interrupt pending."""
-        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX:
-            self._pci_intx(True)
-            return
-        ctx = self.intx
-        if not ctx.masked or self.virq_disabled:
-            return
-        if self._check_and_set_intx_mask(False):
-            ctx.masked = False
-        else:
-            self._send_intx_eventfd()  # stays masked
-
-    def _pci_intx(self, enable: bool) -> None:
-        """pci_intx: set or clear the function's INTx-disable bit."""
-        fn = self.function
-        cmd = fn.command()
-        new = (cmd & ~PCI_COMMAND_INTX_DISABLE) | (0 if enable else PCI_COMMAND_INTX_DISABLE)
-        if new != cmd:
-            fn.config_write(PCI_COMMAND, 2, new)
-
-    def _check_and_set_intx_mask(self, mask: bool) -> bool:
-        """pci_check_and_{mask,unmask}_intx: act only when the Interrupt Status bit agrees."""
-        fn = self.function
-        pending = bool(fn.config_read(PCI_STATUS, 2) & PCI_STATUS_INTERRUPT)
-        if mask != pending:
-            return False
-        self._pci_intx(not mask)
-        return True
 
     # MSI / MSI-X ----------------------------------------------------------------
     def _set_msi_trigger(self, index, start, count, flags, data, caller) -> None:

@@ -1,12 +1,31 @@
 """vfio-pci's runtime power management and the 6.1 low-power DEVICE_FEATUREs (vfio_pci_core.c).
 
-Once the user asked for low power (VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY*), the
-device is runtime-suspended whenever no access is in progress: every ioctl,
-read, write or mmap wakes it for its duration (pm_runtime_resume_and_get,
-counted, so nested wakes are one), and a wake-up eventfd, if one was given,
-is signalled on that first wake and ends low-power mode
-(vfio_pci_core_runtime_resume).  Suspending masks INTx, saves the config
-state and puts the function in D3hot, as the PCI core does.
+The device's runtime-PM usage count decides, as the kernel's does, when it
+is suspended: the count drops to 0 -> the device suspends; an access with
+the count at 0 resumes it.  Who holds a count (Linux 6.1):
+
+* ``local_pci_probe`` holds one while vfio-pci probes; vfio-pci's probe
+  (``vfio_pci_core_register_device``) puts the device in D0 and drops it,
+  unless ``vfio_pci.disable_idle_d3`` is set: by default a device no one has
+  open is suspended ("idle D3").
+* The first open (``vfio_pci_core_enable``) takes one and the last close
+  (``vfio_pci_core_disable``) drops it again, both only without
+  ``disable_idle_d3``.
+* Every ioctl, read, write or mmap holds one for its duration
+  (``vfio_device_pm_runtime_get``), so nested wakes are one.
+* Low-power entry (VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY*) drops one without
+  suspending (``pm_runtime_put_noidle``); the ioctl's own put then suspends
+  the device.  Leaving low power takes it back (``pm_runtime_get_noresume``),
+  as does the first wake when a wake-up eventfd was given, which is signalled
+  then (``vfio_pci_core_runtime_resume``).  With ``disable_idle_d3`` the
+  probe's count is the one low-power entry lets go of, so entry still works.
+
+Suspending (``vfio_pci_core_runtime_suspend`` then ``pci_pm_runtime_suspend``)
+puts the function in D0, masks INTx if it is in use, saves the config state
+and moves a function with a PM capability to D3hot (one without stays in
+D0: ``pci_target_state``).  Resuming powers it up, restores the state and
+unmasks INTx if suspending masked it.  A user sees it in the sysfs view: the
+PM control register of ``config`` and ``power_state``.
 """
 
 from __future__ import annotations
@@ -39,49 +58,77 @@ if TYPE_CHECKING:
 class RuntimePm:
     """The runtime-PM state of one vfio-pci device; runs under the device's lock."""
 
-    def __init__(self, vdev: "VfioPciDevice"):
+    def __init__(self, vdev: "VfioPciDevice", disable_idle_d3: bool = False):
         self.vdev = vdev
+        #: ``vfio_pci.disable_idle_d3`` as the module had it when the device was probed
+        self.disable_idle_d3 = disable_idle_d3
         #: low-power mode the user asked for (VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY*)
         self.engaged = False
         self.wake_eventfd = None
         self._suspended: Optional[tuple] = None
-        self._usage = 0
+        #: the usage count; local_pci_probe holds one while the driver probes
+        self.usage = 1
 
-    # -- around every access -------------------------------------------------------
+    @property
+    def suspended(self) -> bool:
+        return self._suspended is not None
+
+    # -- the driver's lifecycle --------------------------------------------------------
+    def probe(self) -> None:
+        """vfio_pci_core_register_device: D0, then, unless disable_idle_d3, idle (pm_runtime_put)."""
+        self.vdev.power_up()
+        if not self.disable_idle_d3:
+            self.put()
+
+    def enable(self) -> None:
+        """vfio_pci_core_enable: the first open holds the device awake."""
+        if not self.disable_idle_d3:
+            self.get()
+
+    def disable(self) -> None:
+        """The start of vfio_pci_core_disable: out of low-power mode (vfio_pci_runtime_pm_exit), awake."""
+        self.exit()
+        self.resume()
+
+    def disabled(self) -> None:
+        """The end of vfio_pci_core_disable: the open's count goes (the device idles again)."""
+        if not self.disable_idle_d3:
+            self.put()
+
+    # -- the usage count -----------------------------------------------------------------
     def get(self) -> None:
         """pm_runtime_resume_and_get: awake until the matching put()."""
-        self._usage += 1
+        self.usage += 1
         self.resume()
 
     def put(self) -> None:
-        """pm_runtime_put: the last put suspends again, when low power was asked for."""
-        self._usage -= 1
-        if not self._usage:
+        """pm_runtime_put: the count reaching 0 suspends the device."""
+        self.usage -= 1
+        if self.usage <= 0:
+            self.usage = 0
             self.suspend()
 
     def suspend(self) -> None:
-        """vfio_pci_core_runtime_suspend, then the PCI core: INTx masked, state saved, D3hot."""
+        """vfio_pci_core_runtime_suspend, then the PCI core: D0, INTx masked, state saved, D3hot."""
         vdev = self.vdev
-        if not self.engaged or self._suspended is not None:
+        if self._suspended is not None:
             return
+        vdev.power_up()  # the user may have put it in D3hot through config space
         irqs = vdev.irqs
-        intx_masked = irqs.irq_type == VFIO_PCI_INTX_IRQ_INDEX and not irqs.intx.masked
-        if intx_masked:
-            irqs.intx_mask()
+        intx_masked = irqs.irq_type == VFIO_PCI_INTX_IRQ_INDEX and irqs.intx_mask()
         saved = vdev.save_state()
         if vdev.function.pm is not None:
             vdev.set_power_state(vdev.function.pm.offset, PCI_D3HOT)
         self._suspended = (saved, intx_masked)
 
     def resume(self) -> None:
-        """Wake a runtime-suspended device for an access (vfio_pci_core_runtime_resume)."""
+        """pci_pm_runtime_resume, then vfio_pci_core_runtime_resume."""
         if self._suspended is None:
             return
         vdev = self.vdev
         saved, intx_masked = self._suspended
         self._suspended = None
-        if vdev.function.pm is not None:
-            vdev.set_power_state(vdev.function.pm.offset, 0)
+        vdev.power_up()
         vdev.restore_state(saved)
         if self.wake_eventfd is not None:
             self.wake_eventfd.signal()
@@ -89,22 +136,28 @@ class RuntimePm:
         if intx_masked:
             vdev.irqs.intx_unmask()
 
-    # -- the features ------------------------------------------------------------------
+    # -- low-power mode ------------------------------------------------------------------
     def entry(self, wake_eventfd) -> None:
+        """vfio_pci_runtime_pm_entry: the ioctl's own put() then suspends the device."""
         if self.engaged:
             if wake_eventfd is not None:
                 release_eventfd(wake_eventfd)
             raise VfioError(errno.EINVAL, f"{self.vdev.name} is already in low-power mode")
         self.engaged = True
         self.wake_eventfd = wake_eventfd
+        self.usage -= 1  # pm_runtime_put_noidle
 
     def exit(self) -> None:
         """__vfio_pci_runtime_pm_exit."""
+        if not self.engaged:
+            return
         self.engaged = False
+        self.usage += 1  # pm_runtime_get_noresume
         if self.wake_eventfd is not None:
             release_eventfd(self.wake_eventfd)
             self.wake_eventfd = None
 
+    # -- the features ------------------------------------------------------------------
     def device_feature(self, flags: int, arg, argsz: int) -> int:
         """vfio_pci_core_ioctl_feature (6.1), after the core checked the header.
 

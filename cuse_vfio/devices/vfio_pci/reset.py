@@ -123,11 +123,20 @@ def pci_hot_reset(vdev: "VfioPciDevice", arg) -> int:
         if group_id not in groups:
             raise VfioError(errno.EINVAL, f"the group fds do not include group {group_id} of function {devfn:#x}")
         vdevs.append(member)
+    # vfio_pci_dev_set_pm_runtime_get: a member may be runtime-suspended (idle, or in low power)
     for member in vdevs:
         with member.lock:
-            saved = member.save_state()
-            try:
-                member.guarded(member.function.reset_function)
-            finally:
-                member.restore_state(saved)
+            member.runtime_pm.get()
+    try:
+        for member in vdevs:
+            with member.lock:
+                saved = member.save_state()
+                try:
+                    member.guarded(member.function.reset_function)
+                finally:
+                    member.restore_state(saved)
+    finally:
+        for member in vdevs:
+            with member.lock:
+                member.runtime_pm.put()
     return 0
