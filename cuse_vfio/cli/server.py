@@ -38,13 +38,13 @@ import threading
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..devices import load_model_file, model_names
-from ..mounts import MNT_DETACH, mountinfo, namespace, umount2
-from ..mounts.namespace import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_NOT_STARTED
-from ..transport.server import Server, choose_transport
-from ..transport.shim import TransportError
-from ..sysfs import SysfsViewError
 from ..machine import Machine
 from ..machine.topology import TopologyError, load
+from ..mounts import MNT_DETACH, mountinfo, namespace, umount2
+from ..mounts.namespace import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_NOT_STARTED
+from ..sysfs import SysfsViewError
+from ..transport.server import Server, choose_transport
+from ..transport.shim import TransportError
 from .trace import MalformedFile, TraceWriter, open_input, read_records
 
 log = logging.getLogger(__name__)
