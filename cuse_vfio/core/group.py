@@ -166,7 +166,8 @@ class Group:
             if device is None:
                 raise VfioError(errno.ENODEV, f"group {self.id} has no device {name!r}")
             if not self.container_users or self.container.iommu_data is None:
-                raise VfioError(errno.EINVAL, f"group {self.id} needs a container with an IOMMU set (SET_CONTAINER, SET_IOMMU) first")
+                raise VfioError(errno.EINVAL,
+                                f"group {self.id} needs a container with an IOMMU set (SET_CONTAINER, SET_IOMMU) first")
             if not self.viable():
                 raise VfioError(errno.EINVAL, f"group {self.id} is not viable")
             devfile = device.open_file()

@@ -71,7 +71,8 @@ class Vfio:
         with self.lock:
             group = self._groups.get(group_id)
             if group is None:
-                raise VfioError(errno.ENODEV, f"no VFIO group {group_id}: no device of IOMMU group {group_id} is bound to a vfio driver")
+                raise VfioError(errno.ENODEV, f"no VFIO group {group_id}: "
+                                f"no device of IOMMU group {group_id} is bound to a vfio driver")
             return group.open()
 
     def _group_for(self, iommu_group: IommuGroup) -> Group:
