@@ -33,9 +33,14 @@ from .pci import (
 )
 from .registry import create_model, load_model_file, model_class, model_names, register_model
 from .vfio_pci import HotResetBus, ModelFailure, VfioPciDevice
-from . import edu  # noqa: E402,F401  (registers "edu")
-from . import nvme  # noqa: E402,F401  (registers "nvme")
-from . import virtio  # noqa: E402,F401  (registers "virtio-net")
+
+# The models register themselves by name once the API above is in place.
+# isort: split
+from . import (
+    edu,  # noqa: F401  (registers "edu")
+    nvme,  # noqa: F401  (registers "nvme")
+    virtio,  # noqa: F401  (registers "virtio-net")
+)
 
 __all__ = [
     "Bar", "Capability", "DmaFault", "ExpressCapability", "ExtendedCapability", "HotResetBus", "IoBar",

@@ -71,7 +71,8 @@ class Backing:
             try:
                 self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             except OSError as e:
-                raise ValueError(f"backing file {path} cannot be opened for reading and writing: {e.strerror}") from None
+                raise ValueError(
+                    f"backing file {path} cannot be opened for reading and writing: {e.strerror}") from None
             actual = os.fstat(self.fd).st_size
             if not exists or (actual == 0 and size is not None):
                 self.size = size

@@ -10,6 +10,7 @@ from typing import Callable, Optional
 
 from .regs import PCI_BASE_ADDRESS_MEM_PREFETCH, PCI_BASE_ADDRESS_MEM_TYPE_64, PCI_BASE_ADDRESS_SPACE_IO
 
+
 # -- BARs ------------------------------------------------------------------------
 class Bar:
     """One base address register's resource: its size, its type, and what accesses do."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
+from .config import ConfigSpace
+from .irq import IrqIndex
 from .regs import (
     PCI_CAP_EXP_ENDPOINT_SIZEOF_V2,
     PCI_CAP_FLAGS,
@@ -24,14 +26,6 @@ from .regs import (
     PCI_EXP_FLAGS,
     PCI_EXP_TYPE_ENDPOINT,
     PCI_EXT_CAP_ID_VNDR,
-    PCI_MSIX_ENTRY_CTRL_MASKBIT,
-    PCI_MSIX_ENTRY_SIZE,
-    PCI_MSIX_ENTRY_VECTOR_CTRL,
-    PCI_MSIX_FLAGS,
-    PCI_MSIX_FLAGS_ENABLE,
-    PCI_MSIX_FLAGS_MASKALL,
-    PCI_MSIX_PBA,
-    PCI_MSIX_TABLE,
     PCI_MSI_ADDRESS_HI,
     PCI_MSI_ADDRESS_LO,
     PCI_MSI_DATA_32,
@@ -43,14 +37,20 @@ from .regs import (
     PCI_MSI_FLAGS_QSIZE,
     PCI_MSI_MASK_32,
     PCI_MSI_MASK_64,
+    PCI_MSIX_ENTRY_CTRL_MASKBIT,
+    PCI_MSIX_ENTRY_SIZE,
+    PCI_MSIX_ENTRY_VECTOR_CTRL,
+    PCI_MSIX_FLAGS,
+    PCI_MSIX_FLAGS_ENABLE,
+    PCI_MSIX_FLAGS_MASKALL,
+    PCI_MSIX_PBA,
+    PCI_MSIX_TABLE,
     PCI_PM_CTRL,
     PCI_PM_CTRL_NO_SOFT_RESET,
     PCI_PM_CTRL_STATE_MASK,
     PCI_PM_PMC,
     PCI_PM_SIZEOF,
 )
-from .irq import IrqIndex
-from .config import ConfigSpace
 
 if TYPE_CHECKING:
     from .device import PciDevice

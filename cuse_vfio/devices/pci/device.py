@@ -6,12 +6,17 @@ import logging
 import threading
 from typing import Callable, List, Optional
 
+from .bars import Bar, RamBar, Rom
+from .caps import Capability, ExpressCapability, MsiCapability, MsixCapability, PmCapability
+from .config import ConfigSpace
+from .dma import DmaPort
+from .irq import IrqIndex
 from .regs import (
     PCI_BASE_ADDRESS_0,
     PCI_CACHE_LINE_SIZE,
-    PCI_CAPABILITY_LIST,
     PCI_CAP_LIST_ID,
     PCI_CAP_LIST_NEXT,
+    PCI_CAPABILITY_LIST,
     PCI_CFG_SPACE_EXP_SIZE,
     PCI_CFG_SPACE_SIZE,
     PCI_CLASS_PROG,
@@ -43,11 +48,6 @@ from .regs import (
     PCI_SUBSYSTEM_VENDOR_ID,
     PCI_VENDOR_ID,
 )
-from .irq import IrqIndex
-from .config import ConfigSpace
-from .bars import Bar, RamBar, Rom
-from .caps import Capability, ExpressCapability, MsiCapability, MsixCapability, PmCapability
-from .dma import DmaPort
 
 log = logging.getLogger(__name__)
 
