@@ -12,7 +12,13 @@ from .iommu import INTEL_IOMMU_ATTRIBUTES, SysfsIommu
 from .modules import SysfsModule
 from .mount import SysfsMount
 from .pci import (
-    DEVICE_ATTRIBUTES, DRIVER, DRIVER_CONTROLS, SRIOV_ATTRIBUTES, SysfsDevice, SysfsGroup, reserved_regions,
+    DEVICE_ATTRIBUTES,
+    DRIVER,
+    DRIVER_CONTROLS,
+    SRIOV_ATTRIBUTES,
+    SysfsDevice,
+    SysfsGroup,
+    reserved_regions,
 )
 from .tree import Config, Control, Dir, Link, SysfsViewError, Text
 
