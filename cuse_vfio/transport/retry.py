@@ -27,6 +27,7 @@ from typing import List, Optional, Tuple, Type, TypeVar
 
 from ..dispatch import IoctlArg, RetryRequest
 from ..errors import VfioError
+
 # the kernel's limits of a retry, as csrc/shim.h states them for cv_reply_ioctl_retry:
 # FUSE_IOCTL_MAX_IOV in and out iovecs together, 128 KiB per direction (CUSE never raises max_pages)
 from .shim import MAX_BYTES, MAX_IOV
