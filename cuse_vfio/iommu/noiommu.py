@@ -14,10 +14,13 @@ space maps those back to a process and a vaddr, so a model's DMA faults with
 from __future__ import annotations
 
 import errno
-from typing import List
+from typing import TYPE_CHECKING, List
 
 from ..errors import VfioError
 from ..uapi import VFIO_CHECK_EXTENSION, VFIO_NOIOMMU_IOMMU
+
+if TYPE_CHECKING:
+    from ..core.bus import IommuGroup
 
 
 class NoIommuDriver:
@@ -52,7 +55,7 @@ class NoIommu:
 
     def __init__(self, driver: NoIommuDriver):
         self.driver = driver
-        self.groups: List[object] = []
+        self.groups: List[IommuGroup] = []
 
     def __repr__(self) -> str:
         return f"NoIommu(groups={[g.id for g in self.groups]})"

@@ -21,7 +21,7 @@ import ctypes
 import errno
 import logging
 import threading
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import VfioError
 from ..uapi import (
@@ -64,6 +64,9 @@ from .dma import U64_MASK, DmaList, DmaMapping
 from .dmaspace import Type1DmaSpace
 from .faults import FaultLog
 
+if TYPE_CHECKING:
+    from ..core.bus import IommuGroup
+
 log = logging.getLogger(__name__)
 
 SZ_4K, SZ_2M, SZ_1G = 1 << 12, 1 << 21, 1 << 30
@@ -102,7 +105,7 @@ _UNMAP_MINSZ = offsetofend(vfio_iommu_type1_dma_unmap, "size")
 
 def iova_ranges(aperture: Tuple[int, int], reserved: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
     """The aperture minus the reserved regions (``vfio_iommu_resv_exclude``), inclusive bounds."""
-    ranges = [tuple(aperture)]
+    ranges = [(aperture[0], aperture[1])]
     for rstart, rend in reserved:
         out = []
         for start, end in ranges:
@@ -190,8 +193,8 @@ class Type1Driver:
         if pgsize_bitmap & (SZ_4K - 1):
             pgsize_bitmap = (pgsize_bitmap & ~(SZ_4K - 1)) | SZ_4K
         self.pgsize_bitmap = pgsize_bitmap
-        self.aperture = tuple(aperture)
-        self.reserved_regions = [tuple(r) for r in reserved_regions]
+        self.aperture = (aperture[0], aperture[1])
+        self.reserved_regions = [(r[0], r[1]) for r in reserved_regions]
         self.iova_ranges = iova_ranges(self.aperture, self.reserved_regions)
         self.dma_entry_limit = dma_entry_limit
         self.enforce_cache_coherency = enforce_cache_coherency
@@ -253,7 +256,7 @@ class Type1Iommu:
         self.dma_avail = driver.dma_entry_limit
         self.pgsize_bitmap = driver.pgsize_bitmap
         #: attached IOMMU groups (``core.IommuGroup``), in attach order
-        self.groups: List[object] = []
+        self.groups: List[IommuGroup] = []
         #: valid IOVA ranges; empty until a group (a domain) is attached
         self.iova_ranges: List[Tuple[int, int]] = []
         self.dirty_page_tracking = False
@@ -262,7 +265,7 @@ class Type1Iommu:
         self.dma_space = Type1DmaSpace(self)
         # device -> the ops we handed the DMA space to; group -> its notifier.
         # Binds come from any thread: _handed_lock guards these two only.
-        self._handed: Dict[object, object] = {}
+        self._handed: Dict[object, Any] = {}  # device -> its ops (found by getattr)
         self._notifiers: Dict[object, object] = {}
         self._handed_lock = threading.Lock()
 
