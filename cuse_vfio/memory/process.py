@@ -308,7 +308,7 @@ def pidfd_open(pid: int) -> int:
     except OSError as e:
         if e.errno == errno.ESRCH:
             raise VfioError(errno.ESRCH, f"pid {pid} has exited") from None
-        raise VfioError(e.errno, f"pidfd_open({pid}): {e.strerror}") from None
+        raise VfioError(e.errno or errno.EIO, f"pidfd_open({pid}): {e.strerror}") from None
 
 
 def pidfd_getfd(pidfd: int, fd: int) -> int:
