@@ -144,7 +144,8 @@ class Group:
 
     def _detach_container(self) -> None:
         container, self.container = self.container, None
-        container.detach_group(self)
+        if container is not None:
+            container.detach_group(self)
 
     def _device_by_name(self, name: str) -> Optional[Device]:
         """vfio_device_get_from_name: the driver's ``match`` where it has one (vfio-pci takes
@@ -165,7 +166,7 @@ class Group:
             device = self._device_by_name(name)
             if device is None:
                 raise VfioError(errno.ENODEV, f"group {self.id} has no device {name!r}")
-            if not self.container_users or self.container.iommu_data is None:
+            if not self.container_users or self.container is None or self.container.iommu_data is None:
                 raise VfioError(errno.EINVAL,
                                 f"group {self.id} needs a container with an IOMMU set (SET_CONTAINER, SET_IOMMU) first")
             if not self.viable():
@@ -180,7 +181,7 @@ class Group:
             if not self.container_users:
                 raise VfioError(errno.EINVAL, f"group {self.id} has no container")
             self.container_users += 1
-            if self.container.iommu_data is None or not self.viable():
+            if self.container is None or self.container.iommu_data is None or not self.viable():
                 self.container_users -= 1
                 raise VfioError(errno.EINVAL, f"group {self.id} has no IOMMU set or is not viable")
             self.get()

@@ -112,7 +112,7 @@ class Vfio:
         escalate (ask the user nicely, then less nicely).
         """
         with self.lock:
-            device: Device = dev.drvdata
+            device = dev.drvdata
             if not isinstance(device, Device):
                 raise VfioError(errno.ENODEV, f"{dev.name} is not a VFIO device")
             group = device.group
@@ -150,6 +150,8 @@ class Vfio:
 
     @staticmethod
     def external_check_extension(group: Group, ext: int) -> int:
+        if group.container is None:
+            raise VfioError(errno.EINVAL, f"group {group.id} has no container")
         return group.container.check_extension(ext)
 
 
