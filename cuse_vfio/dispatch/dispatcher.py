@@ -147,7 +147,7 @@ class Dispatcher:
         raise VfioError(errno.ENODEV, f"{node.name} cannot be opened by path")
 
     @staticmethod
-    def release(file_object: FileObject) -> None:
+    def release(file_object: Any) -> None:  # whatever a transport keeps open: a FileObject, a local eventfd
         file_object.release()
 
     # -- ioctl -----------------------------------------------------------
