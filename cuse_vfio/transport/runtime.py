@@ -89,6 +89,7 @@ class Runtime:
             self._created_dirs.append(path)
 
     def add_session(self, session: Session) -> None:
+        assert self.loop is not None, "start() first"
         self.sessions.append(session)
         self.loop.add(session)
 
@@ -97,6 +98,7 @@ class Runtime:
         self.loop_thread.start()
 
     def _serve(self) -> None:
+        assert self.loop is not None, "start() first"
         rc = self.loop.run()
         if rc != 0 and not self.stopping:
             log.error("the serving loop stopped: %s", os.strerror(-rc))
@@ -164,4 +166,4 @@ class Runtime:
                 detach(session.where)
             except OSError as e:
                 if e.errno != errno.EINVAL:  # EINVAL: not mounted (any more)
-                    log.error("cannot detach %s: %s", session.where, os.strerror(e.errno))
+                    log.error("cannot detach %s: %s", session.where, os.strerror(e.errno or 0))
