@@ -74,7 +74,7 @@ class Backing:
                 raise ValueError(
                     f"backing file {path} cannot be opened for reading and writing: {e.strerror}") from None
             actual = os.fstat(self.fd).st_size
-            if not exists or (actual == 0 and size is not None):
+            if size is not None and (not exists or actual == 0):  # (a new file always has a size)
                 self.size = size
             elif size is not None and size != actual:
                 os.close(self.fd)
