@@ -10,7 +10,7 @@ from .bars import Bar, RamBar, Rom
 from .caps import Capability, ExpressCapability, MsiCapability, MsixCapability, PmCapability
 from .config import ConfigSpace
 from .dma import DmaPort
-from .irq import IrqIndex
+from .irq import IrqIndex, IrqSink
 from .regs import (
     PCI_BASE_ADDRESS_0,
     PCI_CACHE_LINE_SIZE,
@@ -162,7 +162,7 @@ class PciDevice:
         self._intx_level = False
         self._intx_out = False
         #: where interrupts go (an :class:`IrqSink`; vfio-pci sets it)
-        self.irq_sink = None
+        self.irq_sink: Optional[IrqSink] = None
         self._next_addr = dict(_BAR_BASES)
         self._build_header()
 

@@ -70,6 +70,7 @@ from ..pci import (
     PCI_PM_CTRL,
     PCI_PM_CTRL_STATE_MASK,
     PciDevice,
+    RamBar,
     SharedMemory,
 )
 from . import reset as _reset
@@ -455,7 +456,12 @@ class VfioPciDevice:
         """
         if not 0 <= index <= VFIO_PCI_BAR5_REGION_INDEX or not self._mmap_supported(index):
             raise VfioError(errno.EINVAL, f"{self.name}: region {index} cannot be mapped")
-        return self.function.bars[index].memory
+        return self._mappable_bar(index).memory
+
+    def _mappable_bar(self, index: int) -> RamBar:
+        bar = self.function.bars[index]
+        assert isinstance(bar, RamBar)  # _mmap_supported said so: only plain memory is mappable
+        return bar
 
     def mmap(self, offset: int, length: int):
         """vfio_pci_core_mmap's checks for a client mapping ``length`` bytes at file ``offset``.
@@ -474,7 +480,7 @@ class VfioPciDevice:
             self.runtime_pm.resume()
             if not self._mmap_supported(index):
                 raise VfioError(errno.EINVAL, f"{self.name}: BAR{index} cannot be mapped")
-            bar = self.function.bars[index]
+            bar = self._mappable_bar(index)
             phys_len = (bar.size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
             if pos + length <= phys_len:
                 return bar.memory, pos

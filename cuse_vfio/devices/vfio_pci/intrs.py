@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from ...errors import VfioError
 from ...uapi import (
@@ -83,7 +83,7 @@ class Interrupts:
         self.lock = vdev.lock
         self.irq_type: Optional[int] = None
         self.intx: Optional[_IntxCtx] = None
-        self.msi_ctx: Dict[int, object] = {}
+        self.msi_ctx: Dict[int, Any] = {}  # vector -> the eventfd the caller gave (with signal())
         self.msi_qmax = 0
         #: vectors enabled with the current MSI / MSI-X type (vdev->num_ctx)
         self.num_ctx = 0
@@ -130,7 +130,8 @@ class Interrupts:
         """vfio_pci_get_irq_count."""
         fn = self.function
         if index == VFIO_PCI_INTX_IRQ_INDEX:
-            return 1 if self.vdev.vconfig.vconfig[PCI_INTERRUPT_PIN] else 0
+            vconfig = self.vdev.vconfig
+            return 1 if vconfig is not None and vconfig.vconfig[PCI_INTERRUPT_PIN] else 0
         if index == VFIO_PCI_MSI_IRQ_INDEX:
             return fn.msi.vectors if fn.msi is not None else 0
         if index == VFIO_PCI_MSIX_IRQ_INDEX:
@@ -203,6 +204,7 @@ class Interrupts:
         elif flags & VFIO_IRQ_SET_DATA_EVENTFD:
             fd = fd_at(data)
             ctx = self.intx
+            assert ctx is not None  # INTx is enabled (checked above)
             if fd >= 0:
                 if ctx.unmask_watch is not None:
                     raise VfioError(errno.EBUSY, "an unmask eventfd is already set: de-assign it (-1) first")
@@ -252,13 +254,14 @@ class Interrupts:
 
     def _intx_enable(self) -> None:
         """vfio_intx_enable: the context, masked as the user's INTx-disable says."""
-        self.intx = _IntxCtx(None, masked=self.virq_disabled)
-        self._pci_intx(not self.intx.masked)
+        self.intx = ctx = _IntxCtx(None, masked=self.virq_disabled)
+        self._pci_intx(not ctx.masked)
         self.irq_type = VFIO_PCI_INTX_IRQ_INDEX
 
     def _intx_set_signal(self, fd: int, caller) -> None:
         """vfio_intx_set_signal: drop the old eventfd (and handler), then install the new one."""
         ctx = self.intx
+        assert ctx is not None  # called with INTx enabled
         if ctx.trigger is not None:
             old, ctx.trigger = ctx.trigger, None
             release_eventfd(old)
@@ -282,13 +285,15 @@ class Interrupts:
         self.irq_type = None
 
     def _send_intx_eventfd(self) -> None:
-        if self.irq_type == VFIO_PCI_INTX_IRQ_INDEX and not self.virq_disabled and self.intx.trigger is not None:
-            self.intx.trigger.signal()
+        ctx = self.intx
+        if self.irq_type == VFIO_PCI_INTX_IRQ_INDEX and not self.virq_disabled and ctx is not None \
+                and ctx.trigger is not None:
+            ctx.trigger.signal()
 
     def intx_fire(self) -> None:
         """The line went up (vfio_intx_handler): mask it in the function, tell the user once."""
         ctx = self.intx
-        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX or ctx.trigger is None:
+        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX or ctx is None or ctx.trigger is None:
             return  # no handler registered
         if not ctx.masked and self._check_and_set_intx_mask(True):
             ctx.masked = True
@@ -296,18 +301,19 @@ class Interrupts:
 
     def intx_mask(self) -> None:
         """vfio_pci_intx_mask."""
-        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX:
+        ctx = self.intx
+        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX or ctx is None:
             self._pci_intx(False)  # not in use: the function's bit follows the virtual one
-        elif not self.intx.masked:
+        elif not ctx.masked:
             self._pci_intx(False)
-            self.intx.masked = True
+            ctx.masked = True
 
     def intx_unmask(self) -> None:
         """vfio_pci_intx_unmask: unmask, or re-send when the function still has an interrupt pending."""
-        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX:
+        ctx = self.intx
+        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX or ctx is None:
             self._pci_intx(True)
             return
-        ctx = self.intx
         if not ctx.masked or self.virq_disabled:
             return
         if self._check_and_set_intx_mask(False):
@@ -371,9 +377,11 @@ class Interrupts:
         # pci_intx_for_msi: INTx is off in the function while messages are on
         fn.config_write(PCI_COMMAND, 2, fn.command() | PCI_COMMAND_INTX_DISABLE)
         if msix:
+            assert fn.msix is not None  # SET_IRQS checked the count against irq_count()
             fn.msix.host_enable()
             self.irq_type = VFIO_PCI_MSIX_IRQ_INDEX
         else:
+            assert fn.msi is not None  # as for MSI-X
             fn.msi.host_enable(nvec)
             self.irq_type = VFIO_PCI_MSI_IRQ_INDEX
             # the virtual Multiple Message Enable may not exceed what was enabled
@@ -395,24 +403,28 @@ class Interrupts:
             raise
 
     def _msi_set_vector_signal(self, vector: int, fd: int, msix: bool, caller) -> None:
+        msix_cap = self.function.msix if msix else None
+        assert msix_cap is not None or not msix  # MSI-X vectors exist only with the capability
         old = self.msi_ctx.pop(vector, None)
         if old is not None:
-            if msix:
-                self.function.msix.host_mask(vector, True)  # free_irq masks the entry
+            if msix_cap is not None:
+                msix_cap.host_mask(vector, True)  # free_irq masks the entry
             release_eventfd(old)
         if fd < 0:
             return
         self.msi_ctx[vector] = self._eventfd(caller, fd)
-        if msix:
-            self.function.msix.host_mask(vector, False)  # request_irq: a pending message is delivered now
+        if msix_cap is not None:
+            msix_cap.host_mask(vector, False)  # request_irq: a pending message is delivered now
 
     def _msi_disable(self, msix: bool) -> None:
         for vector in list(self.msi_ctx):
             self._msi_set_vector_signal(vector, -1, msix, None)
         fn = self.function
         if msix:
+            assert fn.msix is not None  # enabled, so it exists
             fn.msix.host_disable()
         else:
+            assert fn.msi is not None
             fn.msi.host_disable()
         fn.config_write(PCI_COMMAND, 2, fn.command() & ~PCI_COMMAND_INTX_DISABLE)
         self.irq_type = None

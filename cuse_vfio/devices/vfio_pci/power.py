@@ -65,7 +65,7 @@ class RuntimePm:
         if not self.engaged or self._suspended is not None:
             return
         irqs = vdev.irqs
-        intx_masked = irqs.irq_type == VFIO_PCI_INTX_IRQ_INDEX and not irqs.intx.masked
+        intx_masked = irqs.irq_type == VFIO_PCI_INTX_IRQ_INDEX and irqs.intx is not None and not irqs.intx.masked
         if intx_masked:
             irqs.intx_mask()
         saved = vdev.save_state()
