@@ -33,6 +33,11 @@ class Switches:
         self.noiommu = False
         self.dma_entry_limit = 0xFFFF
 
+    def value(self, module: str, name: str):
+        if name == "enable_unsafe_noiommu_mode":
+            return self.noiommu
+        return self.dma_entry_limit if name == "dma_entry_limit" else False
+
 
 def edu_config() -> bytearray:
     cfg = bytearray(256)
@@ -57,7 +62,7 @@ def pf_config(total_vfs: int = 8) -> bytearray:
 def make_view(switches: Switches, pf: bytearray) -> SysfsView:
     devices = [SysfsDevice.from_config_space(EDU, 2, lambda: bytes(edu_config())),
                SysfsDevice.from_config_space(PF, 4, lambda: bytes(pf))]
-    modules = vfio_modules(noiommu=lambda: switches.noiommu, dma_entry_limit=lambda: switches.dma_entry_limit)
+    modules = vfio_modules(switches.value)
     return SysfsView(devices, modules=modules,
                      iommu=qemu_vtd((0, (1 << 39) - 1), SZ_4K | SZ_2M | SZ_1G))
 
@@ -127,7 +132,7 @@ def test_parameters_follow_the_drivers_switches(view, switches):
 
 
 def test_a_kernel_without_noiommu_has_no_vfio_parameters():
-    modules = {m.name: m for m in vfio_modules(noiommu=None, dma_entry_limit=lambda: 1)}
+    modules = {m.name: m for m in vfio_modules(lambda module, name: 1, noiommu=False)}
     assert modules["vfio"].parameters == []  # Debian's 6.1: CONFIG_VFIO_NOIOMMU is not set
 
 

@@ -72,7 +72,7 @@ class Container:
                     break
             return ret
 
-    def set_iommu(self, iommu_type: int) -> int:
+    def set_iommu(self, iommu_type: int, caller=None) -> int:
         """VFIO_SET_IOMMU: the first driver that supports ``iommu_type`` and accepts every group."""
         with self.vfio.lock:
             # Only adding a group privileges a container to allocate IOMMU state.
@@ -88,7 +88,9 @@ class Container:
                 if driver.check_extension(iommu_type) <= 0:
                     continue
                 try:
-                    data = driver.open(iommu_type)
+                    # a driver that asks who opens it (noiommu: CAP_SYS_RAWIO) is told
+                    open_as = getattr(driver, "open_as", None)
+                    data = open_as(iommu_type, caller) if open_as is not None else driver.open(iommu_type)
                 except VfioError as e:
                     err = e
                     continue

@@ -17,6 +17,7 @@ from ..uapi.ioctls import VFIO_GROUP_FLAGS_CONTAINER_SET, VFIO_GROUP_FLAGS_VIABL
 from .bus import BusDevice, IommuGroup, NotifyAction
 from .container import Container
 from .device import Device, DeviceFile
+from .ops import CAP_SYS_RAWIO, capable
 
 if TYPE_CHECKING:
     from .vfio import Vfio
@@ -62,8 +63,12 @@ class Group:
             self.vfio._forget_group(self)
 
     # -- the group file --------------------------------------------------
-    def open(self) -> "Group":
+    def open(self, caller=None) -> "Group":
         with self.vfio.lock:
+            # vfio_group_fops_open: a noiommu group gives raw DMA to any physical
+            # address, so only a CAP_SYS_RAWIO opener gets it (checked before EBUSY)
+            if self.iommu_group.noiommu and not capable(caller, CAP_SYS_RAWIO):
+                raise VfioError(errno.EPERM, f"noiommu group {self.id} needs CAP_SYS_RAWIO to open")
             # One open at a time; and a previous open's device fds still
             # holding the container count as that open still being there.
             if self.opened:
@@ -173,6 +178,8 @@ class Group:
                 raise VfioError(errno.EINVAL, f"group {self.id} is not viable")
             devfile = device.open_file()
             self.container_users += 1
+            if self.iommu_group.noiommu:
+                log.warning("%s: vfio-noiommu device opened by user", device.name)
             return devfile
 
     # -- external users (KVM and friends) --------------------------------

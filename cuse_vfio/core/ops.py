@@ -131,3 +131,14 @@ class DmaSpace(Protocol):
     def dma_read(self, iova: int, size: int, device: Optional[str] = None) -> bytes: ...
 
     def dma_write(self, iova: int, data: bytes, device: Optional[str] = None) -> None: ...
+
+
+#: capability numbers (include/uapi/linux/capability.h)
+CAP_SYS_RAWIO = 17
+
+
+def capable(caller, cap: int) -> bool:
+    """``capable(cap)`` of the process behind ``caller``; in-process callers without a
+    ``capable`` method (tests, tools) act as the server's own root."""
+    check = getattr(caller, "capable", None)
+    return True if check is None else bool(check(cap))

@@ -66,14 +66,14 @@ class Vfio:
         with self.lock:
             return sorted(self._groups.values(), key=lambda g: g.id)
 
-    def open_group(self, group_id: int) -> Group:
+    def open_group(self, group_id: int, caller=None) -> Group:
         """open("/dev/vfio/<group_id>")."""
         with self.lock:
             group = self._groups.get(group_id)
             if group is None:
                 raise VfioError(errno.ENODEV, f"no VFIO group {group_id}: "
                                 f"no device of IOMMU group {group_id} is bound to a vfio driver")
-            return group.open()
+            return group.open(caller)
 
     def _group_for(self, iommu_group: IommuGroup) -> Group:
         group = self._groups.get(iommu_group.id)

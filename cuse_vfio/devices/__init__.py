@@ -9,6 +9,7 @@
 * :mod:`.edu` -- QEMU's educational device.
 * :mod:`.nvme` -- an NVM Express 1.4 controller (QEMU's ``nvme``).
 * :mod:`.virtio` -- virtio-net on the transitional virtio PCI transport.
+* :mod:`.ivshmem` -- QEMU's ivshmem-plain: a big BAR of shared memory.
 """
 
 from .pci import (
@@ -35,12 +36,12 @@ from .registry import create_model, load_model_file, model_class, model_names, r
 from .vfio_pci import HotResetBus, ModelFailure, VfioPciDevice
 
 # The models register themselves by name once the API above is in place.
-# isort: split
-from . import (
-    edu,  # noqa: F401  (registers "edu")
-    nvme,  # noqa: F401  (registers "nvme")
-    virtio,  # noqa: F401  (registers "virtio-net")
-)
+# isort: off
+from . import edu  # noqa: F401  (registers "edu")
+from . import nvme  # noqa: F401  (registers "nvme")
+from . import virtio  # noqa: F401  (registers "virtio-net")
+from . import ivshmem  # noqa: F401  (registers "ivshmem-plain")
+# isort: on
 
 __all__ = [
     "Bar", "Capability", "DmaFault", "ExpressCapability", "ExtendedCapability", "HotResetBus", "IoBar",

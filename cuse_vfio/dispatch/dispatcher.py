@@ -59,6 +59,13 @@ class GroupNode:
     uid: int = 0
     gid: int = 0
     mode: int = 0o600
+    #: a group made for a device without an IOMMU: its node is noiommu-N
+    noiommu: bool = False
+
+    @property
+    def name(self) -> str:
+        """The node's name under /dev/vfio (``vfio_group_alloc``: "noiommu-%d" or "%d")."""
+        return f"noiommu-{self.id}" if self.noiommu else str(self.id)
 
 
 # -- group ioctls -----------------------------------------------------------
@@ -106,7 +113,7 @@ _GROUP_IOCTLS: Dict[int, Callable[[Group, IoctlArg], int]] = {
 _CONTAINER_IOCTLS: Dict[int, Callable[[Container, IoctlArg], int]] = {
     VFIO_GET_API_VERSION: lambda c, arg: c.get_api_version(),
     VFIO_CHECK_EXTENSION: lambda c, arg: c.check_extension(arg.value),
-    VFIO_SET_IOMMU: lambda c, arg: c.set_iommu(arg.value),
+    VFIO_SET_IOMMU: lambda c, arg: c.set_iommu(arg.value, arg.caller),
 }
 
 
@@ -138,12 +145,12 @@ class Dispatcher:
         self.trace = trace
 
     # -- open / release --------------------------------------------------
-    def open(self, node: Node) -> object:
+    def open(self, node: Node, caller=None) -> object:
         if node.kind is NodeKind.CONTAINER:
             return self.vfio.open_container()
         if node.kind is NodeKind.GROUP:
             assert node.group_id is not None  # Node.group() always sets it
-            return self.vfio.open_group(node.group_id)
+            return self.vfio.open_group(node.group_id, caller)
         raise VfioError(errno.ENODEV, f"{node.name} cannot be opened by path")
 
     @staticmethod

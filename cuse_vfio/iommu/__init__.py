@@ -43,8 +43,8 @@ def register_default_drivers(vfio, noiommu: bool = False, **type1_options) -> Tu
     vfio VM); ``noiommu`` is its ``enable_unsafe_noiommu_mode``
     switch.  ``type1_options`` go to ``Type1Driver``.
     """
-    noiommu_driver = NoIommuDriver(enable_unsafe_noiommu_mode=noiommu)
     type1 = Type1Driver(**type1_options)
+    noiommu_driver = NoIommuDriver(enable_unsafe_noiommu_mode=noiommu, fault_log=type1.fault_log)
     vfio.register_iommu_driver(noiommu_driver)
     vfio.register_iommu_driver(type1)
     return type1, noiommu_driver

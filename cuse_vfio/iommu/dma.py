@@ -22,7 +22,7 @@ U64_MASK = (1 << 64) - 1
 class DmaMapping:
     """One MAP_DMA: ``size`` bytes at ``iova`` backed by ``owner``'s memory at ``vaddr``."""
 
-    __slots__ = ("iova", "size", "vaddr", "prot", "owner", "vaddr_invalid", "dirty", "pinned_in")
+    __slots__ = ("iova", "size", "vaddr", "prot", "owner", "vaddr_invalid", "dirty", "pinned_in", "iommu_pgsizes")
 
     def __init__(self, iova: int, size: int, vaddr: int, prot: int, owner):
         self.iova = iova
@@ -38,6 +38,8 @@ class DmaMapping:
         self.dirty: Optional[bytearray] = None
         #: the memory whose RLIMIT_MEMLOCK share this mapping holds (None: not accounted)
         self.pinned_in = None
+        #: the page sizes the IOMMU's page table may use for it (superpages unless disable_hugepages)
+        self.iommu_pgsizes = 0
 
     @property
     def end(self) -> int:

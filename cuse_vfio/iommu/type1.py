@@ -165,7 +165,11 @@ class Type1Driver:
       the smallest is the granule every MAP/UNMAP must be aligned to.
     * ``aperture``, ``reserved_regions``: inclusive IOVA bounds; what is left
       is the IOVA range capability and where MAP_DMA may go.
-    * ``dma_entry_limit``: the module parameter of that name.
+    * ``dma_entry_limit``, ``allow_unsafe_interrupts``, ``disable_hugepages``:
+      the module parameters of those names (read when a container's IOMMU
+      is set or a group attached, as the kernel reads its globals).
+    * ``interrupt_remapping``: the IOMMU isolates MSIs (QEMU's ``intremap=on``);
+      without it, and without ``allow_unsafe_interrupts``, no group attaches.
     * ``enforce_cache_coherency``: the answer to VFIO_DMA_CC_IOMMU once a
       group is attached (QEMU's VT-d has no snoop control unless
       ``snoop-control=on``, so 0).
@@ -183,6 +187,9 @@ class Type1Driver:
                  aperture: Tuple[int, int] = Q35_VTD_APERTURE,
                  reserved_regions: Sequence[Tuple[int, int]] = (X86_MSI_WINDOW,),
                  dma_entry_limit: int = DMA_ENTRY_LIMIT,
+                 allow_unsafe_interrupts: bool = False,
+                 disable_hugepages: bool = False,
+                 interrupt_remapping: bool = True,
                  enforce_cache_coherency: bool = False,
                  nesting: bool = False,
                  precise_dirty: bool = False,
@@ -197,6 +204,9 @@ class Type1Driver:
         self.reserved_regions = [(r[0], r[1]) for r in reserved_regions]
         self.iova_ranges = iova_ranges(self.aperture, self.reserved_regions)
         self.dma_entry_limit = dma_entry_limit
+        self.allow_unsafe_interrupts = allow_unsafe_interrupts
+        self.disable_hugepages = disable_hugepages
+        self.interrupt_remapping = interrupt_remapping
         self.enforce_cache_coherency = enforce_cache_coherency
         self.nesting = nesting
         self.precise_dirty = precise_dirty
@@ -299,6 +309,14 @@ class Type1Iommu:
                 # updated); a server cannot block its loop, so answer as 6.3+ does.
                 raise VfioError(errno.EBUSY, f"IOMMU group {group.id} cannot attach while "
                                              f"{self.vaddr_invalid_count} mapping(s) have an invalidated vaddr")
+            if not self.driver.interrupt_remapping and not self.driver.allow_unsafe_interrupts:
+                # vfio_iommu_type1_attach_group: MSIs of a device the IOMMU cannot
+                # isolate could be forged to reach any interrupt of the host
+                log.warning("%s: No interrupt remapping support.  Use the module param "
+                            "\"allow_unsafe_interrupts\" to enable VFIO IOMMU support on this platform",
+                            self.driver.name)
+                raise VfioError(errno.EPERM, f"IOMMU group {group.id}: the IOMMU has no interrupt remapping; "
+                                             "set vfio_iommu_type1's allow_unsafe_interrupts to use it anyway")
             if self.nesting and not self.driver.nesting:
                 # iommu_enable_nesting -> intel_iommu_enable_nesting: no nested mode support
                 raise VfioError(errno.ENODEV, "the emulated IOMMU cannot nest: use VFIO_TYPE1v2_IOMMU")
@@ -471,6 +489,9 @@ class Type1Iommu:
                                               f"valid IOVA range {self._ranges_text()}")
             _pin(owner, vaddr, size, bool(prot & VFIO_DMA_MAP_FLAG_WRITE))
             dma = DmaMapping(iova, size, vaddr, prot, owner)
+            # vfio_pin_pages_remote: with disable_hugepages every page is pinned
+            # and given to iommu_map alone, so no superpage ever backs it
+            dma.iommu_pgsizes = pgsize if self.driver.disable_hugepages else self.pgsize_bitmap
             dma.pinned_in = _account(owner, size)
             if self.dirty_page_tracking:
                 dma.dirty = dirty.new_bitmap(self, dma)

@@ -18,7 +18,8 @@ from ..devices import PciDevice, VfioPciDevice, create_model, load_model_file
 from ..dispatch import Dispatcher
 from ..iommu import register_default_drivers
 from ..sysfs import SysfsDevice, SysfsGroup, SysfsView, bar_resource, qemu_vtd, vfio_modules
-from .topology import Topology, TopologyError
+from .params import ModuleParams
+from .topology import MSI_WINDOW, Topology, TopologyError
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,18 @@ class Machine:
         self.topology = topology
         for path in model_files:
             load_model_file(path)
+        #: the module parameters, as the topology (and ``noiommu``, i.e. --noiommu) set them
+        self.params = ModuleParams(topology.modules)
+        if noiommu:
+            self.params.set("vfio", "enable_unsafe_noiommu_mode", True)
         self.vfio = Vfio()
-        self.type1, self.noiommu = register_default_drivers(self.vfio, noiommu=noiommu)
+        geometry = topology.iommu
+        type1_params = {name: self.params.get("vfio_iommu_type1", name)
+                        for name in ("dma_entry_limit", "allow_unsafe_interrupts", "disable_hugepages")}
+        self.type1, self.noiommu = register_default_drivers(
+            self.vfio, noiommu=self.params.get("vfio", "enable_unsafe_noiommu_mode"),
+            aperture=geometry.aperture, reserved_regions=geometry.reserved_regions,
+            interrupt_remapping=geometry.intremap, **type1_params)
         #: every IOMMU fault of every container, readable while the server runs
         self.fault_log = self.type1.fault_log
         self.vfio_pci = VfioBusDriver(self.vfio, "vfio-pci", self._vfio_pci_probe)
@@ -55,9 +66,16 @@ class Machine:
                 self._pending[spec.bdf] = VfioPciDevice(function, spec.bdf, io_width=io_width)
             except ValueError as e:
                 raise TopologyError(f"{topology.source}: device {spec.bdf}: {e}") from None
+            if not spec.iommu and not self.noiommu.enable_unsafe_noiommu_mode:
+                # vfio_pci_core_register_device -> vfio_group_find_or_alloc: -EINVAL, the probe fails
+                raise TopologyError(f"{topology.source}: device {spec.bdf} has iommu = false: vfio-pci binds a "
+                                    "device without an IOMMU only with [module.vfio] "
+                                    "enable_unsafe_noiommu_mode = true (or --noiommu)")
             group = self.iommu_groups.get(spec.group)
             if group is None:
-                group = self.iommu_groups[spec.group] = IommuGroup(spec.group)
+                group = self.iommu_groups[spec.group] = IommuGroup(spec.group, noiommu=not spec.iommu)
+                if not spec.iommu:  # vfio_noiommu_group_alloc
+                    log.warning("vfio-pci %s: Adding kernel taint for vfio-noiommu group on device", spec.bdf)
             dev = self.bus_devices[spec.bdf] = BusDevice(spec.bdf)
             group.add_device(dev)
             device_bind(dev, self.vfio_pci)
@@ -93,10 +111,12 @@ class Machine:
             devices.append(SysfsDevice.from_config_space(
                 bdf, group.id, _config_reader(fn),
                 resources=resources, config_size=fn.config.size))
-        modules = vfio_modules(noiommu=lambda: self.noiommu.enable_unsafe_noiommu_mode,
-                               dma_entry_limit=lambda: self.type1.dma_entry_limit)
-        iommu = qemu_vtd(self.type1.aperture, self.type1.pgsize_bitmap)
-        return SysfsView(devices, [SysfsGroup(gid) for gid in self.group_ids], modules, iommu)
+        modules = vfio_modules(self.params.get)
+        iommu = qemu_vtd(self.type1.aperture, self.type1.pgsize_bitmap, intremap=self.type1.interrupt_remapping)
+        reserved = tuple(sorted((start, end, "msi" if (start, end) == MSI_WINDOW else "reserved")
+                         for start, end in self.topology.iommu.reserved_regions))
+        groups = [SysfsGroup(gid, reserved_regions=reserved) for gid in self.group_ids]
+        return SysfsView(devices, groups, modules, iommu)
 
     def close(self) -> None:
         for vdev in self.vdevs.values():

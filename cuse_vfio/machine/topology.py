@@ -11,6 +11,18 @@
     group = "root"     # group name or gid
     mode = "0600"
 
+    [module.vfio_iommu_type1]   # module parameters, as on the kernel command line (see params.py)
+    dma_entry_limit = 262144
+
+    [iommu]                     # QEMU's intel-iommu: aw-bits, intremap, and extra reserved regions
+    aw_bits = 48
+    intremap = true
+    reserved = [["0xd0000000", "0xd00fffff"]]
+
+A device with ``iommu = false`` sits behind no IOMMU: it gets a noiommu
+group (``/dev/vfio/noiommu-N``), which needs ``[module.vfio]
+enable_unsafe_noiommu_mode = true`` (or ``--noiommu``).
+
 A bad file is reported as one sentence naming the file and line, never a traceback.
 """
 
@@ -21,9 +33,12 @@ import pwd
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, NoReturn, Optional
+from typing import Callable, Dict, List, NoReturn, Optional, Tuple
 
 from ..dispatch import GroupNode
+from ..errors import VfioError
+from ..iommu import iova_ranges
+from . import params as _params
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -52,6 +67,32 @@ class DeviceSpec:
     model: str
     group: int
     options: Dict[str, object] = field(default_factory=dict)
+    #: False: no IOMMU in front of it, a noiommu group
+    iommu: bool = True
+
+
+#: QEMU's intel-iommu address widths (aw-bits), and the window every x86 IOMMU reserves for MSIs
+AW_BITS = (39, 48)
+MSI_WINDOW = (0xFEE00000, 0xFEEFFFFF)
+
+
+@dataclass(frozen=True)
+class IommuSpec:
+    """The ``[iommu]`` table: the emulated VT-d unit's geometry."""
+
+    aw_bits: int = 39
+    intremap: bool = True
+    #: reserved IOVA ranges besides the MSI window, inclusive
+    reserved: Tuple[Tuple[int, int], ...] = ()
+
+    @property
+    def aperture(self) -> Tuple[int, int]:
+        """``__DOMAIN_MAX_ADDR(aw)``: the domain's inclusive IOVA bounds."""
+        return (0, (1 << self.aw_bits) - 1)
+
+    @property
+    def reserved_regions(self) -> Tuple[Tuple[int, int], ...]:
+        return (MSI_WINDOW,) + self.reserved
 
 
 @dataclass(frozen=True)
@@ -59,6 +100,9 @@ class Topology:
     devices: List[DeviceSpec]
     groups: Dict[int, GroupNode]
     source: str = "<default>"
+    #: module -> parameter -> value, only what the file sets
+    modules: Dict[str, Dict[str, object]] = field(default_factory=dict)
+    iommu: IommuSpec = IommuSpec()
 
 
 def load(path: Optional[str] = None, known_models=None) -> Topology:
@@ -85,10 +129,11 @@ def parse(text: str, source: str, known_models=None) -> Topology:
         where = f"{source}, line {line}" if line else source
         raise TopologyError(f"{where}: {msg}")
 
-    unknown = set(doc) - {"device", "group"}
+    unknown = set(doc) - {"device", "group", "module", "iommu"}
     if unknown:
         key = sorted(unknown)[0]
-        fail(f"unknown section {key!r}: a topology has [[device]] entries and [group.N] tables", key)
+        fail(f"unknown section {key!r}: a topology has [[device]] entries and [group.N], [module.NAME] "
+             "and [iommu] tables", key)
     raw_devices = doc.get("device", [])
     if not isinstance(raw_devices, list) or not raw_devices:
         fail("no [[device]] entry: a topology needs at least one device", "device")
@@ -113,11 +158,21 @@ def parse(text: str, source: str, known_models=None) -> Topology:
         group = entry["group"]
         if not isinstance(group, int) or isinstance(group, bool) or not 0 <= group < 1 << 20:
             fail(f"group {group!r} is not an IOMMU group number (0 .. 1048575)", "device", i, "group")
-        options = {k: v for k, v in entry.items() if k not in ("bdf", "model", "group")}
-        devices.append(DeviceSpec(bdf, model, group, options))
+        iommu = entry.get("iommu", True)
+        if not isinstance(iommu, bool):
+            fail(f"iommu {iommu!r} is true (behind the IOMMU) or false (a noiommu device)", "device", i, "iommu")
+        options = {k: v for k, v in entry.items() if k not in ("bdf", "model", "group", "iommu")}
+        devices.append(DeviceSpec(bdf, model, group, options, iommu))
+    for i, d in enumerate(devices):
+        # vfio_noiommu_group_alloc makes one group per device without an IOMMU
+        others = [o for o in devices if o.group == d.group and o is not d]
+        if not d.iommu and others:
+            fail(f"device {d.bdf} has no IOMMU, so it is alone in its noiommu group; {others[0].bdf} is "
+                 f"also in group {d.group}", "device", i, "group")
 
     groups: Dict[int, GroupNode] = {}
     used = {d.group for d in devices}
+    noiommu = {d.group for d in devices if not d.iommu}
     raw_groups = doc.get("group", {})
     if not isinstance(raw_groups, dict):
         fail("group must be tables like [group.2]", "group")
@@ -133,10 +188,61 @@ def parse(text: str, source: str, known_models=None) -> Topology:
         mode = entry.get("mode", "0600")
         if not isinstance(mode, str) or not re.fullmatch(r"0?[0-7]{3}", mode):
             fail(f"mode {mode!r} is not an octal string like \"0660\"", table, 0, "mode")
-        groups[int(name)] = GroupNode(int(name), uid, gid, int(mode, 8))
+        groups[int(name)] = GroupNode(int(name), uid, gid, int(mode, 8), int(name) in noiommu)
     for gid_ in sorted(used):
-        groups.setdefault(gid_, GroupNode(gid_))
-    return Topology(devices, groups, source)
+        groups.setdefault(gid_, GroupNode(gid_, noiommu=gid_ in noiommu))
+    modules = _modules(doc.get("module", {}), fail)
+    return Topology(devices, groups, source, modules, _iommu(doc.get("iommu", {}), fail))
+
+
+def _modules(raw, fail) -> Dict[str, Dict[str, object]]:
+    if not isinstance(raw, dict):
+        fail("module must be tables like [module.vfio_iommu_type1]", "module")
+    modules: Dict[str, Dict[str, object]] = {}
+    for name, entry in raw.items():
+        table = f"module.{name}"
+        if not isinstance(entry, dict):
+            fail(f"[{table}] must be a table of parameters", table)
+        for key, value in entry.items():
+            try:
+                _params.check(_params.module_name(name), key, value)
+            except ValueError as e:
+                fail(str(e), table, 0, key)
+            modules.setdefault(_params.module_name(name), {})[key] = value
+    return modules
+
+
+def _iommu(raw, fail) -> IommuSpec:
+    if not isinstance(raw, dict):
+        fail("iommu must be a table: [iommu]", "iommu")
+    extra = set(raw) - {"aw_bits", "intremap", "reserved"}
+    if extra:
+        fail(f"[iommu] has unknown key {sorted(extra)[0]!r} (aw_bits, intremap, reserved)", "iommu")
+    aw_bits = raw.get("aw_bits", 39)
+    if aw_bits not in AW_BITS or isinstance(aw_bits, bool):
+        fail(f"aw_bits {aw_bits!r}: QEMU's intel-iommu offers {' or '.join(map(str, AW_BITS))}", "iommu", 0, "aw_bits")
+    intremap = raw.get("intremap", True)
+    if not isinstance(intremap, bool):
+        fail(f"intremap {intremap!r} is true or false", "iommu", 0, "intremap")
+    reserved = []
+    regions = raw.get("reserved", [])
+    if not isinstance(regions, list):
+        fail("reserved is a list of [start, end] pairs", "iommu", 0, "reserved")
+    for region in regions:
+        try:
+            start, end = (int(v, 0) if isinstance(v, str) else v for v in region)
+            if isinstance(start, bool) or isinstance(end, bool) or not 0 <= start <= end < 1 << aw_bits:
+                raise ValueError
+        except (TypeError, ValueError):
+            fail(f"reserved region {region!r} is not [start, end] inside the {aw_bits}-bit aperture",
+                 "iommu", 0, "reserved")
+        reserved.append((start, end))
+    spec = IommuSpec(aw_bits, intremap, tuple(reserved))
+    try:
+        iova_ranges(spec.aperture, spec.reserved_regions)  # the exclusion the type1 driver does
+    except VfioError:
+        fail("the reserved regions cover the whole aperture: no IOVA would be left", "iommu", 0, "reserved")
+    return spec
 
 
 def _id(value, lookup, attr: str, what: str, fail: Callable[[str], NoReturn]) -> int:

@@ -19,7 +19,8 @@ compared with Debian's 6.1 in the vfio VM):
   permission (vfio-pci's ``ids`` has none, so it has no file); ``bool``
   prints ``Y``/``N``, ``uint`` ``%u``, each followed by a newline.  Writes
   are refused like the view's other files (the emulated kernel's switches
-  are set on the command line: ``--noiommu``).
+  are set where the kernel's command line would set them: the topology's
+  ``[module.NAME]`` tables, or ``--noiommu``).
 
 ``enable_unsafe_noiommu_mode`` exists only in a kernel built with
 ``CONFIG_VFIO_NOIOMMU``.  Debian's 6.1 is not (its vfio has no
@@ -85,35 +86,32 @@ class SysfsModule:
                                      "a parameter sysfs shows is readable (mode 0 means no file at all)")
 
 
-def vfio_modules(*, noiommu: Optional[Callable[[], bool]], dma_entry_limit: Callable[[], int]) -> List[SysfsModule]:
+def vfio_modules(value: Callable[[str, str], object], *, noiommu: bool = True) -> List[SysfsModule]:
     """The modules loaded once vfio-pci is: their parameters, holders and drivers as in 6.1.
 
-    ``noiommu`` reads the noiommu driver's switch (None: a kernel without
-    ``CONFIG_VFIO_NOIOMMU``, whose vfio module has no parameters);
-    ``dma_entry_limit`` the type1 driver's limit.  The other parameters are
-    at the kernel's defaults, which is how the emulated kernel behaves
-    (INTx masked, hugepages pinned as such, interrupts remapped, no SR-IOV
-    through vfio-pci, the IGD/VGA quirks unused).
+    ``value(module, parameter)`` reads a parameter's live value (the
+    machine's module parameters); ``noiommu`` False is a kernel without
+    ``CONFIG_VFIO_NOIOMMU``, whose vfio module has no parameters.
     """
-    def no() -> bool:  # a bool parameter at its default
-        return False
+    def flag(module: str, name: str, mode: int) -> Parameter:
+        return bool_parameter(name, mode, lambda: bool(value(module, name)))
 
-    vfio_params = [bool_parameter("enable_unsafe_noiommu_mode", 0o644, noiommu)] if noiommu else []
+    vfio_params = [flag("vfio", "enable_unsafe_noiommu_mode", 0o644)] if noiommu else []
     return [
         SysfsModule("irqbypass", holders=("vfio_pci_core",)),
         SysfsModule("vfio", vfio_params, version="0.3",
                     holders=("vfio_iommu_type1", "vfio_pci", "vfio_pci_core")),
         SysfsModule("vfio_iommu_type1", [
-            bool_parameter("allow_unsafe_interrupts", 0o644, no),
-            bool_parameter("disable_hugepages", 0o644, no),
-            uint_parameter("dma_entry_limit", 0o644, dma_entry_limit),
+            flag("vfio_iommu_type1", "allow_unsafe_interrupts", 0o644),
+            flag("vfio_iommu_type1", "disable_hugepages", 0o644),
+            uint_parameter("dma_entry_limit", 0o644, lambda: int(value("vfio_iommu_type1", "dma_entry_limit"))),
         ], version="0.2"),
         SysfsModule("vfio_pci", [
-            bool_parameter("disable_denylist", 0o444, no),
-            bool_parameter("disable_idle_d3", 0o644, no),
-            bool_parameter("disable_vga", 0o444, no),    # CONFIG_VFIO_PCI_VGA
-            bool_parameter("enable_sriov", 0o644, no),   # CONFIG_PCI_IOV
-            bool_parameter("nointxmask", 0o644, no),
+            flag("vfio_pci", "disable_denylist", 0o444),
+            flag("vfio_pci", "disable_idle_d3", 0o644),
+            flag("vfio_pci", "disable_vga", 0o444),    # CONFIG_VFIO_PCI_VGA
+            flag("vfio_pci", "enable_sriov", 0o644),   # CONFIG_PCI_IOV
+            flag("vfio_pci", "nointxmask", 0o644),
         ], drivers=(("pci", DRIVER),)),
         SysfsModule("vfio_pci_core", holders=("vfio_pci",)),
         SysfsModule("vfio_virqfd", version="0.1", holders=("vfio_pci_core",)),

@@ -207,13 +207,16 @@ class SysfsView:
         return node.target
 
     # -- serving -----------------------------------------------------------
-    def mount(self, mountpoint: str, foreground: bool = False, timeout: float = 10.0) -> SysfsMount:
+    def mount(self, mountpoint: str, foreground: bool = False, timeout: float = 60.0) -> SysfsMount:
         """Serve the view on ``mountpoint`` (an existing directory).
 
         In the background (default) this returns once the kernel has the
         mount and the loop answers; with ``foreground=True`` it serves in the
         calling thread and returns when the view is unmounted (Ctrl-C,
-        SIGTERM or ``fusermount3 -u`` from elsewhere).
+        SIGTERM or ``fusermount3 -u`` from elsewhere).  The bound is generous:
+        the wait ends as soon as the loop answers, and under TCG on a loaded
+        machine the first start (importing libfuse's binding, the mount) has
+        been seen to take over 10 s.
         """
         mnt = SysfsMount(self, os.path.abspath(mountpoint))
         if not os.path.isdir(mnt.mountpoint):

@@ -55,6 +55,17 @@ class RequestCaller:
             self._memory = process_image(self.pid)
         return self._memory
 
+    def capable(self, cap: int) -> bool:
+        """``capable(cap)``: the calling thread's effective capability set has ``cap``."""
+        try:
+            with open(f"/proc/{self.tid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"CapEff:"):
+                        return bool(int(line.split()[1], 16) >> cap & 1)
+        except (OSError, ValueError):
+            pass
+        return False
+
     # -- fds in arguments ----------------------------------------------------
     def _fetch(self, fd: int) -> int:
         if fd < 0:

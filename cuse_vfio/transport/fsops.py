@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Optional
 
 from ..dispatch import Node
 from ..errors import VfioError
+from .caller import RequestCaller
 from .shim import (
     OP_GETATTR,
     OP_INIT_DONE,
@@ -135,7 +136,7 @@ class FileOps:
             assert loop is not None and device_session is not None  # both exist while serving
             loop.drain(device_session)
         try:
-            file_object = server.dispatcher.open(node)
+            file_object = server.dispatcher.open(node, RequestCaller(server, r.pid, r.uid))
         except VfioError as e:
             log.info("pid %d: open %s: %s", r.pid, inode.name, e.strerror)
             rq.err(e.errno)

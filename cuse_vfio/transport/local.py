@@ -121,9 +121,9 @@ class LocalProcess:
     # -- what a client does ----------------------------------------------
     def open(self, path: str) -> int:
         name = os.path.basename(path)
-        node = Node.container() if name == "vfio" else Node.group(int(name))
+        node = Node.container() if name == "vfio" else Node.group(int(name.rpartition("-")[2]))
         try:
-            return self.install_fd(self.dispatcher.open(node))
+            return self.install_fd(self.dispatcher.open(node, self))
         except VfioError as e:
             raise OSError(e.errno, e.strerror, path) from None
 

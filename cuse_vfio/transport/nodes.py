@@ -36,7 +36,7 @@ class CuseNodes(FileOps):
         super().__init__(server)
         self.dev_dir = dev_dir
         self._inodes = [Inode(0, "vfio", stat.S_IFCHR | container_mode, node=Node.container())]
-        self._inodes += [Inode(0, str(g.id), stat.S_IFCHR | g.mode, g.uid, g.gid, Node.group(g.id)) for g in groups]
+        self._inodes += [Inode(0, g.name, stat.S_IFCHR | g.mode, g.uid, g.gid, Node.group(g.id)) for g in groups]
         self._by_sid: Dict[int, Inode] = {}   # sid -> node of a CUSE device
         self._sessions: Dict[int, Session] = {}
         self._ready: Dict[int, threading.Event] = {}
@@ -105,7 +105,7 @@ class NodeFiles(FileOps):
         self.dev_dir = dev_dir
         inodes = [Inode(ROOT_INO, "", stat.S_IFDIR | 0o755),
                   Inode(2, "vfio", stat.S_IFREG | container_mode, node=Node.container())]
-        inodes += [Inode(3 + i, str(g.id), stat.S_IFREG | g.mode, g.uid, g.gid, Node.group(g.id))
+        inodes += [Inode(3 + i, g.name, stat.S_IFREG | g.mode, g.uid, g.gid, Node.group(g.id))
                    for i, g in enumerate(groups)]
         self._inodes = {i.ino: i for i in inodes}
         self._names = {i.name: i for i in inodes if i.ino != ROOT_INO}

@@ -110,7 +110,8 @@ class Server:
         return os.path.join(self.dev_dir, "vfio")
 
     def group_path(self, group_id: int) -> str:
-        return os.path.join(self.dev_dir, str(group_id))
+        name = next((g.name for g in self.groups if g.id == group_id), str(group_id))
+        return os.path.join(self.dev_dir, name)
 
     @property
     def node_paths(self) -> Dict[str, str]:

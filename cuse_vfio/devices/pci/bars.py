@@ -158,6 +158,77 @@ class RamBar(Bar):
         self.memory.close()
 
 
+class FileMemory:
+    """A file's bytes shared with every process that maps the file: memory a transport can hand out.
+
+    Unlike :class:`SharedMemory`, this process never maps it: a regular file
+    cannot be sealed, and a client holding its fd could truncate it under a
+    mapping of ours (a SIGBUS in the server).  The server's own accesses are
+    ``pread``/``pwrite`` on the fd instead; past a truncated end they read
+    zeros and write nothing.  ``server_maps`` tells a transport that the fd it
+    hands out need not be sealed.
+    """
+
+    server_maps = False
+
+    def __init__(self, path: str, size: int):
+        self.path = path
+        self.size = size
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)  # as QEMU's memory-backend-file grows a new or short file
+        except OSError:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._finalizer = weakref.finalize(self, os.close, fd)
+
+    def fileno(self) -> int:
+        if not self._finalizer.alive:
+            raise ValueError("shared memory is closed")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def read(self, offset: int, size: int) -> bytes:
+        data = os.pread(self._fd, size, offset)
+        return data + bytes(size - len(data))
+
+    def write(self, offset: int, data: bytes) -> None:
+        os.pwrite(self._fd, data, offset)
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+class FileRamBar(RamBar):
+    """A :class:`RamBar` whose bytes are a file's (:class:`FileMemory`), shared beyond this server.
+
+    Two BARs naming the same file, in this server or another process, are the
+    same memory.  At the device's last close the memory is not renewed as a
+    memfd BAR's is: it belongs to the file, which anyone with the path reaches.
+    """
+
+    def __init__(self, size: int, path: str, *, on_write: Optional[Callable[[int, int], None]] = None, **kwargs):
+        Bar.__init__(self, size, **kwargs)
+        self.memory = FileMemory(path, size)
+        self._on_write = on_write
+
+    def read(self, offset: int, size: int) -> int:
+        return int.from_bytes(self.memory.read(offset, size), "little")
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.memory.write(offset, value.to_bytes(size, "little"))
+        if self._on_write is not None:
+            self._on_write(offset, size)
+
+    def renew_memory(self) -> None:
+        pass
+
+
 class Rom:
     """An expansion ROM image; the BAR is the image rounded up to a power of two (at least 2 KiB)."""
 

@@ -66,6 +66,40 @@ def fd_at(data: bytes, i: int = 0) -> int:
     return int.from_bytes(data[4 * i:4 * i + 4], "little", signed=True)
 
 
+def set_ctx_trigger_single(current, start: int, count: int, flags: int, data: bytes, caller):
+    """vfio_pci_set_ctx_trigger_single: DATA_NONE/BOOL loop back, EVENTFD (re)assigns; returns the new one."""
+    if start != 0 or count > 1:
+        raise VfioError(errno.EINVAL, "this index has one vector")
+    if flags & VFIO_IRQ_SET_DATA_NONE:
+        if current is not None:
+            if count:
+                current.signal()
+                return current
+            release_eventfd(current)
+            return None
+    elif flags & VFIO_IRQ_SET_DATA_BOOL:
+        if not count:
+            raise VfioError(errno.EINVAL, "DATA_BOOL needs count 1")
+        if data[0] and current is not None:
+            current.signal()
+        return current
+    elif flags & VFIO_IRQ_SET_DATA_EVENTFD:
+        if not count:
+            raise VfioError(errno.EINVAL, "DATA_EVENTFD needs count 1")
+        fd = fd_at(data)
+        if fd == -1:
+            if current is not None:
+                release_eventfd(current)
+            return None
+        if fd >= 0:
+            new = caller.get_eventfd(fd)
+            if current is not None:
+                release_eventfd(current)
+            return new
+        return current
+    raise VfioError(errno.EINVAL, "nothing to trigger: no eventfd is set")
+
+
 class _IntxCtx:
     def __init__(self, trigger, masked: bool):
         self.trigger = trigger
@@ -432,43 +466,11 @@ class Interrupts:
 
     # ERR / REQ --------------------------------------------------------------------
     def _set_err_trigger(self, index, start, count, flags, data, caller) -> None:
-        self.err_trigger = self._set_single(self.err_trigger, start, count, flags, data, caller)
+        self.err_trigger = set_ctx_trigger_single(self.err_trigger, start, count, flags, data, caller)
 
     def _set_req_trigger(self, index, start, count, flags, data, caller) -> None:
-        self.req_trigger = self._set_single(self.req_trigger, start, count, flags, data, caller)
+        self.req_trigger = set_ctx_trigger_single(self.req_trigger, start, count, flags, data, caller)
 
-    def _set_single(self, current, start, count, flags, data, caller):
-        """vfio_pci_set_ctx_trigger_single: DATA_NONE/BOOL loop back, EVENTFD (re)assigns; returns the new one."""
-        if start != 0 or count > 1:
-            raise VfioError(errno.EINVAL, "this index has one vector")
-        if flags & VFIO_IRQ_SET_DATA_NONE:
-            if current is not None:
-                if count:
-                    current.signal()
-                    return current
-                release_eventfd(current)
-                return None
-        elif flags & VFIO_IRQ_SET_DATA_BOOL:
-            if not count:
-                raise VfioError(errno.EINVAL, "DATA_BOOL needs count 1")
-            if data[0] and current is not None:
-                current.signal()
-            return current
-        elif flags & VFIO_IRQ_SET_DATA_EVENTFD:
-            if not count:
-                raise VfioError(errno.EINVAL, "DATA_EVENTFD needs count 1")
-            fd = fd_at(data)
-            if fd == -1:
-                if current is not None:
-                    release_eventfd(current)
-                return None
-            if fd >= 0:
-                new = self._eventfd(caller, fd)
-                if current is not None:
-                    release_eventfd(current)
-                return new
-            return current
-        raise VfioError(errno.EINVAL, "nothing to trigger: no eventfd is set")
 
     # -- the function's interrupts arrive here (PciDevice.irq_sink) -----------------
     def intx_line(self, asserted: bool) -> None:
