@@ -86,7 +86,7 @@ class SysfsModule:
                                      "a parameter sysfs shows is readable (mode 0 means no file at all)")
 
 
-def vfio_modules(value: Callable[[str, str], object], *, noiommu: bool = True) -> List[SysfsModule]:
+def vfio_modules(value: Callable[[str, str], int], *, noiommu: bool = True) -> List[SysfsModule]:
     """The modules loaded once vfio-pci is: their parameters, holders and drivers as in 6.1.
 
     ``value(module, parameter)`` reads a parameter's live value (the

@@ -212,6 +212,10 @@ class FileRamBar(RamBar):
     memfd BAR's is: it belongs to the file, which anyone with the path reaches.
     """
 
+    # Not a SharedMemory (it has no view): what a transport uses of a RamBar's memory, fileno() and
+    # close(), both have; its own read, write and renew_memory replace RamBar's, which use the view.
+    memory: FileMemory  # type: ignore[assignment]
+
     def __init__(self, size: int, path: str, *, on_write: Optional[Callable[[int, int], None]] = None, **kwargs):
         Bar.__init__(self, size, **kwargs)
         self.memory = FileMemory(path, size)
