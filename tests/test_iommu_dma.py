@@ -133,6 +133,36 @@ def test_spanning_write_into_vanished_client_memory_faults_the_rest_and_keeps_wh
     assert c.memory.read(a + 0xff0, 16) == b"q" * 16
 
 
+def test_a_scatter_list_moves_in_one_pass_one_copy_per_run_contiguous_in_client_memory(c):
+    vaddr = c.map(0x100000, 4 * PAGE)
+    other = c.map(0x200000, PAGE)
+    space = c.iommu.dma_space
+    copies = []
+    write = c.memory.write
+
+    def counted(addr, data):
+        copies.append((addr, len(data)))
+        write(addr, data)
+
+    c.memory.write = counted
+    # Pages 0 and 1 are adjacent in client memory, then another mapping, then page 3.
+    sg = [(0x100000, PAGE), (0x101000, PAGE), (0x200000, 16), (0x103000, 8)]
+    data = bytes(range(256)) * 32 + b"S" * 16 + b"T" * 8
+    space.dma_writev(sg, data, device=DEV)
+    assert copies == [(vaddr, 2 * PAGE), (other, 16), (vaddr + 3 * PAGE, 8)]
+    assert space.dma_readv(sg, device=DEV) == data
+    assert space.dma_readv([], device=DEV) == b""
+
+
+def test_a_scatter_list_write_keeps_what_precedes_a_refused_entry(c):
+    vaddr = c.map(0x100000, PAGE)
+    space = c.iommu.dma_space
+    f = fault_of(space.dma_writev, [(0x100000, 8), (0x300000, 8)], b"A" * 8 + b"B" * 8, device=DEV)
+    assert f.reason == UNMAPPED and f.iova == 0x300000 and f.size == 8
+    assert c.memory.read(vaddr, 8) == b"A" * 8      # streamed in order, as a device would
+    assert fault_of(space.dma_readv, [(0x100000, 8), (0x300000, 8)], device=DEV).reason == UNMAPPED
+
+
 def test_zero_length_dma_does_nothing(c):
     assert c.iommu.dma_space.dma_read(0x999000, 0) == b""
     c.iommu.dma_space.dma_write(0x999000, b"")

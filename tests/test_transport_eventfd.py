@@ -107,3 +107,49 @@ def test_cancel_does_not_wait_for_a_running_callback():
     finally:
         poller.stop()
     os.close(client_side)
+
+
+def test_a_non_blocking_eventfd_is_signalled_before_signal_returns():
+    # QEMU's and DPDK's eventfds are non-blocking: no thread hop, the count is there at once.
+    poller = EventfdPoller()
+    client_side = os.eventfd(0, os.EFD_NONBLOCK)
+    efd = ClientEventfd(fetch_fd(os.getpid(), client_side), poller)
+    try:
+        efd.signal(2)
+        assert os.eventfd_read(client_side) == 2
+        # Full: EAGAIN, and the writer delivers once the client reads.
+        os.eventfd_write(client_side, FULL)
+        assert returns_within(lambda: efd.signal(4), 1.0)
+        assert os.eventfd_read(client_side) == FULL
+        total, deadline = 0, time.monotonic() + BOUND
+        while total < 4 and time.monotonic() < deadline:
+            if select.select([client_side], [], [], 0.05)[0]:
+                total += os.eventfd_read(client_side)
+        assert total == 4
+    finally:
+        efd.release()
+        poller.stop()
+    os.close(client_side)
+
+
+def test_an_inline_signal_a_client_blocks_is_freed(monkeypatch):
+    # The client clears O_NONBLOCK and fills its counter between the server's
+    # check and its write: the write blocks, and the writer thread consumes the
+    # counter it waits on, so the raising thread goes on.
+    from cuse_vfio.transport import eventfd
+
+    real = eventfd.fcntl.fcntl
+    monkeypatch.setattr(eventfd.fcntl, "fcntl",
+                        lambda fd, cmd, *a: real(fd, cmd, *a) | os.O_NONBLOCK if cmd == eventfd.fcntl.F_GETFL
+                        else real(fd, cmd, *a))
+    poller = EventfdPoller()
+    client_side = os.eventfd(0)
+    os.eventfd_write(client_side, FULL)
+    efd = ClientEventfd(fetch_fd(os.getpid(), client_side), poller)
+    try:
+        assert returns_within(lambda: efd.signal(7), BOUND), "a raced inline write stayed blocked"
+        assert os.eventfd_read(client_side) == 7
+    finally:
+        efd.release()
+        poller.stop()
+    os.close(client_side)

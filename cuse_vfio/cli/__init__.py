@@ -26,10 +26,19 @@ def _serving_options(p: argparse.ArgumentParser) -> None:
                    help="a Python file that registers device models for the topology (repeatable)")
     p.add_argument("--noiommu", action="store_true",
                    help="also offer VFIO_NOIOMMU_IOMMU, as the kernel does with enable_unsafe_noiommu_mode")
+    _kernel_abi_option(p)
     p.add_argument("--runtime-dir", metavar="DIR",
                    help="where the hand-off socket, the device-file mount and the default mount points go "
                         "(default: a new directory under /run, removed at exit)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log (-vv: every request)")
+
+
+def _kernel_abi_option(p: argparse.ArgumentParser) -> None:
+    from ..uapi.abi import KERNEL_ABIS
+
+    p.add_argument("--kernel-abi", choices=KERNEL_ABIS, default=None,
+                   help="the Linux release whose VFIO the nodes behave as (default: the topology's "
+                        "kernel_abi, else 6.1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--in-process", action="store_true",
                       help="drive the core in-process instead of through real syscalls")
     demo.add_argument("--transport", choices=("auto", "cuse", "fuse"), default="auto")
+    _kernel_abi_option(demo)
     demo.add_argument("--build-dir", metavar="DIR", help="where the client, the trace and the fault log go "
                                                          "(default: build/ in the source tree, else "
                                                          "~/.cache/cuse-vfio/demo)")

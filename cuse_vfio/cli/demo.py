@@ -84,7 +84,7 @@ def _through_the_kernel(args) -> int:
             os.unlink(path)
     options = argparse.Namespace(transport=getattr(args, "transport", "auto"), topology=None, dev_dir=None,
                                  sysfs_dir=None, trace=trace, fault_log=faults, model_file=[], noiommu=False,
-                                 runtime_dir=None, quiet=True)
+                                 runtime_dir=None, quiet=True, kernel_abi=getattr(args, "kernel_abi", None))
     rel = os.path.relpath(exe)
     used = {"transport": "none"}
 
@@ -127,7 +127,7 @@ def _in_process(args) -> int:
     if os.path.exists(trace_path):
         os.unlink(trace_path)
     trace = TraceWriter(trace_path)
-    machine = Machine(load(None), trace=trace)
+    machine = Machine(load(None), trace=trace, kernel_abi=getattr(args, "kernel_abi", None))
     failures: List[str] = []
 
     def check(ok: bool, what: str) -> None:

@@ -100,7 +100,8 @@ class Serving:
         topology = self._load_topology()
         self._open_outputs()
         try:
-            self.machine = Machine(topology, trace=self._trace, noiommu=bool(getattr(opts, "noiommu", False)))
+            self.machine = Machine(topology, trace=self._trace, noiommu=bool(getattr(opts, "noiommu", False)),
+                                   kernel_abi=getattr(opts, "kernel_abi", None))
         except TopologyError as e:
             raise ServeError(str(e)) from None
         self._unsubscribe = self.machine.fault_log.subscribe(self._on_fault)

@@ -13,6 +13,7 @@ import logging
 from typing import TYPE_CHECKING, List, Optional
 
 from ..errors import VfioError
+from ..uapi.abi import Rule
 from ..uapi.ioctls import VFIO_GROUP_FLAGS_CONTAINER_SET, VFIO_GROUP_FLAGS_VIABLE
 from .bus import BusDevice, IommuGroup, NotifyAction
 from .container import Container
@@ -27,6 +28,13 @@ log = logging.getLogger(__name__)
 #: Drivers known to do no DMA (or to just sit on a device): a group whose
 #: other devices are bound to them is still viable.
 VFIO_DRIVER_WHITELIST = frozenset({"pci-stub", "pcieport"})
+
+#: SET_CONTAINER with an fd that is not /dev/vfio/vfio.
+SET_CONTAINER_NOT_A_CONTAINER = Rule(
+    "group.set_container.not_a_container", errno.EINVAL, since={"6.2": errno.EBADFD},
+    why="6.1's vfio_group_set_container fails with the -EINVAL it preset; since 'vfio-iommufd: Allow "
+        "iommufd to be used in place of a container fd' (6.2) vfio_group_ioctl_set_container tries the "
+        "fd as a container, then as an iommufd, and ends with -EBADFD: the FD passed is not recognized.")
 
 
 class Group:
@@ -123,7 +131,8 @@ class Group:
             if self.container_users or self.container is not None:
                 raise VfioError(errno.EINVAL, f"group {self.id} already has a container: unset it first")
             if not isinstance(target, Container):
-                raise VfioError(errno.EINVAL, "SET_CONTAINER needs an fd of /dev/vfio/vfio")
+                raise VfioError(SET_CONTAINER_NOT_A_CONTAINER.of(self.vfio.abi),
+                                "SET_CONTAINER needs an fd of /dev/vfio/vfio")
             if not self.viable():
                 raise VfioError(errno.EPERM, f"group {self.id} is not viable: bind all its devices to vfio-pci")
             target.attach_group(self)

@@ -11,7 +11,7 @@ implementation in :mod:`cuse_vfio.dispatch`, never re-implemented by drivers.
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, Type, TypeVar, runtime_checkable
+from typing import Optional, Protocol, Sequence, Tuple, Type, TypeVar, runtime_checkable
 
 T = TypeVar("T")
 
@@ -30,6 +30,18 @@ class AddressSpace(Protocol):
     def probe(self, addr: int, size: int, write: bool) -> None:
         """What pinning user pages checks, without moving bytes: EFAULT when any byte is
         not mapped (or not writable, with ``write``)."""
+
+
+class ForeignFile:
+    """An fd argument that is open but is none of this VFIO's files (/dev/null,
+    an eventfd): what ``fget`` gives the kernel before it checks ``f_op``, so
+    each ioctl answers it with its own errno (SET_CONTAINER: EINVAL or EBADFD)."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __repr__(self) -> str:
+        return f"ForeignFile({self.what!r})"
 
 
 class Caller(Protocol):
@@ -131,6 +143,12 @@ class DmaSpace(Protocol):
     def dma_read(self, iova: int, size: int, device: Optional[str] = None) -> bytes: ...
 
     def dma_write(self, iova: int, data: bytes, device: Optional[str] = None) -> None: ...
+
+    # Scatter lists [(iova, length), ...] in one go; a DmaSpace without them is
+    # driven one entry at a time by the PCI framework's DmaPort.
+    def dma_readv(self, segments: Sequence[Tuple[int, int]], device: Optional[str] = None) -> bytes: ...
+
+    def dma_writev(self, segments: Sequence[Tuple[int, int]], data: bytes, device: Optional[str] = None) -> None: ...
 
 
 #: capability numbers (include/uapi/linux/capability.h)

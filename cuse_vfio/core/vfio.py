@@ -15,6 +15,7 @@ import threading
 from typing import Dict, List, Optional
 
 from ..errors import VfioError
+from ..uapi.abi import KernelAbi
 from .bus import BusDevice, IommuGroup
 from .container import Container
 from .device import Device
@@ -28,13 +29,15 @@ REQUEST_INTERVAL = 10.0
 
 
 class Vfio:
-    def __init__(self, request_interval: float = REQUEST_INTERVAL):
+    def __init__(self, request_interval: float = REQUEST_INTERVAL, abi: Optional[KernelAbi] = None):
         # One lock for the whole model: the kernel's group_lock, iommu_drivers_lock
         # and container locks collapse into it, since requests are served by one
         # loop and only hot removal and deferred replies come from other threads.
         self.lock = threading.RLock()
         self.release_q = threading.Condition(self.lock)
         self.request_interval = request_interval
+        #: the kernel release this VFIO behaves as (core/abi.py: the rules consult it)
+        self.abi = abi or KernelAbi()
         self._iommu_drivers: List[IommuDriverOps] = []
         self._groups: Dict[int, Group] = {}
 

@@ -41,8 +41,10 @@ def register_default_drivers(vfio, noiommu: bool = False, **type1_options) -> Tu
     The noiommu driver is always registered, as with ``CONFIG_VFIO_NOIOMMU=y``
     (Debian's 6.1 leaves it unset: its vfio module shows no parameters in the
     vfio VM); ``noiommu`` is its ``enable_unsafe_noiommu_mode``
-    switch.  ``type1_options`` go to ``Type1Driver``.
+    switch.  ``type1_options`` go to ``Type1Driver`` (its ``abi`` is ``vfio.abi``
+unless given).
     """
+    type1_options.setdefault("abi", vfio.abi)
     type1 = Type1Driver(**type1_options)
     noiommu_driver = NoIommuDriver(enable_unsafe_noiommu_mode=noiommu, fault_log=type1.fault_log)
     vfio.register_iommu_driver(noiommu_driver)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, List, NoReturn, Optional, Tuple
+from typing import TYPE_CHECKING, Iterable, List, NoReturn, Optional, Tuple
 
 from .dma import U64_MASK, DmaMapping
 from .faults import (
@@ -82,6 +82,76 @@ class Type1DmaSpace:
             if iommu.dirty_page_tracking:
                 for dma, off, n in segments:
                     iommu.mark_dirty(dma, off, n)
+
+    def dma_readv(self, segments: Iterable[Tuple[int, int]], device: Optional[str] = None) -> bytes:
+        """The device reads a scatter list [(iova, length), ...] in order: the bytes, joined.
+
+        One lock and one translation pass for the whole list, and one read of
+        client memory per run of entries that are contiguous in it (a guest's
+        RAM often is), instead of a transfer per page.  An entry the IOMMU
+        refuses faults the read, as ``dma_read`` would.
+        """
+        with self._iommu.lock:
+            runs, refused = self._runs(segments, False, device)
+            if refused is not None:
+                raise refused
+            chunks = []
+            for memory, vaddr, n, first in runs:
+                try:
+                    chunks.append(memory.read(vaddr, n))
+                except OSError as e:
+                    self._memory_fault(first, n, False, device, e)
+            return b"".join(chunks)
+
+    def dma_writev(self, segments: Iterable[Tuple[int, int]], data, device: Optional[str] = None) -> None:
+        """The device writes ``data`` over a scatter list [(iova, length), ...], entry by entry in order.
+
+        Like a device streaming the data, what precedes an entry the IOMMU
+        refuses is written, then the fault is raised; one translation pass and
+        one write of client memory per contiguous run, as ``dma_readv``.
+        """
+        view = memoryview(data).cast("B")
+        iommu = self._iommu
+        with iommu.lock:
+            runs, refused = self._runs(segments, True, device)
+            pos = 0
+            for memory, vaddr, n, first in runs:
+                try:
+                    memory.write(vaddr, view[pos:pos + n])
+                except OSError as e:
+                    self._memory_fault(first, n, True, device, e)
+                pos += n
+            if iommu.dirty_page_tracking:
+                for _, _, _, first in runs:
+                    for dma, off, n in first:
+                        iommu.mark_dirty(dma, off, n)
+            if refused is not None:
+                raise refused
+
+    def _runs(self, segments, write: bool, device: Optional[str]):
+        """``(runs, fault)``: the translated entries up to the first refused one, merged into runs
+        (memory, vaddr, length, [(dma, offset, length), ...]) contiguous in one client's memory,
+        and that entry's fault (None when all pass).  Lock held."""
+        runs: List[list] = []
+        for iova, size in segments:
+            try:
+                translated = self._translate(iova, size, write, device)
+            except IommuFault as e:
+                return runs, e
+            for dma, off, n in translated:
+                memory, vaddr = dma.owner.memory, dma.vaddr + off
+                if runs:
+                    last = runs[-1]
+                    if last[0] is memory and last[1] + last[2] == vaddr:
+                        last[2] += n
+                        last[3].append((dma, off, n))
+                        continue
+                runs.append([memory, vaddr, n, [(dma, off, n)]])
+        return runs, None
+
+    def _memory_fault(self, pieces, n: int, write: bool, device: Optional[str], error: OSError):
+        dma, off, _ = pieces[0]
+        self._fault(CLIENT_MEMORY, dma.iova + off, n, write, device, self._memory_text(dma, off, n, error))
 
     def record_fault(self, *, iova: int, size: int, write: bool, reason: str,
                      device: Optional[str] = None, detail: str = "") -> Fault:

@@ -58,6 +58,7 @@ from ..uapi import (
     vfio_iommu_type1_info_dma_avail,
     vfio_iova_range,
 )
+from ..uapi.abi import KernelAbi
 from . import dirty
 from .dirty import DIRTY_BITMAP_SIZE_MAX, access_ok, ffs, verify_bitmap_size
 from .dma import U64_MASK, DmaList, DmaMapping
@@ -193,7 +194,8 @@ class Type1Driver:
                  enforce_cache_coherency: bool = False,
                  nesting: bool = False,
                  precise_dirty: bool = False,
-                 fault_log: Optional[FaultLog] = None):
+                 fault_log: Optional[FaultLog] = None,
+                 abi: Optional[KernelAbi] = None):
         if not pgsize_bitmap:
             raise ValueError("pgsize_bitmap needs at least one page size")
         # vfio_update_pgsize_bitmap: sizes below PAGE_SIZE are hidden behind PAGE_SIZE
@@ -210,6 +212,8 @@ class Type1Driver:
         self.enforce_cache_coherency = enforce_cache_coherency
         self.nesting = nesting
         self.precise_dirty = precise_dirty
+        #: the kernel release whose capability layout GET_INFO follows
+        self.abi = abi or KernelAbi()
         #: every fault of every container of this driver
         self.fault_log = fault_log if fault_log is not None else FaultLog()
 
@@ -433,9 +437,9 @@ class Type1Iommu:
     def _info_caps(self) -> CapChain:
         # vfio_iommu_type1_get_info builds them in this order: migration,
         # DMA avail, IOVA ranges (the last only when the list is not empty).
-        # CapChain's default layout is 6.1's: no padding, so the 12-byte DMA
-        # avail capability puts the IOVA ranges at 0x44 (argsz 0x74 in all).
-        caps = CapChain()
+        # 6.1 packs them (the 12-byte DMA avail capability puts the IOVA
+        # ranges at 0x44, argsz 0x74 in all); 6.6+ pads each to 8 (0x48, 0x78).
+        caps = CapChain.for_abi(self.driver.abi)
         migration = vfio_iommu_type1_info_cap_migration(
             flags=0, pgsize_bitmap=self.pgsize, max_dirty_bitmap_size=DIRTY_BITMAP_SIZE_MAX)
         caps.add_struct(migration, VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION, 1)

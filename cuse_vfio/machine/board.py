@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Dict, List, Optional, Sequence
 
-from ..core import BusDevice, IommuGroup, Vfio, VfioBusDriver, device_bind
+from ..core import DEFAULT_KERNEL_ABI, BusDevice, IommuGroup, KernelAbi, Vfio, VfioBusDriver, device_bind
 from ..devices import PciDevice, VfioPciDevice, create_model, load_model_file
 from ..dispatch import Dispatcher
 from ..iommu import register_default_drivers
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 class Machine:
     def __init__(self, topology: Topology, *, trace: Optional[Callable[[dict], None]] = None,
-                 noiommu: bool = False, model_files: Sequence[str] = ()):
+                 noiommu: bool = False, model_files: Sequence[str] = (), kernel_abi: Optional[str] = None):
         self.topology = topology
         for path in model_files:
             load_model_file(path)
@@ -34,7 +34,8 @@ class Machine:
         self.params = ModuleParams(topology.modules)
         if noiommu:
             self.params.set("vfio", "enable_unsafe_noiommu_mode", True)
-        self.vfio = Vfio()
+        # the command line's choice, else the topology file's, else 6.1
+        self.vfio = Vfio(abi=KernelAbi(kernel_abi or topology.kernel_abi or DEFAULT_KERNEL_ABI))
         geometry = topology.iommu
         type1_params = {name: self.params.get("vfio_iommu_type1", name)
                         for name in ("dma_entry_limit", "allow_unsafe_interrupts", "disable_hugepages")}
@@ -51,10 +52,11 @@ class Machine:
         self._pending: Dict[str, VfioPciDevice] = {}
         for spec in topology.devices:
             options = dict(spec.options)
-            # Linux 6.1's vfio-pci splits BAR accesses into at most 4 bytes (8-byte
-            # accesses came with 6.9); a topology may ask for io_width = 8.
-            io_width = options.pop("io_width", 4)
-            if not isinstance(io_width, int) or isinstance(io_width, bool):  # 4.0 and true compare equal to 4 and 1
+            # BAR accesses are split as the kernel ABI's vfio-pci splits them
+            # (rdwr.BAR_IO_WIDTH); a topology may still ask for another io_width.
+            io_width = options.pop("io_width", None)
+            if io_width is not None and (not isinstance(io_width, int) or isinstance(io_width, bool)):
+                # 4.0 and true compare equal to 4 and 1, so vfio-pci's own check would take them
                 raise TopologyError(f"{topology.source}: device {spec.bdf}: io_width is 1, 2, 4 or 8, "
                                     f"not {io_width!r}")
             try:
@@ -63,7 +65,7 @@ class Machine:
                 raise TopologyError(f"{topology.source}: device {spec.bdf} (model {spec.model!r}): "
                                     f"{e.args[0] if e.args else e}") from None
             try:
-                self._pending[spec.bdf] = VfioPciDevice(function, spec.bdf, io_width=io_width)
+                self._pending[spec.bdf] = VfioPciDevice(function, spec.bdf, io_width=io_width, abi=self.vfio.abi)
             except ValueError as e:
                 raise TopologyError(f"{topology.source}: device {spec.bdf}: {e}") from None
             if not spec.iommu and not self.noiommu.enable_unsafe_noiommu_mode:

@@ -1,6 +1,8 @@
 """Topology files: which emulated devices exist, in which IOMMU groups, with which node owners.
 
     # one QEMU edu device where q35 with an intel-iommu puts it
+    kernel_abi = "6.1" # optional: the Linux release the VFIO nodes behave as (6.1, 6.12)
+
     [[device]]
     bdf = "0000:00:02.0"
     model = "edu"
@@ -38,6 +40,7 @@ from typing import Callable, Dict, List, NoReturn, Optional, Tuple
 from ..dispatch import GroupNode
 from ..errors import VfioError
 from ..iommu import iova_ranges
+from ..uapi.abi import KERNEL_ABIS
 from . import params as _params
 
 if sys.version_info >= (3, 11):
@@ -103,6 +106,8 @@ class Topology:
     #: module -> parameter -> value, only what the file sets
     modules: Dict[str, Dict[str, object]] = field(default_factory=dict)
     iommu: IommuSpec = IommuSpec()
+    #: the kernel release the file asks for (None: the command line's, else 6.1)
+    kernel_abi: Optional[str] = None
 
 
 def load(path: Optional[str] = None, known_models=None) -> Topology:
@@ -129,11 +134,16 @@ def parse(text: str, source: str, known_models=None) -> Topology:
         where = f"{source}, line {line}" if line else source
         raise TopologyError(f"{where}: {msg}")
 
-    unknown = set(doc) - {"device", "group", "module", "iommu"}
+    unknown = set(doc) - {"device", "group", "module", "iommu", "kernel_abi"}
     if unknown:
         key = sorted(unknown)[0]
-        fail(f"unknown section {key!r}: a topology has [[device]] entries and [group.N], [module.NAME] "
-             "and [iommu] tables", key)
+        fail(f"unknown section {key!r}: a topology has kernel_abi, [[device]] entries and [group.N], "
+             "[module.NAME] and [iommu] tables", key)
+    kernel_abi = doc.get("kernel_abi")
+    if kernel_abi is not None and kernel_abi not in KERNEL_ABIS:
+        line = next((n + 1 for n, t in enumerate(lines) if re.match(r"\s*kernel_abi\s*=", t)), 0)
+        raise TopologyError(f"{source}{f', line {line}' if line else ''}: kernel_abi {kernel_abi!r} is not "
+                            f"a kernel cuse-vfio can be: write one of " + ", ".join(f'"{v}"' for v in KERNEL_ABIS))
     raw_devices = doc.get("device", [])
     if not isinstance(raw_devices, list) or not raw_devices:
         fail("no [[device]] entry: a topology needs at least one device", "device")
@@ -192,7 +202,7 @@ def parse(text: str, source: str, known_models=None) -> Topology:
     for gid_ in sorted(used):
         groups.setdefault(gid_, GroupNode(gid_, noiommu=gid_ in noiommu))
     modules = _modules(doc.get("module", {}), fail)
-    return Topology(devices, groups, source, modules, _iommu(doc.get("iommu", {}), fail))
+    return Topology(devices, groups, source, modules, _iommu(doc.get("iommu", {}), fail), kernel_abi)
 
 
 def _modules(raw, fail) -> Dict[str, Dict[str, object]]:

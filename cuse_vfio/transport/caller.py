@@ -14,6 +14,7 @@ import errno
 import logging
 from typing import TYPE_CHECKING, List, Optional
 
+from ..core.ops import ForeignFile
 from ..errors import VfioError
 from ..memory import ProcessImage, fetch_fd, process_image, tgid_of
 from .eventfd import ClientEventfd, is_eventfd
@@ -22,6 +23,10 @@ if TYPE_CHECKING:
     from .server import Server
 
 log = logging.getLogger(__name__)
+
+
+class NotOurs(VfioError):
+    """EINVAL: an fd argument that is none of this server's opens (Server.identify)."""
 
 
 class RequestCaller:
@@ -75,9 +80,14 @@ class RequestCaller:
         return mine
 
     def resolve_fd(self, fd: int) -> object:
-        """The object behind the client's ``fd``: Container, Group or DeviceFile of this server; EINVAL otherwise."""
+        """The object behind the client's ``fd``: Container, Group or DeviceFile of this server,
+        or a ForeignFile for any other open file (EBADF for no file at all)."""
         self.server.check_off_loop("resolving an fd argument")
-        return self.server.identify(self._fetch(fd), f"fd {fd} of pid {self.pid}")
+        what = f"fd {fd} of pid {self.pid}"
+        try:
+            return self.server.identify(self._fetch(fd), what)
+        except NotOurs as e:
+            return ForeignFile(e.strerror or what)
 
     def install_fd(self, file_object: object) -> int:
         """GET_DEVICE_FD: open the device file for the client and return the token its library redeems."""

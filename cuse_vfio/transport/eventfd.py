@@ -8,14 +8,21 @@ serves every eventfd with two threads:
 
 * the *watch* thread waits for any watched eventfd to become readable,
   consumes it and calls back;
-* the *writer* thread delivers signals.  ``signal()`` never writes inline: the
-  client owns the file's blocking mode (``O_NONBLOCK`` is per open file
-  description, shared with the client, so the server must not change it) and
-  a client that fills the counter to 2^64-2 would block a write for ever.  So
-  ``signal()`` only adds to a pending count and wakes the writer, which polls
-  ``POLLOUT`` and writes only what fits.  A client racing its own writes in
-  between can at worst stall the writer thread, never the serving loop or a
-  device lock holder.
+* the *writer* thread delivers the signals that cannot be written at once.
+  The client owns the file's blocking mode (``O_NONBLOCK`` is per open file
+  description, shared with the client, so the server must not change it;
+  ``RWF_NOWAIT`` is refused for eventfd writes) and a client that fills the
+  counter to 2^64-2 would block a write for ever.  So ``signal()`` writes
+  inline, from the raising thread, only when the file is non-blocking (QEMU,
+  DPDK and SPDK make theirs so) and nothing is pending for it: a full counter
+  then answers EAGAIN and the count goes to the writer, which polls
+  ``POLLOUT`` and writes only what fits.  A blocking file always goes through
+  the writer.  A client that clears ``O_NONBLOCK`` and fills its counter
+  between the check and the write would block the raising thread: the writer
+  wakes every second, and an inline write older than that has the client's
+  counter consumed (through the server's duplicate) so it completes; a
+  client that races its own writes can at worst stall the writer thread and
+  lose its count, never hold the serving loop or a device lock.
 
 Each thread works on its own duplicate of the eventfd and is the only one to
 close it, so ``release()`` and ``cancel()`` close nothing another thread may
@@ -26,12 +33,14 @@ is never touched.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import select
 import struct
 import threading
-from typing import Callable, Dict, List, Optional
+import time
+from typing import Callable, Dict, List, Optional, Tuple
 
 from ..errors import VfioError
 
@@ -39,6 +48,8 @@ log = logging.getLogger(__name__)
 _COUNT = struct.Struct("<Q")
 #: The largest counter an eventfd holds; a write that would pass it blocks.
 _EFD_MAX = (1 << 64) - 2
+#: How long an inline write may block before the writer consumes the counter it waits on.
+_INLINE_PATIENCE = 1.0
 
 
 def is_eventfd(fd: int) -> bool:
@@ -158,6 +169,8 @@ class EventfdPoller:
         self._wwake_r, self._wwake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._writer: Optional[threading.Thread] = None
         self._writer_exited = False
+        #: inline writes under way: key -> (fd, when it started)
+        self._inline: Dict[object, Tuple[int, float]] = {}
 
     # -- watches -----------------------------------------------------------------------
     def add(self, fd: int, callback: Callable[[], None], key: object = None) -> Callable[[], None]:
@@ -250,9 +263,31 @@ class EventfdPoller:
 
     # -- signals -----------------------------------------------------------------------
     def signal(self, key: object, fd: int, value: int = 1) -> None:
-        """Add ``value`` to eventfd ``fd`` (identified by ``key``) from the writer thread."""
+        """Add ``value`` to eventfd ``fd`` (identified by ``key``): inline when it cannot block, else later."""
         if value <= 0:
             return
+        with self._lock:
+            if self._stopping:
+                return
+            entry = self._signalled.get(key)
+            inline = entry is None or entry.count == 0
+            if inline:
+                self._inline[key] = (fd, time.monotonic())
+                self._start_writer()  # it watches over inline writes too
+        if inline:
+            try:
+                if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK:
+                    os.write(fd, _COUNT.pack(value))
+                    return
+            except BlockingIOError:
+                pass  # the counter is full: the writer waits for room
+            finally:
+                with self._lock:
+                    self._inline.pop(key, None)
+        self._later(key, fd, value)
+
+    def _later(self, key: object, fd: int, value: int) -> None:
+        """Add ``value`` to what the writer thread delivers to ``fd`` once it has room."""
         with self._lock:
             if self._stopping:
                 return
@@ -260,10 +295,13 @@ class EventfdPoller:
             if entry is None or entry.released:
                 entry = self._signalled[key] = _Signalled(os.dup(fd))
             entry.count = min(entry.count + value, _EFD_MAX)
-            if self._writer is None:
-                self._writer = threading.Thread(target=self._write_run, name="cuse-vfio-eventfd-signal", daemon=True)
-                self._writer.start()
+            self._start_writer()
         _wake(self._wwake_w)
+
+    def _start_writer(self) -> None:
+        if self._writer is None:  # lock held
+            self._writer = threading.Thread(target=self._write_run, name="cuse-vfio-eventfd-signal", daemon=True)
+            self._writer.start()
 
     def forget(self, key: object) -> None:
         """The eventfd is released: the writer delivers what fits now, then closes its duplicate."""
@@ -294,7 +332,11 @@ class EventfdPoller:
                 for _, e in due:
                     poller.register(e.fd, select.POLLOUT)
                 writable = set()
-                for fd, mask in poller.poll():
+                # A timeout, so an inline write a client blocks is seen (see the module).
+                ready = poller.poll(_INLINE_PATIENCE * 1000)
+                if self._inline:
+                    self._unblock_inline()
+                for fd, mask in ready:
                     if fd == self._wwake_r:
                         _drain(self._wwake_r)
                     elif mask & select.POLLOUT:
@@ -315,6 +357,19 @@ class EventfdPoller:
                 self._signalled.clear()
             for e in entries:
                 _close(e.fd)
+
+    def _unblock_inline(self) -> None:
+        """Consume the counter an inline write has waited on too long, so the write completes."""
+        stale = time.monotonic() - _INLINE_PATIENCE
+        # Under the lock: an fd still listed is still open (signal() unlists it
+        # before it returns, and only then can the eventfd be released).  The
+        # read never blocks.
+        with self._lock:
+            for key, (fd, since) in self._inline.items():
+                if since < stale:
+                    log.warning("%r: a signal waited on a full counter for over %.0f s (the client made its "
+                                "eventfd blocking and filled it); its count is consumed", key, _INLINE_PATIENCE)
+                    self._consume(fd)
 
     def _deliver(self, e: _Signalled) -> None:
         # POLLOUT guarantees room for 1; more only as far as the counter shows room.

@@ -44,7 +44,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 from ..dispatch import Dispatcher, GroupNode
 from ..errors import VfioError
 from ..uapi.ioctls import NodeKind
-from .caller import RequestCaller
+from .caller import NotOurs, RequestCaller
 from .devfiles import DeviceFiles
 from .fsops import FileOps
 from .handles import Handle, HandleTable
@@ -235,11 +235,11 @@ class Server:
         ours = st.st_dev in self._our_devs if stat.S_ISREG(st.st_mode) else \
             stat.S_ISCHR(st.st_mode) and st.st_rdev in getattr(self.nodes, "rdevs", ())
         if not ours:
-            raise VfioError(errno.EINVAL, f"{what} is not a file of this cuse-vfio server")
+            raise NotOurs(errno.EINVAL, f"{what} is not a file of this cuse-vfio server")
         fh = _libc.ioctl(fd, VFIO_CUSE_IDENTIFY, self.ioctls.secret)
         handle = self.handles.get(fh) if fh > 0 else None
         if handle is None:
-            raise VfioError(errno.EINVAL, f"{what} is not an open this server knows")
+            raise NotOurs(errno.EINVAL, f"{what} is not an open this server knows")
         return handle.file_object
 
     def offer_device_file(self, pid: int, devfile: object) -> int:

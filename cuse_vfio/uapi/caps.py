@@ -11,9 +11,10 @@ succeeds: it sets the CAPS flag, leaves ``cap_offset`` 0 and reports in
 ``argsz`` the size that would have fit everything, so the caller can retry.
 ``CapChain.place`` applies exactly that rule.
 
-Linux 6.1 (the behaviour modelled here) puts each capability at the byte its
-predecessor ends; since 6.6 (a881b496941f) ``vfio_info_cap_add`` rounds every
-capability up to 8 bytes.  ``CapChain(align=8)`` gives the newer layout.
+Linux 6.1 puts each capability at the byte its predecessor ends; since 6.6
+(a881b496941f) ``vfio_info_cap_add`` rounds every capability up to 8 bytes.
+``CapChain.for_abi(abi)`` gives the layout of the release a server is
+(rule CAP_ALIGN); ``CapChain(align=8)`` the newer one directly.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import ctypes
 from dataclasses import dataclass
 from typing import List, Tuple
 
+from .abi import KernelAbi, Rule
 from .structs import vfio_info_cap_header
 
 _HEADER = ctypes.sizeof(vfio_info_cap_header)
@@ -29,6 +31,12 @@ _HEADER = ctypes.sizeof(vfio_info_cap_header)
 
 #: the alignment of each capability in 6.1's vfio_info_cap_add: none
 LINUX_6_1_ALIGN = 1
+
+#: how far each capability of an info chain is rounded up
+CAP_ALIGN = Rule(
+    "caps.align", LINUX_6_1_ALIGN, since={"6.6": 8},
+    why="vfio_info_cap_add rounds each capability's size up to 8 bytes since 'vfio: align capability "
+        "structures' (a881b496941f, 6.6), so type1's IOVA range capability moves from 0x44 to 0x48.")
 
 
 class CapChain:
@@ -39,6 +47,11 @@ class CapChain:
             raise ValueError(f"capability alignment is a power of two, not {align}")
         self.align = align
         self._caps: List[Tuple[int, int, bytes]] = []
+
+    @classmethod
+    def for_abi(cls, abi: KernelAbi) -> "CapChain":
+        """An empty chain laid out as ``abi``'s kernel lays it out."""
+        return cls(align=CAP_ALIGN.of(abi))
 
     def _size_of(self, body: bytes) -> int:
         return (_HEADER + len(body) + self.align - 1) & ~(self.align - 1)

@@ -137,11 +137,23 @@ def ensure_packages(apt):
         raise HarnessError("still missing after apt-get install: %s" % " ".join(still))
 
 
-def kernel_package_name(apt, allow_update=True):
-    """linux-image-amd64 is a metapackage; return the real package it depends
-    on (linux-image-6.1.0-NN-amd64) for the candidate version."""
+#: the guest kernels a harness can boot: --kernel name -> the Debian
+#: metapackage whose dependency is the real kernel package.  6.1 is bookworm's
+#: own kernel; 6.12 is the one bookworm-security carries beside it.
+KERNELS = {
+    "6.1": "linux-image-amd64",
+    "6.12": "linux-image-6.12-amd64",
+}
+DEFAULT_KERNEL = "6.1"
+
+
+def kernel_package_name(apt, kernel=DEFAULT_KERNEL, allow_update=True):
+    """The kernel's metapackage (KERNELS) depends on the real package
+    (linux-image-6.1.0-NN-amd64, linux-image-6.12.NN+deb12-amd64); return that
+    one for the candidate version."""
+    meta = KERNELS[kernel]
     for attempt in (0, 1):
-        r = subprocess.run(["apt-cache", "depends", "linux-image-amd64"], stdout=subprocess.PIPE,
+        r = subprocess.run(["apt-cache", "depends", meta], stdout=subprocess.PIPE,
                            stderr=subprocess.DEVNULL, universal_newlines=True)
         m = re.search(r"^\s*Depends:\s*(linux-image-\d\S*)\s*$", r.stdout, re.M)
         if m:
@@ -150,12 +162,17 @@ def kernel_package_name(apt, allow_update=True):
             apt.update()
         else:
             break
-    raise HarnessError("cannot resolve the kernel package linux-image-amd64 depends on (apt-cache depends)")
+    raise HarnessError("cannot resolve the kernel package %s depends on (apt-cache depends)" % meta)
 
 
-def kernel_tree():
+def _current_file(kernel):
+    # "current" is 6.1's (the name older caches already use).
+    return os.path.join(cache_dir(), "kernel", "current" if kernel == DEFAULT_KERNEL else "current-" + kernel)
+
+
+def kernel_tree(kernel=DEFAULT_KERNEL):
     """(root, kver) of the cached unpacked kernel, or None."""
-    cur = os.path.join(cache_dir(), "kernel", "current")
+    cur = _current_file(kernel)
     try:
         with open(cur) as f:
             name = f.read().strip()
@@ -180,13 +197,13 @@ def modules_dir(root, kver):
     return None
 
 
-def ensure_kernel(apt):
-    have = kernel_tree()
+def ensure_kernel(apt, kernel=DEFAULT_KERNEL):
+    have = kernel_tree(kernel)
     if have:
         return have  # once cached, never go to the network again
     kdir = os.path.join(cache_dir(), "kernel")
     os.makedirs(kdir, exist_ok=True)
-    pkg = kernel_package_name(apt)
+    pkg = kernel_package_name(apt, kernel)
     tmp = tempfile.mkdtemp(prefix=".download-", dir=kdir)
     try:
         say("downloading the kernel package %s" % pkg)
@@ -198,7 +215,7 @@ def ensure_kernel(apt):
             if apt.updated:
                 raise
             apt.update()  # stale package lists give 404s
-            pkg = kernel_package_name(apt, allow_update=False)
+            pkg = kernel_package_name(apt, kernel, allow_update=False)
             cmd[-1] = pkg
             run_logged(cmd, "apt-get download " + pkg, cwd=tmp)
         debs = [f for f in os.listdir(tmp) if f.endswith(".deb")]
@@ -221,9 +238,10 @@ def ensure_kernel(apt):
         if os.path.exists(final):
             shutil.rmtree(final)
         os.rename(root, final)
-        with open(os.path.join(kdir, "current.tmp"), "w") as f:
+        cur = _current_file(kernel)
+        with open(cur + ".tmp", "w") as f:
             f.write(name + "\n")
-        os.replace(os.path.join(kdir, "current.tmp"), os.path.join(kdir, "current"))
+        os.replace(cur + ".tmp", cur)
         say("kernel %s cached in %s" % (kver, final))
         return final, kver
     finally:
@@ -411,13 +429,13 @@ class Image:
         self.kernel, self.initrd, self.kver, self.root, self.mods = kernel, initrd, kver, root, mods
 
 
-def setup(name, modules, settings, hook=""):
+def setup(name, modules, settings, hook="", kernel=DEFAULT_KERNEL):
     """Everything before booting, under the cache lock.  ``settings`` go to
-    /etc/vm.env, ``hook`` (shell text) to /hook.sh."""
+    /etc/vm.env, ``hook`` (shell text) to /hook.sh; ``kernel`` is a KERNELS key."""
     apt = Apt()
     with Lock(os.path.join(cache_dir(), "lock")):
         ensure_packages(apt)
-        root, kver = ensure_kernel(apt)
+        root, kver = ensure_kernel(apt, kernel)
         settings = dict(settings, VM_MODULES=modules_dir(root, kver))
         files = {"/etc/vm.env": env_file(settings)}
         if hook:

@@ -2,11 +2,15 @@
  * null-server: the floor scripts/bench compares cuse-vfio with.  A libfuse3
  * low-level server that answers every ioctl with 0 at once, on the same
  * transport cuse-vfio uses: one file on a FUSE mount, or one CUSE character
- * device.  Single-threaded, as cuse-vfio's serving loop is.
+ * device.  Single-threaded, as cuse-vfio's serving loop is.  Reads answer
+ * zeros, writes take everything; VFIO_GROUP_GET_STATUS on FUSE copies its
+ * argument in and out of the caller (process_vm_readv/writev, argsz bytes as
+ * the kernel does), so it is the floor of an ioctl with argument copies.
  *
  *   null-server fuse MOUNTPOINT      serves MOUNTPOINT/node until SIGINT/SIGTERM
  *   null-server cuse NAME            serves /dev/NAME until SIGINT/SIGTERM
  */
+#define _GNU_SOURCE
 #define FUSE_USE_VERSION 35
 #include <cuse_lowlevel.h>
 #include <errno.h>
@@ -15,14 +19,47 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
+#include <linux/vfio.h>
 
 #define NODE_INO 2
 
 static void null_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void *arg, struct fuse_file_info *fi,
 		       unsigned flags, const void *in_buf, size_t in_bufsz, size_t out_bufsz)
 {
-	(void)ino; (void)cmd; (void)arg; (void)fi; (void)flags; (void)in_buf; (void)in_bufsz; (void)out_bufsz;
+	(void)ino; (void)fi; (void)flags; (void)in_buf; (void)in_bufsz; (void)out_bufsz;
+	if (cmd == VFIO_GROUP_GET_STATUS && ino) {
+		/* A restricted FUSE ioctl: the argument is in the caller (pid is its thread). */
+		struct vfio_group_status st;
+		struct iovec local = { &st, sizeof(st) }, remote = { arg, sizeof(st) };
+		pid_t pid = fuse_req_ctx(req)->pid;
+
+		if (process_vm_readv(pid, &local, 1, &remote, 1, 0) != (ssize_t)sizeof(st) || st.argsz < sizeof(st)) {
+			fuse_reply_err(req, EFAULT);
+			return;
+		}
+		st.flags = VFIO_GROUP_FLAGS_VIABLE;
+		if (process_vm_writev(pid, &local, 1, &remote, 1, 0) != (ssize_t)sizeof(st)) {
+			fuse_reply_err(req, EFAULT);
+			return;
+		}
+	}
 	fuse_reply_ioctl(req, 0, NULL, 0);
+}
+
+static void null_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
+{
+	static const char zeros[4096];
+
+	(void)ino; (void)off; (void)fi;
+	fuse_reply_buf(req, zeros, size < sizeof(zeros) ? size : sizeof(zeros));
+}
+
+static void null_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
+		       struct fuse_file_info *fi)
+{
+	(void)ino; (void)buf; (void)off; (void)fi;
+	fuse_reply_write(req, size);
 }
 
 static void null_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -32,7 +69,7 @@ static void null_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 		return;
 	}
 	fi->direct_io = 1;
-	fi->nonseekable = 1;
+	fi->nonseekable = ino == 0; /* CUSE only: pread at an offset reaches the FUSE file */
 	fuse_reply_open(req, fi);
 }
 
@@ -83,7 +120,7 @@ static int serve_fuse(const char *argv0, const char *mountpoint)
 {
 	static const struct fuse_lowlevel_ops ops = {
 		.lookup = null_lookup, .getattr = null_getattr, .open = null_open,
-		.release = null_release, .ioctl = null_ioctl,
+		.release = null_release, .ioctl = null_ioctl, .read = null_read, .write = null_write,
 	};
 	char *args_v[] = { (char *)argv0, "-o", "allow_other,default_permissions,fsname=null-server", NULL };
 	struct fuse_args args = FUSE_ARGS_INIT(3, args_v);

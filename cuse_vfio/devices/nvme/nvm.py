@@ -76,12 +76,12 @@ class NvmCommands:
             return status
         length = nlb << ns.lba_shift
         self.engine.moved += length
-        chunks = read_from_host(self.ctrl.dma, segments, length)
-        if chunks is None:
+        data = read_from_host(self.ctrl.dma, segments, length)
+        if data is None:
             return spec.DATA_TRANSFER_ERROR
         sync = bool(cmd[10] & spec.RW_FUA) or not self.ctrl.features.write_cache
         try:
-            ns.backing.write(ns.offset(slba), chunks, sync)
+            ns.backing.write(ns.offset(slba), [data], sync)
         except OSError as e:
             log.warning("%s: writing LBAs %d+%d of namespace %d failed: %s", self.ctrl.name, slba, nlb, ns.nsid,
                         e.strerror)

@@ -175,10 +175,10 @@ def _append(segs: list, addr: int, n: int) -> None:
         segs.append([addr, n])
 
 
-def read_from_host(dma, segments, length: int) -> Optional[List[bytes]]:
-    """The bytes of a host buffer, one chunk per segment; None when the IOMMU refuses one."""
+def read_from_host(dma, segments, length: int) -> Optional[bytes]:
+    """The bytes of a host buffer (one scatter-list read); None when the IOMMU refuses a segment."""
     try:
-        return [dma.read(iova, n) for iova, n in segments]
+        return dma.readv(segments)
     except VfioError:
         return None
 
@@ -186,16 +186,11 @@ def read_from_host(dma, segments, length: int) -> Optional[List[bytes]]:
 def write_to_host(dma, segments, data) -> bool:
     """Copy ``data`` into a host buffer in segment order; False when the IOMMU refuses a segment.
 
-    Segments before the refused one have already been written, as a device
-    streaming the data in order would have; a single contiguous buffer is
-    one transfer, all or nothing.
+    One scatter-list write: segments before the refused one have already been
+    written, as a device streaming the data in order would have.
     """
-    view = memoryview(data)
-    pos = 0
     try:
-        for iova, n in segments:
-            dma.write(iova, view[pos:pos + n])
-            pos += n
+        dma.writev(segments, data)
     except VfioError:
         return False
     return True
@@ -218,7 +213,7 @@ def data_from_host(dma, cmd: tuple, length: int, page: int) -> Tuple[int, bytes]
     status, segments = map_prps(dma, cmd[6], cmd[7], length, page)
     if status:
         return status, b""
-    chunks = read_from_host(dma, segments, length)
-    if chunks is None:
+    data = read_from_host(dma, segments, length)
+    if data is None:
         return spec.DATA_TRANSFER_ERROR, b""
-    return spec.SUCCESS, b"".join(chunks)
+    return spec.SUCCESS, data

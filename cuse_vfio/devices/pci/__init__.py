@@ -59,6 +59,9 @@ identity -> BARs and capabilities -> register handlers -> reset::
   say what the host set up; ``signal_error()`` is the ERR index.  Masking,
   automasking and eventfds are vfio-pci's business (:class:`IrqSink`).
 * DMA, the other: ``self.dma.read(iova, size)`` / ``self.dma.write(iova, data)``,
+  and for a scatter list ``self.dma.readv([(iova, n), ...])`` /
+  ``self.dma.writev([(iova, n), ...], data)`` (one IOMMU pass and one copy per
+  run contiguous in client memory, rather than a transfer per page),
   through the container's IOMMU.  Nothing moves while bus mastering is off or
   no IOMMU is attached (:class:`DmaFault`), or when the IOMMU refuses (a
   VfioError with ``.reason``); each is a fault in the log.  Catch VfioError

@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import errno
 import logging
-from typing import TYPE_CHECKING, Deque, Dict, NoReturn, Optional
+from typing import TYPE_CHECKING, Deque, Dict, NoReturn, Optional, Sequence, Tuple
 
 from ...errors import VfioError
 
@@ -52,6 +52,43 @@ class DmaPort:
 
     def write(self, iova: int, data: bytes) -> None:
         self.__transfer(iova, len(data), bytes(data))
+
+    def readv(self, segments: Sequence[Tuple[int, int]]) -> bytes:
+        """A scatter list [(iova, length), ...] read in one go: the bytes, joined (see ``DmaSpace.dma_readv``)."""
+        return self.__transfer_list(segments, None)
+
+    def writev(self, segments: Sequence[Tuple[int, int]], data) -> None:
+        """``data`` written over a scatter list in order; what precedes a refused entry stays written."""
+        self.__transfer_list(segments, data)
+
+    def __transfer_list(self, segments: Sequence[Tuple[int, int]], data):
+        device = self.__device
+        write = data is not None
+        if not segments:
+            return None if write else b""
+        if not device.bus_master_enabled():
+            self.__fault("bus-master-disabled", segments[0][0], sum(n for _, n in segments), write)
+        space = self.__space
+        if space is None:
+            self.__fault("no-iommu-domain", segments[0][0], sum(n for _, n in segments), write)
+        vectored = getattr(space, "dma_writev" if write else "dma_readv", None)
+        if vectored is None:  # a DmaSpace without scatter lists: one transfer per entry
+            if write:
+                view, pos = memoryview(data), 0
+                for iova, n in segments:
+                    self.__transfer(iova, n, bytes(view[pos:pos + n]))  # (the slow path: no scatter list)
+                    pos += n
+                return None
+            return b"".join(self.__transfer(iova, n, None) for iova, n in segments)
+        try:
+            if write:
+                vectored(segments, data, device=device.name)
+                return None
+            return vectored(segments, device=device.name)
+        except VfioError as e:
+            self.faults.append({"iova": getattr(e, "iova", segments[0][0]), "size": getattr(e, "size", 0),
+                                "write": write, "reason": getattr(e, "reason", e.strerror), "device": device.name})
+            raise
 
     def __transfer(self, iova: int, size: int, data: Optional[bytes]):
         device = self.__device

@@ -60,6 +60,7 @@ from ...uapi import (
     vfio_iommu_type1_info,
     vfio_region_info,
 )
+from ...uapi.abi import KernelAbi
 from ...uapi.caps import CapChain
 from ..pci import (
     PCI_COMMAND,
@@ -77,7 +78,14 @@ from . import reset as _reset
 from .config import VirtualConfig
 from .intrs import Interrupts
 from .power import RuntimePm
-from .rdwr import VFIO_PCI_INDEX_TO_OFFSET, VFIO_PCI_OFFSET_MASK, VFIO_PCI_OFFSET_SHIFT, Ioeventfds, region_rw
+from .rdwr import (
+    BAR_IO_WIDTH,
+    VFIO_PCI_INDEX_TO_OFFSET,
+    VFIO_PCI_OFFSET_MASK,
+    VFIO_PCI_OFFSET_SHIFT,
+    Ioeventfds,
+    region_rw,
+)
 from .reset import HotResetBus
 
 log = logging.getLogger(__name__)
@@ -99,8 +107,13 @@ class VfioPciDevice:
     """A PCI function bound to vfio-pci: the DeviceOps the core calls."""
 
     def __init__(self, function: PciDevice, name: Optional[str] = None, *, dma_space=None,
-                 reset_bus: Optional[HotResetBus] = None, io_width: int = 8,
-                 group_of_fd: Callable[[object, int], int] = _default_group_of_fd):
+                 reset_bus: Optional[HotResetBus] = None, io_width: Optional[int] = None,
+                 group_of_fd: Callable[[object, int], int] = _default_group_of_fd,
+                 abi: Optional[KernelAbi] = None):
+        #: the kernel release whose vfio-pci this device is (uapi/abi.py)
+        self.abi = abi or KernelAbi()
+        if io_width is None:
+            io_width = BAR_IO_WIDTH.of(self.abi)
         if io_width not in (1, 2, 4, 8):
             raise ValueError("io_width is 1, 2, 4 or 8")
         self.function = function
@@ -385,7 +398,8 @@ class VfioPciDevice:
         return bar is not None and bar.mmappable and not bar.io and bar.size >= PAGE_SIZE
 
     def _get_region_info(self, arg) -> int:
-        """vfio_pci_ioctl_get_region_info (6.1): the only BAR capability is MSIX_MAPPABLE on the table's BAR."""
+        """vfio_pci_ioctl_get_region_info (6.1 and 6.12): the only BAR capability is MSIX_MAPPABLE on the table's
+        BAR."""
         minsz = offsetofend(vfio_region_info, "offset")
         info = arg.fetch_struct(vfio_region_info, minsz)
         region = self._region(info.index) if info.index < VFIO_PCI_NUM_REGIONS else None
@@ -396,7 +410,7 @@ class VfioPciDevice:
         info.size, info.flags, msix_mappable = region
         # cap_offset goes back as the caller passed it unless a capability is placed
         if msix_mappable:
-            chain = CapChain()
+            chain = CapChain.for_abi(self.abi)
             chain.add(VFIO_REGION_INFO_CAP_MSIX_MAPPABLE, 1, b"")  # msix_mmappable_cap: a bare header
             caps = chain.place(info, VFIO_REGION_INFO_FLAG_CAPS)
             if caps:

@@ -3,7 +3,8 @@
 INTx is automasked when it fires, in the function's own INTx-disable bit (a
 PCI 2.3 function), and UNMASK re-signals instead while the function still
 has it pending; MSI/MSI-X vectors map to eventfds, their count fixed when
-enabled (NORESIZE: no dynamic MSI-X in 6.1); ERR (PCI Express only) and REQ
+enabled (NORESIZE) on 6.1, MSI-X growing vector by vector on 6.5+ (rule
+MSIX_DYNAMIC); ERR (PCI Express only) and REQ
 are single eventfds.  The MSI Enable the user reads is the virtual one it
 wrote, as on the kernel; MSI-X's is the function's.
 
@@ -46,6 +47,7 @@ from ...uapi import (
     vfio_irq_info,
     vfio_irq_set,
 )
+from ...uapi.abi import Rule
 from ..pci import PCI_COMMAND, PCI_COMMAND_INTX_DISABLE, PCI_INTERRUPT_PIN, PCI_STATUS, PCI_STATUS_INTERRUPT
 
 if TYPE_CHECKING:
@@ -105,6 +107,22 @@ class _IntxCtx:
         self.trigger = trigger
         self.masked = masked
         self.unmask_watch: Optional[Callable[[], None]] = None
+
+
+#: MSI-X vectors can be added while MSI-X is enabled (vdev->has_dyn_msix).
+MSIX_DYNAMIC = Rule(
+    "vfio_pci.msix.dynamic", False, since={"6.5": True},
+    why="the dynamic MSI-X series of 6.5 ('vfio/pci: Support dynamic MSI-X', 'vfio/pci: Clear "
+        "VFIO_IRQ_INFO_NORESIZE for MSI-X') sets has_dyn_msix where pci_msix_can_alloc_dyn (x86's PCI/MSI "
+        "domains can), allocates a vector in vfio_msi_alloc_irq when a trigger is set beyond those "
+        "enabled, and drops NORESIZE from MSI-X's GET_IRQ_INFO.")
+
+#: MSI/MSI-X triggers are bounded by the count enabled first (vdev->num_ctx).
+MSI_NUM_CTX_BOUND = Rule(
+    "vfio_pci.msi.num_ctx_bound", True, since={"6.5": False},
+    why="6.1's vfio_msi_set_block and vfio_pci_set_msi_trigger refuse vectors at or past num_ctx with "
+        "-EINVAL; 'vfio/pci: Remove interrupt context counter' (6.5) drops num_ctx: a loopback skips "
+        "vectors with no context, an eventfd past the enabled MSI vectors fails in pci_irq_vector.")
 
 
 class Interrupts:
@@ -187,7 +205,7 @@ class Interrupts:
         info.count = self.irq_count(info.index)
         if info.index == VFIO_PCI_INTX_IRQ_INDEX:
             info.flags |= VFIO_IRQ_INFO_MASKABLE | VFIO_IRQ_INFO_AUTOMASKED
-        else:
+        elif info.index != VFIO_PCI_MSIX_IRQ_INDEX or not self._msix_dynamic():
             info.flags |= VFIO_IRQ_INFO_NORESIZE
         arg.write(0, bytes(info)[:minsz])
         return 0
@@ -392,7 +410,7 @@ class Interrupts:
                 self._msi_disable(msix)
                 raise
             return
-        if self.irq_type != index or start + count > self.num_ctx:
+        if self.irq_type != index or (start + count > self.num_ctx and MSI_NUM_CTX_BOUND.of(self.vdev.abi)):
             raise VfioError(errno.EINVAL, f"{self.name}: loopback on vectors {start}+{count} of irq index "
                                           f"{index}, which has {self.num_ctx} enabled")
         for i in range(start, start + count):
@@ -422,7 +440,13 @@ class Interrupts:
             self.msi_qmax = (nvec * 2 - 1).bit_length() - 1
         self.num_ctx = nvec
 
+    def _msix_dynamic(self) -> bool:
+        return MSIX_DYNAMIC.of(self.vdev.abi) and self.function.msix is not None
+
     def _msi_set_block(self, start: int, fds: List[int], msix: bool, caller) -> None:
+        if not MSI_NUM_CTX_BOUND.of(self.vdev.abi):
+            self._msi_set_block_dynamic(start, fds, msix, caller)
+            return
         if start >= self.num_ctx or start + len(fds) > self.num_ctx:
             raise VfioError(errno.EINVAL, f"{self.name}: vectors {start}+{len(fds)} beyond the {self.num_ctx} "
                                           "enabled (disable with count 0 to change the count)")
@@ -431,6 +455,23 @@ class Interrupts:
             for i, fd in enumerate(fds):
                 done = start + i + 1
                 self._msi_set_vector_signal(start + i, fd, msix, caller)
+        except VfioError:
+            for vector in range(start, done):
+                self._msi_set_vector_signal(vector, -1, msix, caller)
+            raise
+
+    def _msi_set_block_dynamic(self, start: int, fds: List[int], msix: bool, caller) -> None:
+        """6.5+'s vfio_msi_set_block: vector by vector; a vector past those enabled
+        exists only for dynamic MSI-X (vfio_msi_alloc_irq), else pci_irq_vector's -EINVAL."""
+        done = start
+        try:
+            for i, fd in enumerate(fds):
+                vector = start + i
+                if fd >= 0 and vector >= self.num_ctx and not (msix and self._msix_dynamic()):
+                    raise VfioError(errno.EINVAL, f"{self.name}: vector {vector} is past the {self.num_ctx} "
+                                                  f"{'MSI-X' if msix else 'MSI'} vectors enabled")
+                done = vector + 1
+                self._msi_set_vector_signal(vector, fd, msix, caller)
         except VfioError:
             for vector in range(start, done):
                 self._msi_set_vector_signal(vector, -1, msix, caller)

@@ -1,9 +1,9 @@
-"""vfio-pci's region reads and writes and its ioeventfds, as ``vfio_pci_rdwr.c`` (6.1).
+"""vfio-pci's region reads and writes and its ioeventfds, as ``vfio_pci_rdwr.c``.
 
 Regions sit at ``index << 40`` of the device fd: BAR0-5, ROM, CONFIG, VGA
 (never present: EINVAL).  BAR reads and writes are split into naturally
-aligned accesses of 8, 4, 2 or 1 bytes (``io_width=4`` for the 6.1 split,
-which has no 8-byte access); the MSI-X table reads as 0xff and drops writes;
+aligned accesses of 8, 4, 2 or 1 bytes (at most 4 before 6.9: rule
+BAR_IO_WIDTH); the MSI-X table reads as 0xff and drops writes;
 a memory BAR fails with EIO while the (virtual) memory-enable bit is clear.
 Config space goes to the virtual config (:mod:`.config`).
 
@@ -28,6 +28,7 @@ from ...uapi import (
     offsetofend,
     vfio_device_ioeventfd,
 )
+from ...uapi.abi import Rule
 from .intrs import release_eventfd
 
 if TYPE_CHECKING:
@@ -40,6 +41,13 @@ VFIO_PCI_OFFSET_SHIFT = 40
 VFIO_PCI_OFFSET_MASK = (1 << VFIO_PCI_OFFSET_SHIFT) - 1
 #: most ioeventfds one device takes (vfio_pci_priv.h)
 VFIO_PCI_IOEVENTFD_MAX = 1000
+
+#: the widest access a BAR read or write is split into
+BAR_IO_WIDTH = Rule(
+    "vfio_pci.bar_io_width", 4, since={"6.9": 8},
+    why="vfio_pci_core_do_io_rw splits BAR accesses into at most 4 bytes in 6.1; 'vfio/pci: Support "
+        "8-byte PCI loads and stores' (2b938e3db335, 6.9) adds the ioread64/iowrite64 step, so an 8-byte "
+        "read of edu's 0x80 returns the whole DMA source address instead of 0xffffffff above it.")
 
 
 def VFIO_PCI_INDEX_TO_OFFSET(index: int) -> int:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional
 
 from ...errors import VfioError
 from ...uapi import offsetofend, vfio_pci_dependent_device, vfio_pci_hot_reset, vfio_pci_hot_reset_info
+from ...uapi.abi import Rule
 from ..pci import PCI_EXP_DEVCTL, PCI_EXP_DEVCTL2, PCI_MSI_FLAGS, PCI_MSIX_FLAGS, PCI_STD_HEADER_SIZEOF, PciDevice
 from .intrs import fd_at
 
@@ -95,11 +96,22 @@ def get_pci_hot_reset_info(vdev: "VfioPciDevice", arg) -> int:
     return 0
 
 
+#: PCI_HOT_RESET with count 0 fails before the bus is probed for a reset.
+HOT_RESET_COUNT_BEFORE_PROBE = Rule(
+    "vfio_pci.hot_reset.zero_count_first", False, since={"6.5": True},
+    why="6.1's vfio_pci_ioctl_pci_hot_reset probes the slot or bus first (-ENODEV when neither can be "
+        "reset) and rejects count 0 only after; 'vfio/pci: Allow passing zero-length fd array in "
+        "VFIO_DEVICE_PCI_HOT_RESET' (6.5) checks !!hdr.count against the cdev being open first: -EINVAL.")
+
+
 def pci_hot_reset(vdev: "VfioPciDevice", arg) -> int:
     minsz = offsetofend(vfio_pci_hot_reset, "count")
     hdr = arg.fetch_struct(vfio_pci_hot_reset, minsz)
     if hdr.flags:
         raise VfioError(errno.EINVAL, "PCI_HOT_RESET: flags must be 0")
+    if not hdr.count and HOT_RESET_COUNT_BEFORE_PROBE.of(vdev.abi):
+        # a group (legacy) opened device must pass its group fds
+        raise VfioError(errno.EINVAL, "PCI_HOT_RESET: count 0 is only for a device opened as a cdev")
     members = _bus_members(vdev)
     if not hdr.count or hdr.count > len(members):
         raise VfioError(errno.EINVAL, f"PCI_HOT_RESET: give 1..{len(members)} group fds")
