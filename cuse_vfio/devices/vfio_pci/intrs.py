@@ -48,12 +48,32 @@ from ...uapi import (
     vfio_irq_set,
 )
 from ...uapi.abi import Rule
-from ..pci import PCI_COMMAND, PCI_COMMAND_INTX_DISABLE, PCI_INTERRUPT_PIN, PCI_STATUS, PCI_STATUS_INTERRUPT
+from ..pci import (
+    PCI_COMMAND,
+    PCI_COMMAND_INTX_DISABLE,
+    PCI_INTERRUPT_PIN,
+    PCI_STATUS,
+    PCI_STATUS_INTERRUPT,
+    MsiCapability,
+    MsixCapability,
+    PciDevice,
+)
 
 if TYPE_CHECKING:
     from .core import VfioPciDevice
 
 log = logging.getLogger(__name__)
+
+
+# MSI and MSI-X vectors exist only with the capability: SET_IRQS checked the count against irq_count().
+def _msi_of(fn: PciDevice) -> MsiCapability:
+    assert fn.msi is not None
+    return fn.msi
+
+
+def _msix_of(fn: PciDevice) -> MsixCapability:
+    assert fn.msix is not None
+    return fn.msix
 
 
 def release_eventfd(efd) -> None:
@@ -429,12 +449,10 @@ class Interrupts:
         # pci_intx_for_msi: INTx is off in the function while messages are on
         fn.config_write(PCI_COMMAND, 2, fn.command() | PCI_COMMAND_INTX_DISABLE)
         if msix:
-            assert fn.msix is not None  # SET_IRQS checked the count against irq_count()
-            fn.msix.host_enable()
+            _msix_of(fn).host_enable()
             self.irq_type = VFIO_PCI_MSIX_IRQ_INDEX
         else:
-            assert fn.msi is not None  # as for MSI-X
-            fn.msi.host_enable(nvec)
+            _msi_of(fn).host_enable(nvec)
             self.irq_type = VFIO_PCI_MSI_IRQ_INDEX
             # the virtual Multiple Message Enable may not exceed what was enabled
             self.msi_qmax = (nvec * 2 - 1).bit_length() - 1
@@ -478,8 +496,7 @@ class Interrupts:
             raise
 
     def _msi_set_vector_signal(self, vector: int, fd: int, msix: bool, caller) -> None:
-        msix_cap = self.function.msix if msix else None
-        assert msix_cap is not None or not msix  # MSI-X vectors exist only with the capability
+        msix_cap = _msix_of(self.function) if msix else None
         old = self.msi_ctx.pop(vector, None)
         if old is not None:
             if msix_cap is not None:
@@ -496,11 +513,9 @@ class Interrupts:
             self._msi_set_vector_signal(vector, -1, msix, None)
         fn = self.function
         if msix:
-            assert fn.msix is not None  # enabled, so it exists
-            fn.msix.host_disable()
+            _msix_of(fn).host_disable()
         else:
-            assert fn.msi is not None
-            fn.msi.host_disable()
+            _msi_of(fn).host_disable()
         fn.config_write(PCI_COMMAND, 2, fn.command() & ~PCI_COMMAND_INTX_DISABLE)
         self.irq_type = None
         self.num_ctx = 0
