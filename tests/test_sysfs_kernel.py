@@ -131,6 +131,23 @@ def test_parameters_follow_the_drivers_switches(view, switches):
     assert view.read("module/vfio_iommu_type1/parameters/dma_entry_limit") == b"100\n"
 
 
+def test_vfio_virqfd_is_a_module_of_6_1_only():
+    """6.2 folded vfio_virqfd.ko into vfio.ko: 6.12's /sys/module has no vfio_virqfd (seen in both VMs)."""
+    from cuse_vfio.uapi.abi import KernelAbi
+
+    def names(version):
+        return [m.name for m in vfio_modules(lambda module, name: 0, abi=KernelAbi(version))]
+
+    assert names("6.1") == ["irqbypass", "vfio", "vfio_iommu_type1", "vfio_pci", "vfio_pci_core", "vfio_virqfd"]
+    assert names("6.12") == ["irqbypass", "vfio", "vfio_iommu_type1", "vfio_pci", "vfio_pci_core"]
+    topology = parse(f'kernel_abi = "6.12"\n[[device]]\nbdf = "{EDU}"\nmodel = "edu"\ngroup = 2\n', "t.toml")
+    machine = Machine(topology)
+    try:
+        assert "vfio_virqfd" not in machine.sysfs_view().listdir("module")
+    finally:
+        machine.close()
+
+
 def test_a_kernel_without_noiommu_has_no_vfio_parameters():
     modules = {m.name: m for m in vfio_modules(lambda module, name: 1, noiommu=False)}
     assert modules["vfio"].parameters == []  # Debian's 6.1: CONFIG_VFIO_NOIOMMU is not set

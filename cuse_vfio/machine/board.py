@@ -113,7 +113,7 @@ class Machine:
             devices.append(SysfsDevice.from_config_space(
                 bdf, group.id, _config_reader(fn),
                 resources=resources, config_size=fn.config.size))
-        modules = vfio_modules(self.params.get)
+        modules = vfio_modules(self.params.get, abi=self.vfio.abi)
         iommu = qemu_vtd(self.type1.aperture, self.type1.pgsize_bitmap, intremap=self.type1.interrupt_remapping)
         reserved = tuple(sorted((start, end, "msi" if (start, end) == MSI_WINDOW else "reserved")
                          for start, end in self.topology.iommu.reserved_regions))

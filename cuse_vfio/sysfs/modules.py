@@ -1,4 +1,4 @@
-"""``/sys/module/<name>``: the VFIO modules as a loaded Linux 6.1 shows them.
+"""``/sys/module/<name>``: the VFIO modules as a loaded Linux 6.1 (or 6.12) shows them.
 
 Clients decide about VFIO from here before they open anything: DPDK's EAL
 ``stat``s ``/sys/module/vfio`` ("VFIO modules not loaded, skipping VFIO
@@ -39,8 +39,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
+from ..uapi.abi import DEFAULT_KERNEL_ABI, KernelAbi, Rule
 from .pci import DRIVER
 from .tree import SysfsViewError
+
+VIRQFD_MODULE = Rule(
+    "sysfs.module.vfio_virqfd", True, since={"6.2": False},
+    why="vfio_virqfd.ko is folded into vfio.ko from 6.2 (\"vfio: Fold vfio_virqfd.ko into vfio.ko\"): "
+        "6.1 lists /sys/module/vfio_virqfd (version 0.1, held by vfio_pci_core), 6.12 has no such module; "
+        "seen in both VMs.")
 
 
 @dataclass(frozen=True)
@@ -86,8 +93,9 @@ class SysfsModule:
                                      "a parameter sysfs shows is readable (mode 0 means no file at all)")
 
 
-def vfio_modules(value: Callable[[str, str], int], *, noiommu: bool = True) -> List[SysfsModule]:
-    """The modules loaded once vfio-pci is: their parameters, holders and drivers as in 6.1.
+def vfio_modules(value: Callable[[str, str], int], *, noiommu: bool = True,
+                 abi: KernelAbi = KernelAbi(DEFAULT_KERNEL_ABI)) -> List[SysfsModule]:
+    """The modules loaded once vfio-pci is: their parameters, holders and drivers on ``abi``'s release.
 
     ``value(module, parameter)`` reads a parameter's live value (the
     machine's module parameters); ``noiommu`` False is a kernel without
@@ -97,6 +105,8 @@ def vfio_modules(value: Callable[[str, str], int], *, noiommu: bool = True) -> L
         return bool_parameter(name, mode, lambda: bool(value(module, name)))
 
     vfio_params = [flag("vfio", "enable_unsafe_noiommu_mode", 0o644)] if noiommu else []
+    virqfd = [SysfsModule("vfio_virqfd", version="0.1", holders=("vfio_pci_core",))] \
+        if VIRQFD_MODULE.of(abi) else []
     return [
         SysfsModule("irqbypass", holders=("vfio_pci_core",)),
         SysfsModule("vfio", vfio_params, version="0.3",
@@ -114,5 +124,4 @@ def vfio_modules(value: Callable[[str, str], int], *, noiommu: bool = True) -> L
             flag("vfio_pci", "nointxmask", 0o644),
         ], drivers=(("pci", DRIVER),)),
         SysfsModule("vfio_pci_core", holders=("vfio_pci",)),
-        SysfsModule("vfio_virqfd", version="0.1", holders=("vfio_pci_core",)),
-    ]
+    ] + virqfd
