@@ -12,6 +12,8 @@ import os
 class VfioError(OSError):
     """A VFIO call failed with ``errno``; ``strerror`` says why, for a person."""
 
+    errno: int  # always given, unlike OSError's
+
     def __init__(self, err: int, message: str = ""):
         super().__init__(err, message or os.strerror(err))
 

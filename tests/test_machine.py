@@ -100,6 +100,13 @@ def test_unknown_model_is_a_topology_error():
         Machine(topology.parse(text.replace('"edu"', '"no-such-model"'), "<bad>"))
 
 
+@pytest.mark.parametrize("width", ["4.0", "true", '"4"'])
+def test_io_width_must_be_an_integer(width):
+    text = f'[[device]]\nbdf = "0000:00:03.0"\nmodel = "edu"\ngroup = 3\nio_width = {width}\n'
+    with pytest.raises(TopologyError, match="io_width is 1, 2, 4 or 8"):
+        Machine(topology.parse(text, "<bad>"))
+
+
 @pytest.mark.parametrize("name, result", [
     (EDU, "ok"), (EDU + "  ", "ok"), (EDU + "x", "ENODEV"), ("0000:00:02", "ENODEV"),
     (EDU + " foo", "EINVAL"), (EDU + " vf_token=01234567-89ab-cdef-0123-456789abcdef", "EINVAL"),

@@ -116,10 +116,10 @@ def _in_process(args) -> int:
     import struct
 
     from .. import uapi
-    from ..memory import PAGE_SIZE
-    from ..transport.local import LocalProcess
     from ..machine import Machine
     from ..machine.topology import load
+    from ..memory import PAGE_SIZE
+    from ..transport.local import LocalProcess
     from .trace import TraceWriter, format_table
 
     build = _build_dir(args)

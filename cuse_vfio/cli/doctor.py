@@ -120,8 +120,8 @@ _probe = ctypes.create_string_buffer(b"cuse-vfio doctor probe")
 
 
 def check_ptrace() -> Finding:
-    from ..memory import ProcessMemory
     from ..errors import VfioError
+    from ..memory import ProcessMemory
 
     scope = _read("/proc/sys/kernel/yama/ptrace_scope")
     where = f" (yama ptrace_scope {scope})" if scope is not None else " (no Yama LSM)"
@@ -224,10 +224,10 @@ def check_fuse_serving() -> Finding:
     """Serve the default topology on FUSE for a moment and ask the container for its API version."""
     import tempfile
 
-    from ..uapi.ioctls import VFIO_API_VERSION, VFIO_GET_API_VERSION
     from ..machine import Machine
     from ..machine.topology import load
     from ..transport.server import Server
+    from ..uapi.ioctls import VFIO_API_VERSION, VFIO_GET_API_VERSION
 
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         return Finding("FUSE serving", False, "not tried (needs root and /dev/fuse, above)", needed=True)

@@ -38,13 +38,13 @@ import threading
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..devices import load_model_file, model_names
-from ..mounts import MNT_DETACH, mountinfo, namespace, umount2
-from ..mounts.namespace import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_NOT_STARTED
-from ..transport.server import Server, choose_transport
-from ..transport.shim import TransportError
-from ..sysfs import SysfsViewError
 from ..machine import Machine
 from ..machine.topology import TopologyError, load
+from ..mounts import MNT_DETACH, mountinfo, namespace, umount2
+from ..mounts.namespace import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_NOT_STARTED
+from ..sysfs import SysfsMount, SysfsViewError
+from ..transport.server import Server, choose_transport
+from ..transport.shim import TransportError
 from .trace import MalformedFile, TraceWriter, open_input, read_records
 
 log = logging.getLogger(__name__)
@@ -70,10 +70,10 @@ class Serving:
 
     def __init__(self, options):
         self.options = options
-        self.machine = None
-        self.server = None
-        self.sysfs_mount = None
-        self.transport: Optional[str] = None
+        self.machine: Optional[Machine] = None
+        self.server: Optional[Server] = None
+        self.sysfs_mount: Optional[SysfsMount] = None
+        self.transport = ""                   # "cuse" or "fuse", once chosen
         self.transport_reason = ""
         self.notes: List[str] = []            # sentences about choices made for the user
         self.runtime_dir: Optional[str] = None
@@ -110,9 +110,9 @@ class Serving:
         self.transport, self.transport_reason = self._choose_transport()
         dev_dir = self._choose_dev_dir()
         try:
-            self.server = Server(self.machine.dispatcher, topology.groups.values(), transport=self.transport,
-                                 dev_dir=dev_dir, runtime_dir=os.path.join(self.runtime_dir, "server"))
-            self.server.start()
+            self.server = server = Server(self.machine.dispatcher, topology.groups.values(), transport=self.transport,
+                                          dev_dir=dev_dir, runtime_dir=self.in_runtime_dir("server"))
+            server.start()
         except TransportError as e:
             raise ServeError(str(e)) from None
         except OSError as e:
@@ -120,7 +120,7 @@ class Serving:
                              + ("" if os.geteuid() == 0 else " (run as root)")) from None
 
         owners = sorted({g.uid for g in topology.groups.values() if g.uid != 0})
-        closed = _first_closed_parent(self.server.socket_path)
+        closed = _first_closed_parent(server.socket_path)
         if owners and closed:
             self.notes.append(f"{closed} is not searchable by other users, so the group owners' clients (uid "
                               f"{', '.join(map(str, owners))}) cannot reach the hand-off socket and get no "
@@ -160,6 +160,15 @@ class Serving:
                 self._fault_file = open(fault_log, "a", encoding="utf-8", buffering=1)
             except OSError as e:
                 raise ServeError(f"cannot write the fault log {fault_log}: {e.strerror}") from None
+
+    def in_runtime_dir(self, name: str) -> str:
+        assert self.runtime_dir is not None, "_make_runtime_dir() first"
+        return os.path.join(self.runtime_dir, name)
+
+    def _running(self) -> Tuple[Server, Machine, SysfsMount]:
+        if self.server is None or self.machine is None or self.sysfs_mount is None:
+            raise ServeError("not serving: start() has not completed")
+        return self.server, self.machine, self.sysfs_mount
 
     def _make_runtime_dir(self) -> None:
         wanted = getattr(self.options, "runtime_dir", None)
@@ -204,7 +213,7 @@ class Serving:
             return CLIENT_DEV_DIR
         if wanted:
             return os.path.abspath(wanted)
-        return self._make_dir(os.path.join(self.runtime_dir, "dev"))
+        return self._make_dir(self.in_runtime_dir("dev"))
 
     def _mount_point(self, wanted: Optional[str], default_name: str, option: str) -> str:
         if wanted:
@@ -217,7 +226,7 @@ class Serving:
                 return self._make_dir(path)
             except OSError as e:
                 raise ServeError(f"cannot create {path} for {option}: {e.strerror}") from None
-        return self._make_dir(os.path.join(self.runtime_dir, default_name))
+        return self._make_dir(self.in_runtime_dir(default_name))
 
     def _make_dir(self, path: str) -> str:
         missing = []
@@ -244,18 +253,18 @@ class Serving:
 
     # -- what a client needs -------------------------------------------------------------
     def client_env(self, base=None) -> Dict[str, str]:
-        return self.server.client_env(base)
+        return self._running()[0].client_env(base)
 
     def describe(self) -> List[str]:
         """Where everything is, and the environment a client needs: the lines ``serve`` prints."""
-        s = self.server
+        s, machine, _ = self._running()
         lines = [f"transport: {self.transport.upper()} ({self.transport_reason})"]
         lines += [f"note: {n}" for n in self.notes]
         lines.append(f"container: {s.container_path}")
         by_group: Dict[int, List[str]] = {}
-        for d in self.machine.topology.devices:
+        for d in machine.topology.devices:
             by_group.setdefault(d.group, []).append(f"{d.bdf} {d.model}")
-        for gid in self.machine.group_ids:
+        for gid in machine.group_ids:
             lines.append(f"group {gid}: {s.group_path(gid)} ({', '.join(by_group.get(gid, []))})")
         lines.append(f"sysfs view: {self.sysfs_dir} (bus/pci/devices, kernel/iommu_groups, "
                      "bus/pci/drivers/vfio-pci, module/vfio*, devices/virtual/iommu, class/iommu)")
@@ -264,23 +273,24 @@ class Serving:
             lines.append(f"trace: {os.path.abspath(self.options.trace)}")
         if getattr(self.options, "fault_log", None):
             lines.append(f"fault log: {os.path.abspath(self.options.fault_log)}")
-        env = self.server.client_env()
+        env = s.client_env()
         lines.append("client environment: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()))
         if os.path.realpath(s.dev_dir) != CLIENT_DEV_DIR:
             lines.append(f"note: a client that opens {CLIENT_DEV_DIR} itself sees these nodes under "
                          "`cuse-vfio run -- CMD` (or serve with --dev-dir /dev/vfio)")
         else:
-            first = self.machine.topology.devices[0].bdf
+            first = machine.topology.devices[0].bdf
             lines.append(f"note: QEMU finds the group with -device vfio-pci,sysfsdev={self.sysfs_dir}"
                          f"/bus/pci/devices/{first}")
         return lines
 
     def namespace_binds(self) -> List[Tuple[str, str]]:
         """(source, target) pairs that make CMD's /dev/vfio and /sys show this server."""
+        server, _, sysfs_mount = self._running()
         binds = []
-        if os.path.realpath(self.server.dev_dir) != CLIENT_DEV_DIR:
-            binds.append((self.server.dev_dir, CLIENT_DEV_DIR))
-        binds += [(src, dst) for dst, src in self.sysfs_mount.paths().items()]
+        if os.path.realpath(server.dev_dir) != CLIENT_DEV_DIR:
+            binds.append((server.dev_dir, CLIENT_DEV_DIR))
+        binds += [(src, dst) for dst, src in sysfs_mount.paths().items()]
         return binds
 
     # -- stop --------------------------------------------------------------------------
@@ -368,6 +378,7 @@ def serve_forever(args) -> int:
             print(f"ready: serving until SIGINT or SIGTERM (pid {os.getpid()})", flush=True)
             while not signals.event.wait(1.0):
                 pass
+            assert signals.received is not None  # the handler sets it before the event
             print(f"stopping ({signal.Signals(signals.received).name})", flush=True)
         finally:
             serving.stop()
@@ -407,7 +418,7 @@ def run_command(args, cmd: Sequence[str], *, announce: Optional[Callable[[Servin
 
 def _run_in_namespace(serving: Serving, cmd: List[str], signals: _Signals) -> int:
     cwd = os.getcwd()
-    staging = serving._make_dir(os.path.join(serving.runtime_dir, "ns"))
+    staging = serving._make_dir(serving.in_runtime_dir("ns"))
     os.chmod(staging, 0o700)
     spec = json.dumps({
         "binds": serving.namespace_binds(),
@@ -451,8 +462,8 @@ def _run_in_namespace(serving: Serving, cmd: List[str], signals: _Signals) -> in
                 f.write(spec)
         except BrokenPipeError:
             pass  # the helper died first; its status says why
-        with os.fdopen(status_r, "rb") as f:
-            problem = f.read().decode(errors="replace").strip()  # EOF without a word: CMD was exec'd
+        with os.fdopen(status_r, "rb") as status_file:
+            problem = status_file.read().decode(errors="replace").strip()  # EOF without a word: CMD was exec'd
         rc = proc.wait()
     finally:
         signals.forward = None
@@ -518,7 +529,7 @@ def _detach_if_mounted(path: str) -> None:
     try:
         umount2(path, MNT_DETACH)
     except OSError as e:
-        log.error("cannot detach %s: %s", path, os.strerror(e.errno))
+        log.error("cannot detach %s: %s", path, os.strerror(e.errno or 0))
 
 
 def _remove_tree(path: str) -> None:

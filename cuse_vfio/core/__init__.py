@@ -5,11 +5,12 @@ from .bus import BusDevice, BusDriver, IommuGroup, NotifyAction, StubDriver, dev
 from .container import Container
 from .device import Device, DeviceFile
 from .group import VFIO_DRIVER_WHITELIST, Group
-from .ops import AddressSpace, Caller, ForeignFile, DeviceOps, DmaSpace, IommuData, IommuDriverOps, UserArg
+from .ops import AddressSpace, Caller, DeviceOps, DmaSpace, ForeignFile, IommuData, IommuDriverOps, UserArg
 from .vfio import Vfio, VfioBusDriver
 
 __all__ = [
-    "AddressSpace", "BusDevice", "DEFAULT_KERNEL_ABI", "KERNEL_ABIS", "KernelAbi", "Rule", "BusDriver", "Caller", "Container", "Device", "DeviceFile", "DeviceOps",
+    "AddressSpace", "BusDevice", "DEFAULT_KERNEL_ABI", "KERNEL_ABIS", "KernelAbi", "Rule", "BusDriver", "Caller",
+    "Container", "Device", "DeviceFile", "DeviceOps",
     "DmaSpace", "ForeignFile", "Group", "IommuData", "IommuDriverOps", "IommuGroup", "NotifyAction", "StubDriver",
     "UserArg", "VFIO_DRIVER_WHITELIST", "Vfio", "VfioBusDriver", "device_bind", "device_unbind",
 ]

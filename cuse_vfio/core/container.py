@@ -60,8 +60,9 @@ class Container:
     def check_extension(self, ext: int) -> int:
         """VFIO_CHECK_EXTENSION: with no driver set, the first registered driver that says yes."""
         with self.vfio.lock:
-            if self.iommu_driver is not None:
-                return self.iommu_data.ioctl(VFIO_CHECK_EXTENSION, _IntArg(ext))
+            if self.iommu_data is not None:
+                # the driver reads only .value of CHECK_EXTENSION's argument, which is never memory
+                return self.iommu_data.ioctl(VFIO_CHECK_EXTENSION, _IntArg(ext))  # type: ignore[arg-type]
             ret = 0
             for driver in self.vfio.iommu_drivers():
                 if self.groups and not self._driver_allowed(driver):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Tuple
 
 from ..errors import VfioError
 from ..uapi import VFIO_DEVICE_FEATURE, device_feature_header
@@ -113,7 +113,7 @@ class DeviceFile:
     def write(self, data: bytes, offset: int) -> int:
         return self._ops("write")(data, offset)
 
-    def mmap(self, offset: int, length: int, shared: bool = True) -> object:
+    def mmap(self, offset: int, length: int, shared: bool = True) -> Tuple[Any, int]:
         """vfio_device_fops_mmap: the driver's mmap of ``length`` bytes at ``offset`` (whole pages).
 
         Device memory is only ever mapped shared: vfio-pci (as every vfio

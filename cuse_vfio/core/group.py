@@ -13,12 +13,12 @@ import logging
 from typing import TYPE_CHECKING, List, Optional
 
 from ..errors import VfioError
-from ..uapi.ioctls import VFIO_GROUP_FLAGS_CONTAINER_SET, VFIO_GROUP_FLAGS_VIABLE
 from ..uapi.abi import Rule
+from ..uapi.ioctls import VFIO_GROUP_FLAGS_CONTAINER_SET, VFIO_GROUP_FLAGS_VIABLE
 from .bus import BusDevice, IommuGroup, NotifyAction
 from .container import Container
-from .ops import CAP_SYS_RAWIO, capable
 from .device import Device, DeviceFile
+from .ops import CAP_SYS_RAWIO, capable
 
 if TYPE_CHECKING:
     from .vfio import Vfio
@@ -158,7 +158,8 @@ class Group:
 
     def _detach_container(self) -> None:
         container, self.container = self.container, None
-        container.detach_group(self)
+        if container is not None:
+            container.detach_group(self)
 
     def _device_by_name(self, name: str) -> Optional[Device]:
         """vfio_device_get_from_name: the driver's ``match`` where it has one (vfio-pci takes
@@ -179,8 +180,9 @@ class Group:
             device = self._device_by_name(name)
             if device is None:
                 raise VfioError(errno.ENODEV, f"group {self.id} has no device {name!r}")
-            if not self.container_users or self.container.iommu_data is None:
-                raise VfioError(errno.EINVAL, f"group {self.id} needs a container with an IOMMU set (SET_CONTAINER, SET_IOMMU) first")
+            if not self.container_users or self.container is None or self.container.iommu_data is None:
+                raise VfioError(errno.EINVAL,
+                                f"group {self.id} needs a container with an IOMMU set (SET_CONTAINER, SET_IOMMU) first")
             if not self.viable():
                 raise VfioError(errno.EINVAL, f"group {self.id} is not viable")
             devfile = device.open_file()
@@ -195,7 +197,7 @@ class Group:
             if not self.container_users:
                 raise VfioError(errno.EINVAL, f"group {self.id} has no container")
             self.container_users += 1
-            if self.container.iommu_data is None or not self.viable():
+            if self.container is None or self.container.iommu_data is None or not self.viable():
                 self.container_users -= 1
                 raise VfioError(errno.EINVAL, f"group {self.id} has no IOMMU set or is not viable")
             self.get()

@@ -74,7 +74,8 @@ class Vfio:
         with self.lock:
             group = self._groups.get(group_id)
             if group is None:
-                raise VfioError(errno.ENODEV, f"no VFIO group {group_id}: no device of IOMMU group {group_id} is bound to a vfio driver")
+                raise VfioError(errno.ENODEV, f"no VFIO group {group_id}: "
+                                f"no device of IOMMU group {group_id} is bound to a vfio driver")
             return group.open(caller)
 
     def _group_for(self, iommu_group: IommuGroup) -> Group:
@@ -114,7 +115,7 @@ class Vfio:
         escalate (ask the user nicely, then less nicely).
         """
         with self.lock:
-            device: Device = dev.drvdata
+            device = dev.drvdata
             if not isinstance(device, Device):
                 raise VfioError(errno.ENODEV, f"{dev.name} is not a VFIO device")
             group = device.group
@@ -152,6 +153,8 @@ class Vfio:
 
     @staticmethod
     def external_check_extension(group: Group, ext: int) -> int:
+        if group.container is None:
+            raise VfioError(errno.EINVAL, f"group {group.id} has no container")
         return group.container.check_extension(ext)
 
 

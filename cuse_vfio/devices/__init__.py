@@ -34,10 +34,14 @@ from .pci import (
 )
 from .registry import create_model, load_model_file, model_class, model_names, register_model
 from .vfio_pci import HotResetBus, ModelFailure, VfioPciDevice
-from . import edu  # noqa: E402,F401  (registers "edu")
-from . import nvme  # noqa: E402,F401  (registers "nvme")
-from . import virtio  # noqa: E402,F401  (registers "virtio-net")
-from . import ivshmem  # noqa: E402,F401  (registers "ivshmem-plain")
+
+# The models register themselves by name once the API above is in place.
+# isort: off
+from . import edu  # noqa: F401  (registers "edu")
+from . import nvme  # noqa: F401  (registers "nvme")
+from . import virtio  # noqa: F401  (registers "virtio-net")
+from . import ivshmem  # noqa: F401  (registers "ivshmem-plain")
+# isort: on
 
 __all__ = [
     "Bar", "Capability", "DmaFault", "ExpressCapability", "ExtendedCapability", "HotResetBus", "IoBar",

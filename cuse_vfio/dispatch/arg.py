@@ -17,7 +17,7 @@ from typing import Optional, Type, TypeVar
 from ..errors import VfioError
 from ..memory import PAGE_SIZE
 
-T = TypeVar("T")
+T = TypeVar("T", bound=ctypes.Structure)
 
 _INT = struct.Struct("<i")
 

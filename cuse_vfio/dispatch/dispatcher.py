@@ -12,7 +12,7 @@ import errno
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from ..core import Container, DeviceFile, Group, Vfio
 from ..errors import RetryRequest, VfioError
@@ -121,8 +121,11 @@ def _no_such_group_ioctl(group: Group, cmd: int, arg: IoctlArg) -> int:
     raise VfioError(errno.ENOTTY, f"group {group.id}: unknown ioctl 0x{cmd:x}")
 
 
+#: what a client's open file is, on each kind of node
+FileObject = Union[Container, Group, DeviceFile]
+
 # kind of file -> (table, what the rest goes to)
-_ROUTES = {
+_ROUTES: Dict[type, Tuple[NodeKind, Dict[int, Callable[[Any, IoctlArg], int]], Callable[..., int]]] = {
     Container: (NodeKind.CONTAINER, _CONTAINER_IOCTLS, Container.ioctl),
     Group: (NodeKind.GROUP, _GROUP_IOCTLS, _no_such_group_ioctl),
     DeviceFile: (NodeKind.DEVICE, {}, DeviceFile.ioctl),
@@ -146,11 +149,12 @@ class Dispatcher:
         if node.kind is NodeKind.CONTAINER:
             return self.vfio.open_container()
         if node.kind is NodeKind.GROUP:
+            assert node.group_id is not None  # Node.group() always sets it
             return self.vfio.open_group(node.group_id, caller)
         raise VfioError(errno.ENODEV, f"{node.name} cannot be opened by path")
 
     @staticmethod
-    def release(file_object: object) -> None:
+    def release(file_object: Any) -> None:  # whatever a transport keeps open: a FileObject, a local eventfd
         file_object.release()
 
     # -- ioctl -----------------------------------------------------------
@@ -199,7 +203,8 @@ class Dispatcher:
         record = decode(kind, cmd, in_data, out_data, result)
         record.update(time=started, pid=getattr(arg.caller, "pid", None), node=_node_name(file_object))
         try:
-            self.trace(record)
+            if self.trace is not None:
+                self.trace(record)
         except Exception:
             log.exception("trace sink failed; tracing stays on")
 
@@ -210,7 +215,7 @@ def _name(kind: NodeKind, cmd: int) -> str:
     return ioctl_name(kind, cmd) or f"ioctl 0x{cmd:x}"
 
 
-def _node_name(file_object: object) -> str:
+def _node_name(file_object: FileObject) -> str:
     if isinstance(file_object, Container):
         return "vfio"
     if isinstance(file_object, Group):

@@ -23,8 +23,8 @@ from .faults import (
 )
 from .noiommu import NoIommu, NoIommuDriver
 from .type1 import (
-    DMA_ENTRY_LIMIT,
     DIRTY_BITMAP_SIZE_MAX,
+    DMA_ENTRY_LIMIT,
     INTEL_VTD_PGSIZES,
     Q35_VTD_APERTURE,
     X86_MSI_WINDOW,

@@ -149,7 +149,8 @@ class DmaList:
         """The mappings in order from the first one ending above ``start``
         (``vfio_find_dma_first_node`` without its size cut)."""
         pos = self._floor(start)
-        if pos is None or self._at(pos).end <= start:
+        first = self._at(pos)
+        if first is None or first.end <= start:
             pos = self._next(pos)
         return self._walk(pos)
 
@@ -194,5 +195,5 @@ class DmaList:
 
     def clear(self) -> List[DmaMapping]:
         gone = list(self)
-        self.__init__()
+        self._firsts, self._keys, self._chunks, self._len = [], [], [], 0
         return gone

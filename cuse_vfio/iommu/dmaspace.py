@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Iterable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Iterable, List, NoReturn, Optional, Tuple
 
 from .dma import U64_MASK, DmaMapping
 from .faults import (
@@ -199,7 +199,7 @@ class Type1DmaSpace:
                 dma = dmas.successor(dma)
         return segments
 
-    def _fault(self, reason: str, iova: int, size: int, write: bool, device: Optional[str], detail: str):
+    def _fault(self, reason: str, iova: int, size: int, write: bool, device: Optional[str], detail: str) -> NoReturn:
         fault = self.fault_log.record(Fault(time.time(), device, iova, size, "write" if write else "read",
                                             reason, detail))
         raise IommuFault(fault)

@@ -26,7 +26,7 @@ import os
 import struct
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, NoReturn, Optional, Tuple
 
 from ..errors import VfioError
 from ..uapi import VFIO_CHECK_EXTENSION, VFIO_NOIOMMU_IOMMU
@@ -39,6 +39,9 @@ PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 _PM_PRESENT = 1 << 63
 _PM_PFN_MASK = (1 << 55) - 1
+
+if TYPE_CHECKING:
+    from ..core.bus import BusDevice, IommuGroup
 
 
 class NoIommuDriver:
@@ -79,10 +82,10 @@ class NoIommu:
 
     def __init__(self, driver: NoIommuDriver, opener=None):
         self.driver = driver
-        self.groups: List[object] = []
+        self.groups: List[IommuGroup] = []
         #: the devices' view of memory: the opener's physical pages (None: an in-process opener has none)
         self.dma_space = PagemapDmaSpace(opener, driver.fault_log) if getattr(opener, "pid", None) else None
-        self._handed: List[object] = []
+        self._handed: List[BusDevice] = []
 
     def __repr__(self) -> str:
         return f"NoIommu(groups={[g.id for g in self.groups]})"
@@ -111,7 +114,9 @@ class NoIommu:
         self.groups = [g for g in self.groups if g is not group]
         for dev in [d for d in self._handed if getattr(d, "iommu_group", None) is group]:
             self._handed.remove(dev)
-            dev.drvdata.ops.set_dma_space(None)
+            setter = getattr(getattr(dev.drvdata, "ops", None), "set_dma_space", None)
+            if setter is not None:  # it was there when attach_group handed the space
+                setter(None)
 
     def ioctl(self, cmd: int, arg) -> int:
         if cmd == VFIO_CHECK_EXTENSION:
@@ -139,7 +144,7 @@ class PagemapDmaSpace:
         return f"PagemapDmaSpace(pid={getattr(self.opener, 'pid', None)})"
 
     def translate(self, addr: int, size: int, write: bool = False,
-                  device: Optional[str] = None) -> List[Tuple[object, int, int]]:
+                  device: Optional[str] = None) -> List[Tuple[Any, int, int]]:  # (the opener's memory, vaddr, n)
         with self._lock:
             return [(self.opener.memory, vaddr, n) for vaddr, n in self._translate(addr, size, write, device)]
 
@@ -224,7 +229,7 @@ class PagemapDmaSpace:
             log.warning("noiommu DMA: cannot read the page map of pid %s: %s", pid, e.strerror)
         return found
 
-    def _fault(self, reason: str, addr: int, size: int, write: bool, device: Optional[str], detail: str):
+    def _fault(self, reason: str, addr: int, size: int, write: bool, device: Optional[str], detail: str) -> NoReturn:
         fault = self.fault_log.record(Fault(time.time(), device, addr, size, "write" if write else "read",
                                             reason, detail))
         raise IommuFault(fault)

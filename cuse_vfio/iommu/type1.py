@@ -21,10 +21,9 @@ import ctypes
 import errno
 import logging
 import threading
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import VfioError
-from ..uapi.abi import KernelAbi
 from ..uapi import (
     VFIO_CHECK_EXTENSION,
     VFIO_DMA_CC_IOMMU,
@@ -45,10 +44,10 @@ from ..uapi import (
     VFIO_IOMMU_UNMAP_DMA,
     VFIO_TYPE1_IOMMU,
     VFIO_TYPE1_NESTING_IOMMU,
-    VFIO_TYPE1v2_IOMMU,
     VFIO_UNMAP_ALL,
     VFIO_UPDATE_VADDR,
     CapChain,
+    VFIO_TYPE1v2_IOMMU,
     offsetofend,
     vfio_bitmap,
     vfio_iommu_type1_dma_map,
@@ -59,11 +58,15 @@ from ..uapi import (
     vfio_iommu_type1_info_dma_avail,
     vfio_iova_range,
 )
+from ..uapi.abi import KernelAbi
 from . import dirty
 from .dirty import DIRTY_BITMAP_SIZE_MAX, access_ok, ffs, verify_bitmap_size
 from .dma import U64_MASK, DmaList, DmaMapping
 from .dmaspace import Type1DmaSpace
 from .faults import FaultLog
+
+if TYPE_CHECKING:
+    from ..core.bus import IommuGroup
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +106,7 @@ _UNMAP_MINSZ = offsetofend(vfio_iommu_type1_dma_unmap, "size")
 
 def iova_ranges(aperture: Tuple[int, int], reserved: Sequence[Tuple[int, int]]) -> List[Tuple[int, int]]:
     """The aperture minus the reserved regions (``vfio_iommu_resv_exclude``), inclusive bounds."""
-    ranges = [tuple(aperture)]
+    ranges = [(aperture[0], aperture[1])]
     for rstart, rend in reserved:
         out = []
         for start, end in ranges:
@@ -199,8 +202,8 @@ class Type1Driver:
         if pgsize_bitmap & (SZ_4K - 1):
             pgsize_bitmap = (pgsize_bitmap & ~(SZ_4K - 1)) | SZ_4K
         self.pgsize_bitmap = pgsize_bitmap
-        self.aperture = tuple(aperture)
-        self.reserved_regions = [tuple(r) for r in reserved_regions]
+        self.aperture = (aperture[0], aperture[1])
+        self.reserved_regions = [(r[0], r[1]) for r in reserved_regions]
         self.iova_ranges = iova_ranges(self.aperture, self.reserved_regions)
         self.dma_entry_limit = dma_entry_limit
         self.allow_unsafe_interrupts = allow_unsafe_interrupts
@@ -267,7 +270,7 @@ class Type1Iommu:
         self.dma_avail = driver.dma_entry_limit
         self.pgsize_bitmap = driver.pgsize_bitmap
         #: attached IOMMU groups (``core.IommuGroup``), in attach order
-        self.groups: List[object] = []
+        self.groups: List[IommuGroup] = []
         #: valid IOVA ranges; empty until a group (a domain) is attached
         self.iova_ranges: List[Tuple[int, int]] = []
         self.dirty_page_tracking = False
@@ -276,7 +279,7 @@ class Type1Iommu:
         self.dma_space = Type1DmaSpace(self)
         # device -> the ops we handed the DMA space to; group -> its notifier.
         # Binds come from any thread: _handed_lock guards these two only.
-        self._handed: Dict[object, object] = {}
+        self._handed: Dict[object, Any] = {}  # device -> its ops (found by getattr)
         self._notifiers: Dict[object, object] = {}
         self._handed_lock = threading.Lock()
         # The last MAP_DMA's memory, held while the container is open: a client that maps

@@ -11,10 +11,10 @@ same functions, so what a client reads in /sys is what its device fd shows.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 from ..core import DEFAULT_KERNEL_ABI, BusDevice, IommuGroup, KernelAbi, Vfio, VfioBusDriver, device_bind
-from ..devices import VfioPciDevice, create_model, load_model_file
+from ..devices import PciDevice, VfioPciDevice, create_model, load_model_file
 from ..dispatch import Dispatcher
 from ..iommu import register_default_drivers
 from ..sysfs import SysfsDevice, SysfsGroup, SysfsView, bar_resource, qemu_vtd, vfio_modules
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 class Machine:
     def __init__(self, topology: Topology, *, trace: Optional[Callable[[dict], None]] = None,
-                 noiommu: bool = False, model_files: List[str] = (), kernel_abi: Optional[str] = None):
+                 noiommu: bool = False, model_files: Sequence[str] = (), kernel_abi: Optional[str] = None):
         self.topology = topology
         for path in model_files:
             load_model_file(path)
@@ -55,6 +55,10 @@ class Machine:
             # BAR accesses are split as the kernel ABI's vfio-pci splits them
             # (rdwr.BAR_IO_WIDTH); a topology may still ask for another io_width.
             io_width = options.pop("io_width", None)
+            if io_width is not None and (not isinstance(io_width, int) or isinstance(io_width, bool)):
+                # 4.0 and true compare equal to 4 and 1, so vfio-pci's own check would take them
+                raise TopologyError(f"{topology.source}: device {spec.bdf}: io_width is 1, 2, 4 or 8, "
+                                    f"not {io_width!r}")
             try:
                 function = create_model(spec.model, name=spec.bdf, **options)
             except (KeyError, TypeError, ValueError) as e:
@@ -107,10 +111,11 @@ class Machine:
             if fn.rom is not None:
                 # IORESOURCE_MEM | READONLY | SIZEALIGN | the ROM's "shadowable" bit, as a disabled ROM shows
                 resources.append((fn.rom.address, fn.rom.address + fn.rom.size - 1, 0x46200))
+            group = self.bus_devices[bdf].iommu_group
+            assert group is not None  # __init__ put every device in its group
             devices.append(SysfsDevice.from_config_space(
-                bdf, self.bus_devices[bdf].iommu_group.id, lambda fn=fn: bytes(fn.config.data),
-                resources=resources, config_size=fn.config.size,
-                iommu=not self.bus_devices[bdf].iommu_group.noiommu))
+                bdf, group.id, _config_reader(fn),
+                resources=resources, config_size=fn.config.size, iommu=not group.noiommu))
         modules = vfio_modules(self.params.get, abi=self.vfio.abi)
         iommu = qemu_vtd(self.type1.aperture, self.type1.pgsize_bitmap, intremap=self.type1.interrupt_remapping)
         reserved = tuple(sorted((start, end, "msi" if (start, end) == MSI_WINDOW else "reserved")
@@ -127,3 +132,8 @@ class Machine:
             stop = getattr(vdev.function, "shutdown", None)
             if stop is not None:
                 stop()
+
+
+def _config_reader(fn: PciDevice) -> Callable[[], bytes]:
+    """What the sysfs ``config`` file reads: the function's config space as it is at that moment."""
+    return lambda: bytes(fn.config.data)

@@ -33,18 +33,19 @@ from __future__ import annotations
 import grp
 import pwd
 import re
+import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NoReturn, Optional, Tuple
 
 from ..dispatch import GroupNode
 from ..errors import VfioError
 from ..iommu import iova_ranges
-from . import params as _params
 from ..uapi.abi import KERNEL_ABIS
+from . import params as _params
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python < 3.11
+else:
     import tomli as tomllib
 
 BDF = re.compile(r"^([0-9a-f]{4}):([0-9a-f]{2}):([0-1][0-9a-f])\.([0-7])$")
@@ -128,7 +129,7 @@ def parse(text: str, source: str, known_models=None) -> Topology:
     except tomllib.TOMLDecodeError as e:
         raise TopologyError(f"{source}: not valid TOML: {e}") from None
 
-    def fail(msg: str, table: str, index: int = 0, key: Optional[str] = None):
+    def fail(msg: str, table: str, index: int = 0, key: Optional[str] = None) -> NoReturn:
         line = _line_of(lines, table, index, key)
         where = f"{source}, line {line}" if line else source
         raise TopologyError(f"{where}: {msg}")
@@ -254,7 +255,7 @@ def _iommu(raw, fail) -> IommuSpec:
     return spec
 
 
-def _id(value, lookup, attr: str, what: str, fail) -> int:
+def _id(value, lookup, attr: str, what: str, fail: Callable[[str], NoReturn]) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     if isinstance(value, str):

@@ -2,4 +2,5 @@
 
 from .process import PAGE_SIZE, ProcessImage, ProcessMemory, fetch_fd, pidfd_getfd, pidfd_open, process_image, tgid_of
 
-__all__ = ["PAGE_SIZE", "ProcessImage", "ProcessMemory", "process_image", "fetch_fd", "pidfd_getfd", "pidfd_open", "tgid_of"]
+__all__ = ["PAGE_SIZE", "ProcessImage", "ProcessMemory", "process_image", "fetch_fd", "pidfd_getfd", "pidfd_open",
+           "tgid_of"]

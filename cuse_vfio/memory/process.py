@@ -269,6 +269,8 @@ class ProcessImage:
 
     def _query(self, addr: int, size: int, write: bool) -> bool:
         """The probe through PROCMAP_QUERY; False if this kernel has none."""
+        maps_fd = self._maps_fd
+        assert maps_fd is not None  # probe() asks only with one
         q = _ProcmapQuery()
         end = addr + size
         pos = addr
@@ -277,7 +279,7 @@ class ProcessImage:
             q.size, q.query_flags, q.query_addr = ctypes.sizeof(q), 0, pos
             q.vma_name_size = q.build_id_size = 0
             try:
-                fcntl.ioctl(self._maps_fd, PROCMAP_QUERY, q)
+                fcntl.ioctl(maps_fd, PROCMAP_QUERY, q)
             except OSError as e:
                 if e.errno in (errno.ENOTTY, errno.EINVAL):
                     global _have_procmap_query
@@ -509,7 +511,7 @@ def pidfd_open(pid: int) -> int:
     except OSError as e:
         if e.errno == errno.ESRCH:
             raise VfioError(errno.ESRCH, f"pid {pid} has exited") from None
-        raise VfioError(e.errno, f"pidfd_open({pid}): {e.strerror}") from None
+        raise VfioError(e.errno or errno.EIO, f"pidfd_open({pid}): {e.strerror}") from None
 
 
 def pidfd_getfd(pidfd: int, fd: int) -> int:

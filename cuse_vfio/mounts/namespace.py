@@ -94,7 +94,7 @@ class Namespace:
             unshare(CLONE_NEWNS)
         except OSError as e:
             raise Failed("cannot make a private mount namespace (unshare CLONE_NEWNS): %s%s" % (
-                os.strerror(e.errno), "" if os.geteuid() == 0 else "; run as root")) from None
+                os.strerror(e.errno or 0), "" if os.geteuid() == 0 else "; run as root")) from None
         _mount(None, "/", None, MS_REC | MS_PRIVATE, "making the namespace's mounts private")
         _mount("tmpfs", self.staging, "tmpfs", 0, "a staging tmpfs", "mode=700")
         for source, target in binds:

@@ -111,7 +111,8 @@ def qemu_vtd(aperture: Tuple[int, int], pgsize_bitmap: int, name: str = "dmar0",
     cap = (CAP_ND | sagaw << CAP_SAGAW_SHIFT | (width - 1) << CAP_MGAW_SHIFT
            | (VTD_FRCD_OFFSET >> 4) << CAP_FRO_SHIFT | sllps << CAP_SLLPS_SHIFT | CAP_PSI
            | 0 << CAP_NFR_SHIFT | VTD_MAMV << CAP_MAMV_SHIFT | CAP_DWD | CAP_DRD)
-    ecap = ECAP_QI | (ECAP_IR if intremap else 0) | ECAP_PT | (VTD_IOTLB_OFFSET >> 4) << ECAP_IRO_SHIFT | VTD_MHMV << ECAP_MHMV_SHIFT
+    ecap = (ECAP_QI | (ECAP_IR if intremap else 0) | ECAP_PT | (VTD_IOTLB_OFFSET >> 4) << ECAP_IRO_SHIFT
+            | VTD_MHMV << ECAP_MHMV_SHIFT)
     return SysfsIommu(name, cap=cap, ecap=ecap)
 
 

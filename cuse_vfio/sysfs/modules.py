@@ -93,7 +93,7 @@ class SysfsModule:
                                      "a parameter sysfs shows is readable (mode 0 means no file at all)")
 
 
-def vfio_modules(value: Callable[[str, str], object], *, noiommu: bool = True,
+def vfio_modules(value: Callable[[str, str], int], *, noiommu: bool = True,
                  abi: KernelAbi = KernelAbi(DEFAULT_KERNEL_ABI)) -> List[SysfsModule]:
     """The modules loaded once vfio-pci is: their parameters, holders and drivers on ``abi``'s release.
 

@@ -267,7 +267,7 @@ class SysfsMount:
                 try:
                     umount2(mp, MNT_DETACH)
                 except OSError as e:
-                    log.warning("sysfs view: lazy unmount of %s failed: %s", mp, os.strerror(e.errno))
+                    log.warning("sysfs view: lazy unmount of %s failed: %s", mp, os.strerror(e.errno or 0))
                 continue
             try:
                 done = subprocess.run(how, capture_output=True, text=True, timeout=timeout)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict
+from typing import TYPE_CHECKING, Callable, Dict
+
+if TYPE_CHECKING:
+    from .pci import SysfsDevice
 
 
 class SysfsViewError(Exception):
@@ -29,7 +32,7 @@ class Text:
 class Config:
     """A PCI function's ``config``: binary, sized like the kernel's bin attribute."""
 
-    device: object  # a pci.SysfsDevice
+    device: SysfsDevice
     mode: int = 0o644
 
 

@@ -13,7 +13,13 @@ from .iommu import INTEL_IOMMU_ATTRIBUTES, SysfsIommu
 from .modules import SysfsModule
 from .mount import SysfsMount
 from .pci import (
-    DEVICE_ATTRIBUTES, DRIVER, DRIVER_CONTROLS, SRIOV_ATTRIBUTES, SysfsDevice, SysfsGroup, reserved_regions,
+    DEVICE_ATTRIBUTES,
+    DRIVER,
+    DRIVER_CONTROLS,
+    SRIOV_ATTRIBUTES,
+    SysfsDevice,
+    SysfsGroup,
+    reserved_regions,
 )
 from .tree import Config, Control, Dir, Link, SysfsViewError, Text
 
@@ -71,7 +77,10 @@ class SysfsView:
         *parents, name = path.split("/")
         where = self._root
         for part in parents:
-            where = where.children.setdefault(part, Dir())
+            child = where.children.setdefault(part, Dir())
+            if not isinstance(child, Dir):
+                raise SysfsViewError(f"sysfs view: {path} would be under a file")
+            where = child
         where.children[name] = node
 
     def _build(self) -> None:
@@ -87,9 +96,9 @@ class SysfsView:
             here = f"kernel/iommu_groups/{gid}"
             self._put(f"{here}/reserved_regions", Text(functools.partial(reserved_regions, group),
                                                        0o444, f"group {gid} reserved_regions"))
-            self._put(f"{here}/type", Text(lambda g=group: g.type + "\n", 0o644, f"group {gid} type"))
+            self._put(f"{here}/type", Text(functools.partial(_group_type, group), 0o644, f"group {gid} type"))
             if group.name is not None:
-                self._put(f"{here}/name", Text(lambda g=group: g.name + "\n", 0o444, f"group {gid} name"))
+                self._put(f"{here}/name", Text(functools.partial(_group_name, group), 0o444, f"group {gid} name"))
         for name in DRIVER_CONTROLS:
             self._put(f"{drv}/{name}", Control(f"emulated devices stay bound to {DRIVER}"))
         for module in self.modules.values():
@@ -121,7 +130,7 @@ class SysfsView:
         self._put(f"{here}/taint", Text(lambda: "\n", 0o444, f"module {module.name} taint"))
         self._put(f"{here}/uevent", Control("the emulated kernel sends no uevents"))
         if module.version is not None:
-            self._put(f"{here}/version", Text(lambda v=module.version: v + "\n", 0o444,
+            self._put(f"{here}/version", Text(functools.partial(_line, module.version), 0o444,
                                               f"module {module.name} version"))
         if module.parameters:
             self._put(f"{here}/parameters", Dir())
@@ -225,3 +234,15 @@ class SysfsView:
         else:
             mnt._start(timeout)
         return mnt
+
+
+def _group_type(group: SysfsGroup) -> str:
+    return group.type + "\n"
+
+
+def _group_name(group: SysfsGroup) -> str:
+    return (group.name or "") + "\n"
+
+
+def _line(text: str) -> str:
+    return text + "\n"

@@ -63,6 +63,7 @@ class DeviceFiles(FileOps):
         """GET_DEVICE_FD's install_fd: open a device file for ``devfile``, keep it for ``pid``, return the token."""
         server = self.server
         handoff = server.runtime.handoff
+        assert handoff is not None, "the runtime is started"
         if not handoff.has_client(pid):
             name = getattr(getattr(devfile, "device", None), "name", "the device")
             library = os.path.basename(server.preload_library)

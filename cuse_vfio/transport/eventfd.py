@@ -405,8 +405,8 @@ class EventfdPoller:
             _close(w)
         with self._lock:  # duplicates of a thread that never started
             if self._thread is None:
-                for w in self._watched.values():
-                    _close(w.fd)
+                for watched in self._watched.values():
+                    _close(watched.fd)
                 self._watched.clear()
             if self._writer is None:
                 for e in self._signalled.values():

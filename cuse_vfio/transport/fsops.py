@@ -125,14 +125,18 @@ class FileOps:
     def open_node(self, rq: Request, r, session: Session, inode: Inode) -> None:
         """OPEN of the container node or a group node: the core's open, then a handle."""
         server = self.server
-        if inode.node.group_id is not None:
+        node = inode.node
+        assert node is not None  # the caller opens only inodes with a node
+        if node.group_id is not None:
             # A device fd's release travels on the device-file mount and may
             # still be queued there after its process died; it must count
             # before this open does, as the kernel's exit would have
             # completed it (a killed client's group opens again at once).
-            server.runtime.loop.drain(server.device_files.session)
+            loop, device_session = server.runtime.loop, server.device_files.session
+            assert loop is not None and device_session is not None  # both exist while serving
+            loop.drain(device_session)
         try:
-            file_object = server.dispatcher.open(inode.node, RequestCaller(server, r.pid, r.uid))
+            file_object = server.dispatcher.open(node, RequestCaller(server, r.pid, r.uid))
         except VfioError as e:
             log.info("pid %d: open %s: %s", r.pid, inode.name, e.strerror)
             rq.err(e.errno)

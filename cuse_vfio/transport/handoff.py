@@ -56,7 +56,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, cast
 
 from ..errors import VfioError
 from ..memory import pidfd_open
@@ -254,12 +254,13 @@ class Handoff:
                     elif key.data == "listen":
                         self._accept()
                     else:
-                        self._serve(key.fileobj)
+                        self._serve(cast(socket.socket, key.fileobj))  # only connections are registered so
                 except Exception:
                     log.exception("fd hand-off: request failed")
             self._expire()
 
     def _accept(self) -> None:
+        assert self._listener is not None  # registered only once listening
         try:
             conn, _ = self._listener.accept()
         except (BlockingIOError, InterruptedError):

@@ -33,6 +33,7 @@ from .retry import CuseIoctlArg, RetryMemory, RetryState
 from .shim import Request, payload
 
 if TYPE_CHECKING:
+    from .caller import RequestCaller
     from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class IoctlPath:
     """Serves ioctls of every file system; ``make_caller(tid, uid)`` is the RequestCaller of a request."""
 
     def __init__(self, dispatcher: Dispatcher, handles: HandleTable, runtime: "Runtime",
-                 make_caller: Callable[[int, int], object], secret: int):
+                 make_caller: Callable[[int, int], RequestCaller], secret: int):
         self.dispatcher = dispatcher
         self.handles = handles
         self.runtime = runtime
@@ -149,7 +150,9 @@ class IoctlPath:
                 self.handles.unhold(req.handle)
 
         try:
-            self.runtime.workers.submit(deferred)
+            workers = self.runtime.workers
+            assert workers is not None, "the runtime is started"
+            workers.submit(deferred)
         except RuntimeError:  # shut down meanwhile
             self.handles.unhold(req.handle)
             rq.err(errno.EIO)

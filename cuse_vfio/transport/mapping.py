@@ -20,10 +20,9 @@ import signal
 import stat
 from typing import Callable, Optional, Tuple
 
-from ..dispatch import node_kind
+from ..core import DeviceFile
 from ..errors import VfioError
 from ..memory import PAGE_SIZE, pidfd_getfd
-from ..uapi.ioctls import NodeKind
 from .handoff import NotADeviceFile, Peer
 
 log = logging.getLogger(__name__)
@@ -90,7 +89,7 @@ def fd_mount_id(pid: int, fd: int) -> Optional[int]:
     except (FileNotFoundError, ProcessLookupError):
         return None
     except OSError as e:
-        raise VfioError(e.errno, f"/proc/{pid}/fdinfo/{fd}: {e.strerror}") from None
+        raise VfioError(e.errno or errno.EIO, f"/proc/{pid}/fdinfo/{fd}: {e.strerror}") from None
     raise VfioError(errno.EIO, f"/proc/{pid}/fdinfo/{fd} names no mount")
 
 
@@ -148,7 +147,7 @@ class DeviceFileMapper:
             if not stat.S_ISREG(st.st_mode) or st.st_dev != self.device_dev:
                 raise NotADeviceFile(f"fd {fd} of pid {pid} is not a device file of this server")
             file_object = self.identify(mine, f"fd {fd} of pid {pid}")
-            if node_kind(file_object) is not NodeKind.DEVICE:
+            if not isinstance(file_object, DeviceFile):
                 raise NotADeviceFile(f"fd {fd} of pid {pid} is not a device fd")
             length, shared = file_mmap_rules(offset, length, prot, flags, fcntl.fcntl(mine, fcntl.F_GETFL))
             memory, start = file_object.mmap(offset, length, shared=shared)

@@ -15,7 +15,7 @@ import os
 import stat
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, Set
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, Optional, Set
 
 from ..dispatch import GroupNode, Node
 from .fsops import FUSE_OPTIONS, NODE_TIMEOUT, ROOT_INO, FileOps, Inode, serve
@@ -109,11 +109,12 @@ class NodeFiles(FileOps):
                    for i, g in enumerate(groups)]
         self._inodes = {i.ino: i for i in inodes}
         self._names = {i.name: i for i in inodes if i.ino != ROOT_INO}
-        self.session = None
+        self.session: Optional[Session] = None
 
     def mount(self) -> Session:
-        self.session = Session.fuse(self.dev_dir, FUSE_OPTIONS.format(name="cuse-vfio"), lambda r: serve(self, r))
-        return self.session
+        session = self.session = Session.fuse(self.dev_dir, FUSE_OPTIONS.format(name="cuse-vfio"),
+                                              lambda r: serve(self, r))
+        return session
 
     # -- FileOps -----------------------------------------------------------------------
     def lookup(self, rq: Request, r) -> None:
@@ -143,6 +144,7 @@ class NodeFiles(FileOps):
         if inode is None or inode.node is None:
             rq.err(errno.EISDIR if r.ino == ROOT_INO else errno.ENOENT)
         else:
+            assert self.session is not None  # a request came on it
             self.open_node(rq, r, self.session, inode)
 
     def session_end(self, r) -> None:

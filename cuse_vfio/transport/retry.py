@@ -21,17 +21,19 @@ with what was written), so a copy-out never exceeds ``argsz``.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple, Type, TypeVar
+from typing import List, NoReturn, Optional, Tuple, Type, TypeVar
 
 from ..dispatch import IoctlArg, RetryRequest
 from ..errors import VfioError
+
 # the kernel's limits of a retry, as csrc/shim.h states them for cv_reply_ioctl_retry:
 # FUSE_IOCTL_MAX_IOV in and out iovecs together, 128 KiB per direction (CUSE never raises max_pages)
 from .shim import MAX_BYTES, MAX_IOV
 
-T = TypeVar("T")
+T = TypeVar("T", bound=ctypes.Structure)
 
 
 Range = Tuple[int, int]  # (address, length)
@@ -87,7 +89,7 @@ class RetryMemory:
             pos += length
         return None
 
-    def _want(self, addr: int, size: int) -> None:
+    def _want(self, addr: int, size: int) -> NoReturn:
         if addr < 0 or addr + size > 1 << 64:
             raise VfioError(errno.EFAULT, f"pid {self.pid}: 0x{addr:x} is not a user address")
         self._wanted.append((addr, size))

@@ -97,6 +97,7 @@ class Runtime:
             self._created_dirs.append(path)
 
     def add_session(self, session: Session) -> None:
+        assert self.loop is not None, "start() first"
         if session.kind == "fuse":
             # What "ours" is at that mount point: detach_mounts touches nothing else.
             session.device = top_device(canonical(session.where))
@@ -108,6 +109,7 @@ class Runtime:
         self.loop_thread.start()
 
     def _serve(self) -> None:
+        assert self.loop is not None, "start() first"
         rc = self.loop.run()
         if rc != 0 and not self.stopping:
             log.error("the serving loop stopped: %s", os.strerror(-rc))
@@ -179,4 +181,4 @@ class Runtime:
                 detach(session.where)
             except OSError as e:
                 if e.errno != errno.EINVAL:  # EINVAL: not mounted (any more)
-                    log.error("cannot detach %s: %s", session.where, os.strerror(e.errno))
+                    log.error("cannot detach %s: %s", session.where, os.strerror(e.errno or 0))

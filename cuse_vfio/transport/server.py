@@ -185,16 +185,16 @@ class Server:
         runtime.start(self.mapper.map, self.handoff_ttl)
         runtime.add_session(self.device_files.mount())
         if self.transport == "fuse":
-            nodes = self.nodes = NodeFiles(self, self.dev_dir, self.container_mode, self.groups)
+            files = self.nodes = NodeFiles(self, self.dev_dir, self.container_mode, self.groups)
             runtime.refuse_mount_point(self.dev_dir, "--dev-dir")
             runtime.make_dir(self.dev_dir, 0o755)
-            runtime.add_session(nodes.mount())
+            runtime.add_session(files.mount())
         else:
-            nodes = self.nodes = CuseNodes(self, self.dev_dir, self.container_mode, self.groups)
-            nodes.start(runtime.add_session)
+            cuse = self.nodes = CuseNodes(self, self.dev_dir, self.container_mode, self.groups)
+            cuse.start(runtime.add_session)
         runtime.run_loop()
-        if self.transport == "cuse":
-            nodes.finish()
+        if isinstance(self.nodes, CuseNodes):
+            self.nodes.finish()
         else:
             self._our_devs.add(os.stat(self.dev_dir).st_dev)
         self.mapper.mounted(self.device_mount)

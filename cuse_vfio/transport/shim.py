@@ -11,7 +11,7 @@ import errno
 import itertools
 import logging
 import threading
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 try:
     from ._shim import ffi, lib
@@ -154,7 +154,7 @@ class Session:
         self.sid = sid
         self.where = where
         #: FUSE: (major, minor) of the mount made, once the runtime looked (``top_device``)
-        self.device = None
+        self.device: Optional[Tuple[int, int]] = None
 
     @classmethod
     def fuse(cls, mountpoint: str, options: str, handler: Callable) -> "Session":
@@ -234,6 +234,6 @@ def is_null(ptr) -> bool:
     return ptr == ffi.NULL
 
 
-__all__: Iterable[str] = [
+__all__: List[str] = [
     "Loop", "Request", "Session", "TransportError", "payload", "name_of", "is_null",
 ]

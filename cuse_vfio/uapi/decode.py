@@ -23,7 +23,7 @@ Bytes = Union[bytes, bytearray]
 
 def _flag_names(prefix: str) -> List[Tuple[int, str]]:
     """Single-bit constants whose C name starts with ``prefix``, lowest bit first."""
-    found = {}
+    found: Dict[int, str] = {}
     for name, value in vars(_ioctls).items():
         if name.startswith(prefix) and isinstance(value, int) and value and value & (value - 1) == 0:
             found.setdefault(value, name)
@@ -113,11 +113,12 @@ class _FeatureLayout(_Layout):
 
     def fields(self, data: Optional[Bytes]) -> Optional[Dict[str, object]]:
         out = super().fields(data)
-        if out is not None and "flags" in out:
-            feature = out["flags"] & _ioctls.VFIO_DEVICE_FEATURE_MASK
-            out["feature"] = _FEATURES.get(feature, str(feature))
-            out["flags_names"] = [out["feature"]] + _names_of(out["flags"] & ~_ioctls.VFIO_DEVICE_FEATURE_MASK,
-                                                              _FEATURE_OPS)
+        flags = out.get("flags") if out is not None else None
+        if out is not None and isinstance(flags, int):
+            feature = flags & _ioctls.VFIO_DEVICE_FEATURE_MASK
+            name = _FEATURES.get(feature, str(feature))
+            out["feature"] = name
+            out["flags_names"] = [name] + _names_of(flags & ~_ioctls.VFIO_DEVICE_FEATURE_MASK, _FEATURE_OPS)
         return out
 
 

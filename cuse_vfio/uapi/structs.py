@@ -27,7 +27,7 @@ class _Struct(ctypes.LittleEndianStructure):
 
     def fields(self) -> Dict[str, object]:
         out: Dict[str, object] = {}
-        for name, ctype in self._fields_:
+        for name, *_ in self._fields_:
             if name.startswith("_"):
                 continue
             value = getattr(self, name)

@@ -364,6 +364,7 @@ def ensure_initramfs(name, root, kver, modules, files):
     if os.path.exists(path):
         os.utime(path)  # recently used: keeps it from the clean-up below
         return path, mods
+    say("building the initramfs %s (busybox and %d modules)" % (os.path.basename(path), len(mods)))
     applets = subprocess.run(["/bin/busybox", "--list"], stdout=subprocess.PIPE,
                              universal_newlines=True, check=True).stdout.split()
     c = Cpio()

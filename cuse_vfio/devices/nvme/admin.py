@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from typing import Deque, Optional, Set, Tuple
 
 from . import identify, spec
 from .queues import CompletionQueue
@@ -37,9 +38,9 @@ class AsyncEvents:
         self.reset()
 
     def reset(self) -> None:
-        self.outstanding = collections.deque()   # (sq, cmd) of parked requests
-        self.events = collections.deque()        # (type, info, log page)
-        self.masked = set()
+        self.outstanding: Deque[tuple] = collections.deque()   # (sq, cmd) of parked requests
+        self.events: Deque[Tuple[int, int, int]] = collections.deque()        # (type, info, log page)
+        self.masked: Set[int] = set()
 
     def request(self, sq, cmd):
         if len(self.outstanding) >= self.limit:
@@ -158,7 +159,7 @@ class AdminCommands:
 
     def delete_cq(self, sq, cmd):
         qid = cmd[8] & 0xFFFF
-        cq: CompletionQueue = self.engine.cqs[qid] if 0 < qid < len(self.engine.cqs) else None
+        cq: Optional[CompletionQueue] = self.engine.cqs[qid] if 0 < qid < len(self.engine.cqs) else None
         if cq is None:
             return spec.INVALID_QID | spec.DNR
         if cq.sqs:

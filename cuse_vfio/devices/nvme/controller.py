@@ -135,10 +135,11 @@ class NvmeController(PciDevice):
         return (self.cc >> shift) & mask
 
     def usable_vectors(self) -> int:
-        if self.msix_enabled():
-            return self.msix.vectors
-        if self.msi_enabled():
-            return self.msi.enabled_vectors()
+        msix, msi = self.msix, self.msi
+        if msix is not None and self.msix_enabled():
+            return msix.vectors
+        if msi is not None and self.msi_enabled():
+            return msi.enabled_vectors()
         return 1
 
     def later(self, delay: float, fn) -> None:
@@ -225,6 +226,7 @@ class NvmeController(PciDevice):
         if vector < 32 and self.intms >> vector & 1:
             self.msi_pending |= 1 << vector     # INTMS masks MSI vectors (NVMe 1.4, 7.5.1.1)
             return
+        assert self.msi is not None  # called only while MSI is enabled
         self.raise_irq(IrqIndex.MSI, vector & (self.msi.enabled_vectors() - 1))
 
     def update_intx(self) -> None:

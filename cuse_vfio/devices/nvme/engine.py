@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from . import spec
 from .queues import CompletionQueue, QueueFault, SubmissionQueue
@@ -56,8 +56,8 @@ class QueueEngine:
         self.live_cqs: List[CompletionQueue] = []
         self.delayed: Dict[tuple, Delayed] = {}
         #: opcode -> handler(sq, cmd), for the admin queue and for I/O queues (filled by the command sets)
-        self.admin_handlers = {}
-        self.io_handlers = {}
+        self.admin_handlers: Dict[int, Callable[..., int]] = {}
+        self.io_handlers: Dict[int, Callable[..., int]] = {}
         #: data moved by the commands of the current round (the handlers add to it)
         self.moved = 0
         self._turn = 0
@@ -79,6 +79,7 @@ class QueueEngine:
 
     def add_sq(self, qid: int, base: int, size: int, cqid: int, priority: int = 0) -> SubmissionQueue:
         cq = self.cqs[cqid]
+        assert cq is not None  # CREATE I/O SQ checked that the CQ exists
         sq = self.sqs[qid] = SubmissionQueue(qid, base, size, cq, priority)
         cq.sqs.append(sq)
         self.live_sqs = [q for q in self.sqs if q is not None]
@@ -116,7 +117,7 @@ class QueueEngine:
                                      f"{'CQ head' if is_cq else 'SQ tail'} doorbell of queue {qid}, which does "
                                      "not exist")
             return False
-        if is_cq:
+        if isinstance(queue, CompletionQueue):
             unconsumed = (queue.tail - queue.head) % queue.size
             if value >= queue.size or (value - queue.head) % queue.size > unconsumed:
                 self.ctrl.doorbell_error(qid, True, spec.AER_ERROR_INVALID_DB_VALUE,

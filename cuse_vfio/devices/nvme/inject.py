@@ -19,7 +19,7 @@ then fires ``count`` times (every time when not given; once for ``fatal``).
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 from . import spec
 
@@ -58,7 +58,7 @@ class Rule:
             raise ValueError(f"{where} (media-error): media errors are for I/O commands, not admin ones")
         self.nsid = self._int(where, entry, "nsid", None, 1, spec.NSID_BROADCAST - 1)
         self.lba = self._lba(where, entry.get("lba"))
-        self.after = self._int(where, entry, "after", 0, 0, 1 << 63)
+        self.after = self._int(where, entry, "after", 0, 0, 1 << 63) or 0  # TOML has no null
         self.count = self._int(where, entry, "count", 1 if kind == "fatal" else None, 1, 1 << 63)
         self.dnr = entry.get("dnr", False)
         if not isinstance(self.dnr, bool):
@@ -96,7 +96,8 @@ class Rule:
             names = [names]
         if not isinstance(names, list) or not names:
             raise ValueError(f"{where}: opcodes must be a list of command names like [\"read\", \"write\"]")
-        io_ops, admin_ops = set(), set()
+        io_ops: Set[int] = set()
+        admin_ops: Set[int] = set()
         for name in names:
             if name == "io":
                 io_ops.update(range(256))

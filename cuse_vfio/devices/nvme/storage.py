@@ -71,9 +71,10 @@ class Backing:
             try:
                 self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             except OSError as e:
-                raise ValueError(f"backing file {path} cannot be opened for reading and writing: {e.strerror}") from None
+                raise ValueError(
+                    f"backing file {path} cannot be opened for reading and writing: {e.strerror}") from None
             actual = os.fstat(self.fd).st_size
-            if not exists or (actual == 0 and size is not None):
+            if size is not None and (not exists or actual == 0):  # (a new file always has a size)
                 self.size = size
             elif size is not None and size != actual:
                 os.close(self.fd)

@@ -74,9 +74,6 @@ identity -> BARs and capabilities -> register handlers -> reset::
   traceback; the device and the server live on.
 """
 
-from .regs import *  # noqa: F401,F403  (every register name of pci_regs.h)
-from .irq import IrqIndex, IrqSink  # noqa: F401
-from .config import ConfigSpace, capability_offsets  # noqa: F401
 from .bars import Bar, FileMemory, FileRamBar, IoBar, MmioBar, RamBar, Rom, SharedMemory  # noqa: F401
 from .caps import (  # noqa: F401
     Capability,
@@ -88,5 +85,8 @@ from .caps import (  # noqa: F401
     VendorCapability,
     VendorExtCapability,
 )
-from .dma import DmaFault, DmaPort  # noqa: F401
+from .config import ConfigSpace, capability_offsets  # noqa: F401
 from .device import DeferredWork, PciDevice  # noqa: F401
+from .dma import DmaFault, DmaPort  # noqa: F401
+from .irq import IrqIndex, IrqSink  # noqa: F401
+from .regs import *  # noqa: F401,F403  (every register name of pci_regs.h)

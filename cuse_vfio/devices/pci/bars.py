@@ -10,6 +10,7 @@ from typing import Callable, Optional
 
 from .regs import PCI_BASE_ADDRESS_MEM_PREFETCH, PCI_BASE_ADDRESS_MEM_TYPE_64, PCI_BASE_ADDRESS_SPACE_IO
 
+
 # -- BARs ------------------------------------------------------------------------
 class Bar:
     """One base address register's resource: its size, its type, and what accesses do."""
@@ -210,6 +211,10 @@ class FileRamBar(RamBar):
     same memory.  At the device's last close the memory is not renewed as a
     memfd BAR's is: it belongs to the file, which anyone with the path reaches.
     """
+
+    # Not a SharedMemory (it has no view): what a transport uses of a RamBar's memory, fileno() and
+    # close(), both have; its own read, write and renew_memory replace RamBar's, which use the view.
+    memory: FileMemory  # type: ignore[assignment]
 
     def __init__(self, size: int, path: str, *, on_write: Optional[Callable[[int, int], None]] = None, **kwargs):
         Bar.__init__(self, size, **kwargs)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
+from .config import ConfigSpace
+from .irq import IrqIndex
 from .regs import (
     PCI_CAP_EXP_ENDPOINT_SIZEOF_V2,
     PCI_CAP_FLAGS,
@@ -24,14 +26,6 @@ from .regs import (
     PCI_EXP_FLAGS,
     PCI_EXP_TYPE_ENDPOINT,
     PCI_EXT_CAP_ID_VNDR,
-    PCI_MSIX_ENTRY_CTRL_MASKBIT,
-    PCI_MSIX_ENTRY_SIZE,
-    PCI_MSIX_ENTRY_VECTOR_CTRL,
-    PCI_MSIX_FLAGS,
-    PCI_MSIX_FLAGS_ENABLE,
-    PCI_MSIX_FLAGS_MASKALL,
-    PCI_MSIX_PBA,
-    PCI_MSIX_TABLE,
     PCI_MSI_ADDRESS_HI,
     PCI_MSI_ADDRESS_LO,
     PCI_MSI_DATA_32,
@@ -43,14 +37,20 @@ from .regs import (
     PCI_MSI_FLAGS_QSIZE,
     PCI_MSI_MASK_32,
     PCI_MSI_MASK_64,
+    PCI_MSIX_ENTRY_CTRL_MASKBIT,
+    PCI_MSIX_ENTRY_SIZE,
+    PCI_MSIX_ENTRY_VECTOR_CTRL,
+    PCI_MSIX_FLAGS,
+    PCI_MSIX_FLAGS_ENABLE,
+    PCI_MSIX_FLAGS_MASKALL,
+    PCI_MSIX_PBA,
+    PCI_MSIX_TABLE,
     PCI_PM_CTRL,
     PCI_PM_CTRL_NO_SOFT_RESET,
     PCI_PM_CTRL_STATE_MASK,
     PCI_PM_PMC,
     PCI_PM_SIZEOF,
 )
-from .irq import IrqIndex
-from .config import ConfigSpace
 
 if TYPE_CHECKING:
     from .device import PciDevice
@@ -61,9 +61,19 @@ class Capability:
 
     cap_id = 0
     extended = False
+    #: an extended capability's version (bits 19:16 of its header)
+    version = 0
     #: the function it was added to, and where (set by ``PciDevice.add_capability``)
-    device: "PciDevice" = None
+    device: Optional[PciDevice] = None
     offset = 0
+    #: the config space it lives in, for the capabilities that keep it (set by ``build``)
+    _config: ConfigSpace
+
+    @property
+    def _fn(self) -> PciDevice:
+        """The function it was added to: only an added capability acts."""
+        assert self.device is not None, f"{type(self).__name__} was not added to a function"
+        return self.device
 
     def length(self) -> int:
         raise NotImplementedError
@@ -97,11 +107,11 @@ class PmCapability(Capability):
         state = self.state()
         if state in (1, 2):  # D1/D2 are not supported: the write is ignored
             self._config.set(self.offset + PCI_PM_CTRL, 1,
-                             (self._config.get(self.offset + PCI_PM_CTRL, 1) & ~3) | self.device.power_state)
+                             (self._config.get(self.offset + PCI_PM_CTRL, 1) & ~3) | self._fn.power_state)
             return
-        old, self.device.power_state = self.device.power_state, state
+        old, self._fn.power_state = self._fn.power_state, state
         if old == PCI_D3HOT and state == PCI_D0 and not self.no_soft_reset:
-            self.device.reset_function()
+            self._fn.reset_function()
 
 
 class MsiCapability(Capability):
@@ -157,7 +167,7 @@ class MsiCapability(Capability):
             pending = self._config.get(self._mask_reg + 4, 4)
             self._config.set(self._mask_reg + 4, 4, pending | (1 << vector))
             return
-        self.device._send_msi(IrqIndex.MSI, vector)
+        self._fn._send_msi(IrqIndex.MSI, vector)
 
     def _deliver_pending(self) -> None:
         if not self.per_vector_mask or not self.enabled():
@@ -167,7 +177,7 @@ class MsiCapability(Capability):
             if pending >> vector & 1 and not self._masked(vector):
                 pending &= ~(1 << vector)
                 self._config.set(self._mask_reg + 4, 4, pending)
-                self.device._send_msi(IrqIndex.MSI, vector)
+                self._fn._send_msi(IrqIndex.MSI, vector)
 
     # what the host's PCI core does when vfio-pci enables MSI (pci_alloc_irq_vectors)
     def host_enable(self, nvec: int) -> None:
@@ -241,7 +251,7 @@ class MsixCapability(Capability):
         if self._blocked(vector):
             self.pending |= 1 << vector
             return
-        self.device._send_msi(IrqIndex.MSIX, vector)
+        self._fn._send_msi(IrqIndex.MSIX, vector)
 
     def _deliver_pending(self) -> None:
         if not self.enabled():
@@ -249,7 +259,7 @@ class MsixCapability(Capability):
         for vector in range(self.vectors):
             if self.pending >> vector & 1 and not self._blocked(vector):
                 self.pending &= ~(1 << vector)
-                self.device._send_msi(IrqIndex.MSIX, vector)
+                self._fn._send_msi(IrqIndex.MSIX, vector)
 
     # the table and PBA as seen through the BAR
     def table_read(self, offset: int, size: int) -> int:
@@ -314,7 +324,7 @@ class ExpressCapability(Capability):
         if ctl & PCI_EXP_DEVCTL_BCR_FLR:
             # Initiate FLR always reads 0; the reset returns config to power-on values.
             self._config.set(reg, 2, ctl & ~PCI_EXP_DEVCTL_BCR_FLR)
-            self.device.reset_function()
+            self._fn.reset_function()
 
 
 class VendorCapability(Capability):

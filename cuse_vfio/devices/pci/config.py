@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List
 
-from .regs import PCI_CAPABILITY_LIST, PCI_CAP_LIST_ID, PCI_CAP_LIST_NEXT, PCI_STATUS, PCI_STATUS_CAP_LIST
+from .regs import PCI_CAP_LIST_ID, PCI_CAP_LIST_NEXT, PCI_CAPABILITY_LIST, PCI_STATUS, PCI_STATUS_CAP_LIST
+
 
 # -- config space --------------------------------------------------------------
 class ConfigSpace:

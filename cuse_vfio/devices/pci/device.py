@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
+from .bars import Bar, RamBar, Rom
+from .caps import Capability, ExpressCapability, MsiCapability, MsixCapability, PmCapability
+from .config import ConfigSpace
+from .dma import DmaPort
+from .irq import IrqIndex, IrqSink
 from .regs import (
     PCI_BASE_ADDRESS_0,
     PCI_CACHE_LINE_SIZE,
-    PCI_CAPABILITY_LIST,
     PCI_CAP_LIST_ID,
     PCI_CAP_LIST_NEXT,
+    PCI_CAPABILITY_LIST,
     PCI_CFG_SPACE_EXP_SIZE,
     PCI_CFG_SPACE_SIZE,
     PCI_CLASS_PROG,
@@ -43,11 +48,6 @@ from .regs import (
     PCI_SUBSYSTEM_VENDOR_ID,
     PCI_VENDOR_ID,
 )
-from .irq import IrqIndex
-from .config import ConfigSpace
-from .bars import Bar, RamBar, Rom
-from .caps import Capability, ExpressCapability, MsiCapability, MsixCapability, PmCapability
-from .dma import DmaPort
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class DeferredWork:
         self._items: List[list] = []  # [callback, timer, done]
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
-        item = [fn, None, False]
+        item: List[Any] = [fn, None, False]  # fn, its timer, whether it ran
         with self._lock:
             self._items.append(item)
         if not self.manual:
@@ -117,6 +117,8 @@ _BAR_BASES = {"io": 0xC000, "mem32": 0xC0000000, "mem64": 0x80_0000_0000}
 class PciDevice:
     """One PCI function (type-0 header).  Subclass it to write a device model."""
 
+    #: the name it is registered under (set by ``register_model``)
+    model_name: str
     vendor_id = 0xFFFF
     device_id = 0xFFFF
     subsystem_vendor_id = 0
@@ -160,7 +162,7 @@ class PciDevice:
         self._intx_level = False
         self._intx_out = False
         #: where interrupts go (an :class:`IrqSink`; vfio-pci sets it)
-        self.irq_sink = None
+        self.irq_sink: Optional[IrqSink] = None
         self._next_addr = dict(_BAR_BASES)
         self._build_header()
 
@@ -210,8 +212,8 @@ class PciDevice:
             raise ValueError(f"BAR{index} is out of range or already used")
         if bar.bits64 and (index == PCI_STD_NUM_BARS - 1 or self.bars[index + 1] is not None):
             raise ValueError(f"64-bit BAR{index} needs BAR{index + 1} free")
-        if index > 0 and self.bars[index - 1] is not None and self.bars[index - 1].bits64 and \
-                self.bars[index - 1] is not bar:
+        lower = self.bars[index - 1] if index > 0 else None
+        if lower is not None and lower.bits64 and lower is not bar:
             raise ValueError(f"BAR{index} is the upper half of 64-bit BAR{index - 1}")
         self.bars[index] = bar
         if address is not None:
@@ -313,7 +315,7 @@ class PciDevice:
     # -- BAR access (MMIO / port I/O from the host) ---------------------------
     def bar_read(self, index: int, offset: int, size: int) -> int:
         bar = self.bars[index]
-        if not self._decodes(bar):
+        if bar is None or not self._decodes(bar):
             return (1 << (8 * size)) - 1  # master abort: all ones
         handler = self._msix_region(index, offset, size)
         if handler is not None:
@@ -322,7 +324,7 @@ class PciDevice:
 
     def bar_write(self, index: int, offset: int, size: int, value: int) -> None:
         bar = self.bars[index]
-        if not self._decodes(bar):
+        if bar is None or not self._decodes(bar):
             return
         handler = self._msix_region(index, offset, size)
         if handler is not None:
@@ -332,6 +334,8 @@ class PciDevice:
         bar.write(offset, size, value)
 
     def rom_read(self, offset: int, size: int) -> int:
+        if self.rom is None:
+            return (1 << (8 * size)) - 1  # nothing decodes it: master abort
         return self.rom.read(offset, size)
 
     def _decodes(self, bar: Bar) -> bool:

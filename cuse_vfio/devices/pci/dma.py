@@ -5,11 +5,12 @@ from __future__ import annotations
 import collections
 import errno
 import logging
-from typing import TYPE_CHECKING, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Deque, Dict, NoReturn, Optional, Sequence, Tuple
 
 from ...errors import VfioError
 
 if TYPE_CHECKING:
+    from ...core.ops import DmaSpace
     from .device import PciDevice
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,9 @@ class DmaPort:
 
     def __init__(self, device: "PciDevice"):
         self.__device = device
-        self.__space = None
+        self.__space: Optional[DmaSpace] = None
         #: the faults this function saw, newest last (also reported to the DmaSpace when it keeps a log)
-        self.faults = collections.deque(maxlen=self.MAX_FAULTS)
+        self.faults: Deque[Dict[str, object]] = collections.deque(maxlen=self.MAX_FAULTS)
 
     def _attach(self, space) -> None:
         self.__space = space
@@ -75,7 +76,7 @@ class DmaPort:
             if write:
                 view, pos = memoryview(data), 0
                 for iova, n in segments:
-                    self.__transfer(iova, n, view[pos:pos + n])
+                    self.__transfer(iova, n, bytes(view[pos:pos + n]))  # (the slow path: no scatter list)
                     pos += n
                 return None
             return b"".join(self.__transfer(iova, n, None) for iova, n in segments)
@@ -98,7 +99,7 @@ class DmaPort:
         if space is None:
             self.__fault("no-iommu-domain", iova, size, write)
         try:
-            if write:
+            if data is not None:
                 space.dma_write(iova, data, device=device.name)
                 return None
             return space.dma_read(iova, size, device=device.name)
@@ -107,7 +108,7 @@ class DmaPort:
                                 "reason": getattr(e, "reason", e.strerror), "device": device.name})
             raise
 
-    def __fault(self, reason: str, iova: int, size: int, write: bool):
+    def __fault(self, reason: str, iova: int, size: int, write: bool) -> NoReturn:
         device = self.__device
         record = {"iova": iova, "size": size, "write": write, "reason": reason, "device": device.name}
         self.faults.append(record)

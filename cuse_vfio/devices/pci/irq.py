@@ -8,10 +8,11 @@ from typing import Protocol
 from ...uapi import (
     VFIO_PCI_ERR_IRQ_INDEX,
     VFIO_PCI_INTX_IRQ_INDEX,
-    VFIO_PCI_MSIX_IRQ_INDEX,
     VFIO_PCI_MSI_IRQ_INDEX,
+    VFIO_PCI_MSIX_IRQ_INDEX,
     VFIO_PCI_REQ_IRQ_INDEX,
 )
+
 
 class IrqIndex(enum.IntEnum):
     """What a model raises, named as VFIO numbers the interrupt indexes of vfio-pci."""

@@ -15,8 +15,8 @@ beside its C counterpart:
 """
 
 from .core import ModelFailure, VfioPciDevice
-from .reset import HotResetBus
 from .rdwr import VFIO_PCI_INDEX_TO_OFFSET, VFIO_PCI_OFFSET_MASK, VFIO_PCI_OFFSET_SHIFT
+from .reset import HotResetBus
 
 __all__ = ["HotResetBus", "ModelFailure", "VFIO_PCI_INDEX_TO_OFFSET", "VFIO_PCI_OFFSET_MASK",
            "VFIO_PCI_OFFSET_SHIFT", "VfioPciDevice"]

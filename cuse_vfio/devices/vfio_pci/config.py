@@ -414,7 +414,8 @@ class VirtualConfig:
             perm = _DIRECT_RO if cap > PCI_EXT_CAP_ID_MAX else _ECAP_PERMS.get(cap, _DIRECT_RO)
             start = self._find_cap_start(pos)
         else:
-            perm = self.msi_perm if cap == PCI_CAP_ID_MSI else _CAP_PERMS.get(cap, _DIRECT_RO)
+            perm = self.msi_perm if cap == PCI_CAP_ID_MSI and self.msi_perm is not None \
+                else _CAP_PERMS.get(cap, _DIRECT_RO)
             start = self._find_cap_start(pos) if cap != PCI_CAP_ID_BASIC else 0
         offset = pos - start
         if value is not None:

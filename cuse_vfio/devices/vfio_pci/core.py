@@ -72,13 +72,21 @@ from ..pci import (
     PCI_PM_CTRL,
     PCI_PM_CTRL_STATE_MASK,
     PciDevice,
+    RamBar,
     SharedMemory,
 )
 from . import reset as _reset
 from .config import VirtualConfig
 from .intrs import Interrupts
 from .power import RuntimePm
-from .rdwr import BAR_IO_WIDTH, VFIO_PCI_INDEX_TO_OFFSET, VFIO_PCI_OFFSET_MASK, VFIO_PCI_OFFSET_SHIFT, Ioeventfds, region_rw
+from .rdwr import (
+    BAR_IO_WIDTH,
+    VFIO_PCI_INDEX_TO_OFFSET,
+    VFIO_PCI_OFFSET_MASK,
+    VFIO_PCI_OFFSET_SHIFT,
+    Ioeventfds,
+    region_rw,
+)
 from .reset import HotResetBus
 
 log = logging.getLogger(__name__)
@@ -416,7 +424,8 @@ class VfioPciDevice:
         return bar is not None and bar.mmappable and not bar.io and bar.size >= PAGE_SIZE
 
     def _get_region_info(self, arg) -> int:
-        """vfio_pci_ioctl_get_region_info (6.1 and 6.12): the only BAR capability is MSIX_MAPPABLE on the table's BAR."""
+        """vfio_pci_ioctl_get_region_info (6.1 and 6.12): the only BAR capability is MSIX_MAPPABLE on the table's
+        BAR."""
         minsz = offsetofend(vfio_region_info, "offset")
         info = arg.fetch_struct(vfio_region_info, minsz)
         region = self._region(info.index) if info.index < VFIO_PCI_NUM_REGIONS else None
@@ -487,7 +496,12 @@ class VfioPciDevice:
         """
         if not 0 <= index <= VFIO_PCI_BAR5_REGION_INDEX or not self._mmap_supported(index):
             raise VfioError(errno.EINVAL, f"{self.name}: region {index} cannot be mapped")
-        return self.function.bars[index].memory
+        return self._mappable_bar(index).memory
+
+    def _mappable_bar(self, index: int) -> RamBar:
+        bar = self.function.bars[index]
+        assert isinstance(bar, RamBar)  # _mmap_supported said so: only plain memory is mappable
+        return bar
 
     def mmap(self, offset: int, length: int):
         """vfio_pci_core_mmap's checks for a client mapping ``length`` bytes at file ``offset``.
@@ -506,7 +520,7 @@ class VfioPciDevice:
             self.runtime_pm.resume()
             if not self._mmap_supported(index):
                 raise VfioError(errno.EINVAL, f"{self.name}: BAR{index} cannot be mapped")
-            bar = self.function.bars[index]
+            bar = self._mappable_bar(index)
             phys_len = (bar.size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
             if pos + length <= phys_len:
                 return bar.memory, pos

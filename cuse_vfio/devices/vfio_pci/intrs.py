@@ -30,7 +30,6 @@ import logging
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, List, Optional
 
 from ...errors import VfioError
-from ...uapi.abi import Rule
 from ...uapi import (
     VFIO_IRQ_INFO_AUTOMASKED,
     VFIO_IRQ_INFO_EVENTFD,
@@ -54,12 +53,15 @@ from ...uapi import (
     vfio_irq_info,
     vfio_irq_set,
 )
+from ...uapi.abi import Rule
 from ..pci import (
     PCI_COMMAND,
     PCI_COMMAND_INTX_DISABLE,
     PCI_INTERRUPT_PIN,
     PCI_STATUS,
     PCI_STATUS_INTERRUPT,
+    MsiCapability,
+    MsixCapability,
     PciDevice,
 )
 
@@ -67,6 +69,17 @@ if TYPE_CHECKING:
     from .core import VfioPciDevice
 
 log = logging.getLogger(__name__)
+
+
+# MSI and MSI-X vectors exist only with the capability: SET_IRQS checked the count against irq_count().
+def _msi_of(fn: PciDevice) -> MsiCapability:
+    assert fn.msi is not None
+    return fn.msi
+
+
+def _msix_of(fn: PciDevice) -> MsixCapability:
+    assert fn.msix is not None
+    return fn.msix
 
 
 def release_eventfd(efd) -> None:
@@ -155,6 +168,11 @@ class IntxMasking:
     def _eventfd(caller, fd: int):
         return caller.get_eventfd(fd)
 
+    def _intx_ctx(self) -> _IntxCtx:
+        """The INTx context, where INTx is known to be enabled (irq_type checked by the caller)."""
+        assert self.intx is not None, "INTx is enabled"
+        return self.intx
+
     # INTx -----------------------------------------------------------------------
     # pci_2_3 (a function whose INTx-disable bit works, pci_intx_mask_supported,
     # and no nointxmask): vfio-pci masks INTx in that bit: the handler sets it
@@ -175,7 +193,7 @@ class IntxMasking:
             self.intx_unmask()
         elif flags & VFIO_IRQ_SET_DATA_EVENTFD:
             fd = fd_at(data)
-            ctx = self.intx
+            ctx = self._intx_ctx()
             if fd >= 0:
                 if ctx.unmask_watch is not None:
                     raise VfioError(errno.EBUSY, "an unmask eventfd is already set: de-assign it (-1) first")
@@ -227,12 +245,12 @@ class IntxMasking:
         """vfio_intx_enable: the context, masked as the user's INTx-disable says."""
         self.intx = _IntxCtx(None, masked=self.virq_disabled)
         if self.pci_2_3:
-            self._pci_intx(not self.intx.masked)
+            self._pci_intx(not self._intx_ctx().masked)
         self.irq_type = VFIO_PCI_INTX_IRQ_INDEX
 
     def _intx_set_signal(self, fd: int, caller) -> None:
         """vfio_intx_set_signal: drop the old eventfd (and handler), then install the new one."""
-        ctx = self.intx
+        ctx = self._intx_ctx()
         if ctx.trigger is not None:
             old, ctx.trigger = ctx.trigger, None
             release_eventfd(old)
@@ -256,13 +274,15 @@ class IntxMasking:
         self.irq_type = None
 
     def _send_intx_eventfd(self) -> None:
-        if self.irq_type == VFIO_PCI_INTX_IRQ_INDEX and not self.virq_disabled and self.intx.trigger is not None:
-            self.intx.trigger.signal()
+        ctx = self.intx
+        if self.irq_type == VFIO_PCI_INTX_IRQ_INDEX and not self.virq_disabled and ctx is not None \
+                and ctx.trigger is not None:
+            ctx.trigger.signal()
 
     def intx_fire(self) -> None:
         """The line went up (vfio_intx_handler): mask it in the function, tell the user once."""
         ctx = self.intx
-        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX or ctx.trigger is None:
+        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX or ctx is None or ctx.trigger is None:
             return  # no handler registered
         if not self.pci_2_3:
             if not ctx.masked:  # an enabled line: disable_irq_nosync, then tell the user
@@ -278,11 +298,12 @@ class IntxMasking:
             if self.pci_2_3:
                 self._pci_intx(False)  # not in use: the function's bit follows the virtual one
             return False
-        if self.intx.masked:
+        ctx = self._intx_ctx()
+        if ctx.masked:
             return False
         if self.pci_2_3:
             self._pci_intx(False)
-        self.intx.masked = True  # else disable_irq_nosync: the line is off
+        ctx.masked = True  # else disable_irq_nosync: the line is off
         return True
 
     def intx_unmask(self) -> None:
@@ -291,7 +312,7 @@ class IntxMasking:
             if self.pci_2_3:
                 self._pci_intx(True)
             return
-        ctx = self.intx
+        ctx = self._intx_ctx()
         if not ctx.masked or self.virq_disabled:
             return
         if not self.pci_2_3:
@@ -332,7 +353,7 @@ class Interrupts(IntxMasking):
         self.lock = vdev.lock
         self.irq_type: Optional[int] = None
         self.intx: Optional[_IntxCtx] = None
-        self.msi_ctx: Dict[int, object] = {}
+        self.msi_ctx: Dict[int, Any] = {}  # vector -> the eventfd the caller gave (with signal())
         self.msi_qmax = 0
         #: vectors enabled with the current MSI / MSI-X type (vdev->num_ctx)
         self.num_ctx = 0
@@ -381,7 +402,8 @@ class Interrupts(IntxMasking):
         """vfio_pci_get_irq_count."""
         fn = self.function
         if index == VFIO_PCI_INTX_IRQ_INDEX:
-            return 1 if self.vdev.vconfig.vconfig[PCI_INTERRUPT_PIN] else 0
+            vconfig = self.vdev.vconfig
+            return 1 if vconfig is not None and vconfig.vconfig[PCI_INTERRUPT_PIN] else 0
         if index == VFIO_PCI_MSI_IRQ_INDEX:
             return fn.msi.vectors if fn.msi is not None else 0
         if index == VFIO_PCI_MSIX_IRQ_INDEX:
@@ -474,10 +496,10 @@ class Interrupts(IntxMasking):
         # pci_intx_for_msi: INTx is off in the function while messages are on
         fn.config_write(PCI_COMMAND, 2, fn.command() | PCI_COMMAND_INTX_DISABLE)
         if msix:
-            fn.msix.host_enable()
+            _msix_of(fn).host_enable()
             self.irq_type = VFIO_PCI_MSIX_IRQ_INDEX
         else:
-            fn.msi.host_enable(nvec)
+            _msi_of(fn).host_enable(nvec)
             self.irq_type = VFIO_PCI_MSI_IRQ_INDEX
             # the virtual Multiple Message Enable may not exceed what was enabled
             self.msi_qmax = (nvec * 2 - 1).bit_length() - 1
@@ -521,25 +543,26 @@ class Interrupts(IntxMasking):
             raise
 
     def _msi_set_vector_signal(self, vector: int, fd: int, msix: bool, caller) -> None:
+        msix_cap = _msix_of(self.function) if msix else None
         old = self.msi_ctx.pop(vector, None)
         if old is not None:
-            if msix:
-                self.function.msix.host_mask(vector, True)  # free_irq masks the entry
+            if msix_cap is not None:
+                msix_cap.host_mask(vector, True)  # free_irq masks the entry
             release_eventfd(old)
         if fd < 0:
             return
         self.msi_ctx[vector] = self._eventfd(caller, fd)
-        if msix:
-            self.function.msix.host_mask(vector, False)  # request_irq: a pending message is delivered now
+        if msix_cap is not None:
+            msix_cap.host_mask(vector, False)  # request_irq: a pending message is delivered now
 
     def _msi_disable(self, msix: bool) -> None:
         for vector in list(self.msi_ctx):
             self._msi_set_vector_signal(vector, -1, msix, None)
         fn = self.function
         if msix:
-            fn.msix.host_disable()
+            _msix_of(fn).host_disable()
         else:
-            fn.msi.host_disable()
+            _msi_of(fn).host_disable()
         fn.config_write(PCI_COMMAND, 2, fn.command() & ~PCI_COMMAND_INTX_DISABLE)
         self.irq_type = None
         self.num_ctx = 0

@@ -19,7 +19,6 @@ import logging
 from typing import TYPE_CHECKING, Dict, Optional
 
 from ...errors import VfioError
-from ...uapi.abi import Rule
 from ...uapi import (
     VFIO_DEVICE_IOEVENTFD_SIZE_MASK,
     VFIO_PCI_BAR5_REGION_INDEX,
@@ -29,6 +28,7 @@ from ...uapi import (
     offsetofend,
     vfio_device_ioeventfd,
 )
+from ...uapi.abi import Rule
 from .intrs import release_eventfd
 
 if TYPE_CHECKING:
@@ -58,6 +58,7 @@ def region_rw(vdev: "VfioPciDevice", index: int, offset: int, count: int, data: 
     """vfio_pci_rw's choice of region: bytes read (``data`` None), or the count written."""
     pos = offset & VFIO_PCI_OFFSET_MASK
     if index == VFIO_PCI_CONFIG_REGION_INDEX:
+        assert vdev.vconfig is not None  # made when the device is opened
         return vdev.vconfig.rw(pos, count, data)
     if index == VFIO_PCI_ROM_REGION_INDEX:
         if data is not None:
@@ -110,6 +111,7 @@ def do_io_rw(vdev: "VfioPciDevice", pos, count, data, x_start, x_end, max_width,
         fillable = min(left, x_start - off) if off < x_start else left if off >= x_end else 0
         if fillable:
             n = next(w for w in (8, 4, 2, 1) if w <= max_width and fillable >= w and off % w == 0)
+            assert vdev.vconfig is not None  # made when the device is opened
             if test_mem and not vdev.vconfig.memory_enabled():
                 raise VfioError(errno.EIO, f"{vdev.name}: memory access with memory decode disabled")
             if data is None:

@@ -14,8 +14,8 @@ import errno
 from typing import TYPE_CHECKING, Dict, List, Optional
 
 from ...errors import VfioError
-from ...uapi.abi import Rule
 from ...uapi import offsetofend, vfio_pci_dependent_device, vfio_pci_hot_reset, vfio_pci_hot_reset_info
+from ...uapi.abi import Rule
 from ..pci import PCI_EXP_DEVCTL, PCI_EXP_DEVCTL2, PCI_MSI_FLAGS, PCI_MSIX_FLAGS, PCI_STD_HEADER_SIZEOF, PciDevice
 from .intrs import fd_at
 
@@ -75,6 +75,8 @@ def get_pci_hot_reset_info(vdev: "VfioPciDevice", arg) -> int:
     hdr = arg.fetch_struct(vfio_pci_hot_reset_info, minsz)
     hdr.flags = 0
     members = _bus_members(vdev)
+    bus = vdev.reset_bus
+    assert bus is not None  # _bus_members said it exists
     dev_size = ctypes.sizeof(vfio_pci_dependent_device)
     if len(members) > (hdr.argsz - ctypes.sizeof(vfio_pci_hot_reset_info)) // dev_size:
         hdr.count = len(members)
@@ -86,8 +88,8 @@ def get_pci_hot_reset_info(vdev: "VfioPciDevice", arg) -> int:
             # vfio_pci_fill_devs: the header still goes back (flags 0, the caller's count)
             arg.write(0, bytes(hdr)[:minsz])
             raise VfioError(errno.EPERM, "a device on the bus is in no IOMMU group: it cannot be reset")
-        devices += bytes(vfio_pci_dependent_device(group_id=group_id, segment=vdev.reset_bus.segment,
-                                                   bus=vdev.reset_bus.bus, devfn=devfn))
+        devices += bytes(vfio_pci_dependent_device(group_id=group_id, segment=bus.segment,
+                                                   bus=bus.bus, devfn=devfn))
     hdr.count = len(members)
     arg.write(0, bytes(hdr)[:minsz])
     arg.write(ctypes.sizeof(vfio_pci_hot_reset_info), devices)

@@ -27,7 +27,10 @@ import socket
 import struct
 import threading
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Dict, Optional
+
+if TYPE_CHECKING:
+    from .net import VirtioNet
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +86,15 @@ class Loopback:
     kind = "loopback"
 
     def __init__(self) -> None:
-        self.device = None
+        self.device: Optional[VirtioNet] = None
 
     def attach(self, device) -> None:
         self.device = device
 
     def transmit(self, frame: bytes) -> None:
-        self.device.loop_back(frame)
+        device = self.device
+        if device is not None:  # a closed loopback drops what is still sent
+            device.loop_back(frame)
 
     def rx_ready(self) -> None:
         pass  # nothing is ever held back
@@ -119,7 +124,7 @@ def open_tap(name: str) -> int:
         fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI))
     except OSError as e:
         os.close(fd)
-        reasons = {
+        reasons: Dict[Optional[int], str] = {
             errno.EBUSY: f"TAP interface {name} is busy: another program has it open",
             errno.EPERM: f"no permission to attach to TAP interface {name}: run as root, or create it "
                          f"for this user (ip tuntap add dev {name} mode tap user USER)",
@@ -142,7 +147,7 @@ class TapBackend:
         self._stop = False
         self._waiting = False
         self._thread: Optional[threading.Thread] = None
-        self.device = None
+        self.device: Optional[VirtioNet] = None
         self._write_failed = False
 
     def attach(self, device) -> None:
@@ -155,6 +160,7 @@ class TapBackend:
             os.write(self.fd, frame)
             self._write_failed = False
         except OSError as e:
+            assert self.device is not None  # only an attached device transmits
             self.device.stats["tx_dropped_backend"] += 1
             if not self._write_failed:  # once per run of failures, not once per frame
                 log.warning("%s: writing a frame to TAP %s failed (%s): frames are dropped until it works "
@@ -179,6 +185,8 @@ class TapBackend:
             pass
 
     def _run(self) -> None:
+        device = self.device
+        assert device is not None  # attach() set it before starting this thread
         held: Optional[bytes] = None
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
@@ -194,10 +202,10 @@ class TapBackend:
                     continue
                 except OSError as e:
                     log.error("%s: reading TAP %s failed (%s): no more frames from it",
-                              self.device.name, self.name, e.strerror)
+                              device.name, self.name, e.strerror)
                     return
             self._waiting = True
-            if self.device.receive_from_backend(held):
+            if device.receive_from_backend(held):
                 held = None
                 self._waiting = False
                 continue

@@ -40,12 +40,12 @@ import collections
 import logging
 import re
 import struct
-from typing import Optional
+from typing import Counter, List, Optional
 
 from ..registry import register_model
 from .backends import BackendError, Loopback, PcapWriter, TapBackend
 from .pci import VIRTIO_F_VERSION_1, VirtioPciFunction
-from .virtqueue import SplitVirtqueue, VirtqueueError
+from .virtqueue import Chain, SplitVirtqueue, VirtqueueError
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,8 @@ class VirtioNet(VirtioPciFunction):
     device_id = 0x1000             # transitional virtio-net
     subsystem_id = VIRTIO_ID_NET
     class_code = 0x020000          # network controller, Ethernet
+    #: the current MAC address, set by reset_device
+    mac: bytes
 
     def __init__(self, name=None, *, mac: Optional[str] = None, link="up", backend: str = "loopback",
                  tap: Optional[str] = None, pcap: Optional[str] = None, queue_size: int = 256, **options):
@@ -148,11 +150,11 @@ class VirtioNet(VirtioPciFunction):
             raise ValueError("the tap backend needs tap = \"NAME\" (an existing TAP interface), "
                              "and only it takes a tap")
         super().__init__(name, queue_sizes=[queue_size, queue_size, CTRL_QUEUE_SIZE], **options)
-        self.stats = collections.Counter()
+        self.stats: Counter[str] = collections.Counter()
         self.pcap = None
         try:
             self.pcap = PcapWriter(pcap) if pcap is not None else None
-            self.backend = TapBackend(tap) if backend == "tap" else Loopback()
+            self.backend = TapBackend(tap) if tap is not None else Loopback()  # (tap is given iff backend is "tap")
         except BackendError:
             if self.pcap is not None:
                 self.pcap.close()
@@ -200,7 +202,7 @@ class VirtioNet(VirtioPciFunction):
         self.mac = self.perm_mac
         self.promisc = True
         self.allmulti = False
-        self.mac_table = []
+        self.mac_table: List[bytes] = []
         self.first_multi = 0
         self.uni_overflow = self.multi_overflow = False
         self.announce_status = 0
@@ -317,7 +319,7 @@ class VirtioNet(VirtioPciFunction):
         """Pop enough buffers for header + frame and write them; give them back if they are too few."""
         hdr_len = self.hdr_len
         total = hdr_len + len(frame)
-        chains = []
+        chains: List[Chain] = []
         room = 0
         while room < total:
             chain = rx.pop()

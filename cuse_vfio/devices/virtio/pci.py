@@ -196,6 +196,8 @@ class VirtioPciFunction(PciDevice):
     subsystem_vendor_id = PCI_VENDOR_ID_REDHAT_QUMRANET
     revision = 0
     interrupt_pin = 1
+    #: the device status the driver wrote (VIRTIO_CONFIG_S_*), set by reset
+    status: int
     # what QEMU's pci_init_wmask makes writable, and what SeaBIOS leaves set
     command_wmask = PCI_COMMAND_IO | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER | PCI_COMMAND_SERR | \
         PCI_COMMAND_INTX_DISABLE
@@ -405,7 +407,7 @@ class VirtioPciFunction(PciDevice):
 
     def checked_vector(self, vector: int) -> int:
         """``msix_vector_use`` failing for a vector beyond the table: NO_VECTOR, so the driver sees it."""
-        return vector if vector < self.msix.vectors else VIRTIO_MSI_NO_VECTOR
+        return vector if self.msix is not None and vector < self.msix.vectors else VIRTIO_MSI_NO_VECTOR
 
     # -- device config, as both interfaces reach it ---------------------------------------------
     def read_device_config(self, offset: int, size: int) -> int:
