@@ -169,6 +169,17 @@ def test_get_status_fetches_minsz_then_copies_back(world):
     assert record["out"]["flags"] == 1 and record["result"] == 0
 
 
+def test_a_large_argsz_without_capabilities_exchanges_only_the_struct(world):
+    """GROUP_GET_STATUS with argsz 4096 at the end of mapped memory: the kernel copies 8 bytes, and so do we."""
+    machine, server, proc, kernel, records = world
+    group = machine.dispatcher.open(Node.group(2))
+    area = proc.memory.alloc(PAGE)          # the page after it is a guard
+    at_end = area + PAGE - 8
+    proc.memory.write(at_end, bytes(vfio_group_status(argsz=4096)))
+    assert kernel.ioctl(group, VFIO_GROUP_GET_STATUS, at_end) == 0
+    assert vfio_group_status.from_buffer_copy(proc.memory.read(at_end, 8)).flags == 1
+
+
 def test_get_status_errors_as_the_kernel(world):
     machine, server, proc, kernel, records = world
     group = machine.dispatcher.open(Node.group(2))

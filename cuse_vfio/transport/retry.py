@@ -147,5 +147,12 @@ class CuseIoctlArg(IoctlArg):
         obj = super().fetch_struct(ctype, minsz)
         argsz = getattr(obj, "argsz", None)
         if argsz is not None and argsz > minsz:
-            self.memory.cover(self.value, argsz)
+            # The kernel touches only what it copies: a struct without a capability
+            # chain never more than the struct itself (GROUP_GET_STATUS with argsz
+            # 4096 copies 8 bytes, so a buffer at the end of the stack is fine);
+            # one with a chain (cap_offset) may write its capabilities up to argsz.
+            has_caps = any(field[0] == "cap_offset" for field in ctype._fields_)
+            reach = argsz if has_caps else min(argsz, ctypes.sizeof(ctype))
+            if reach > minsz:
+                self.memory.cover(self.value, reach)
         return obj
