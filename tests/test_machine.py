@@ -84,6 +84,22 @@ def test_edu_dma_goes_through_type1_and_faults_are_logged(machine):
     assert p.memory.read(buf + 4096, 16) == b"cuse-vfio dma!!!"
 
 
+def test_a_dma_after_the_container_is_gone_is_in_the_fault_log(machine):
+    """The device's timer may fire after its user left: that DMA is a fault like any other (--fault-log)."""
+    from cuse_vfio.devices import DmaFault
+
+    p = LocalProcess(machine.dispatcher)
+    c, g, d = _open_device(p)
+    cmd = int.from_bytes(p.pread(d, 2, CONFIG + 4), "little")
+    p.pwrite(d, (cmd | 0x6).to_bytes(2, "little"), CONFIG + 4)
+    for fd in (d, g, c):
+        p.close(fd)
+    with pytest.raises(DmaFault):
+        machine.vdevs[EDU].function.dma.write(0x100000, b"late")
+    (fault,) = machine.fault_log.faults()
+    assert fault.device == EDU and fault.iova == 0x100000 and fault.direction == "write"
+
+
 def test_sysfs_view_reports_the_model(machine):
     view = machine.sysfs_view()
     assert view.read(f"bus/pci/devices/{EDU}/vendor") == b"0x1234\n"

@@ -64,6 +64,8 @@ class Machine:
             except (KeyError, TypeError, ValueError) as e:
                 raise TopologyError(f"{topology.source}: device {spec.bdf} (model {spec.model!r}): "
                                     f"{e.args[0] if e.args else e}") from None
+            # A DMA with no container attached (released, or never set) is a fault of the machine's log.
+            function.dma._record_faults_to(self.fault_log)
             try:
                 self._pending[spec.bdf] = VfioPciDevice(
                     function, spec.bdf, io_width=io_width, abi=self.vfio.abi,

@@ -41,11 +41,17 @@ class DmaPort:
     def __init__(self, device: "PciDevice"):
         self.__device = device
         self.__space: Optional[DmaSpace] = None
+        self.__sink: Optional[object] = None
         #: the faults this function saw, newest last (also reported to the DmaSpace when it keeps a log)
         self.faults: Deque[Dict[str, object]] = collections.deque(maxlen=self.MAX_FAULTS)
 
     def _attach(self, space) -> None:
         self.__space = space
+
+    def _record_faults_to(self, sink) -> None:
+        """Where a fault goes when no DMA space is attached (the container was released):
+        the machine's fault log, so such a DMA is in --fault-log like every other fault."""
+        self.__sink = sink
 
     def read(self, iova: int, size: int) -> bytes:
         return self.__transfer(iova, size, None)
@@ -112,7 +118,7 @@ class DmaPort:
         device = self.__device
         record = {"iova": iova, "size": size, "write": write, "reason": reason, "device": device.name}
         self.faults.append(record)
-        recorder = getattr(self.__space, "record_fault", None)
+        recorder = getattr(self.__space if self.__space is not None else self.__sink, "record_fault", None)
         if recorder is not None:
             try:
                 recorder(iova=iova, size=size, write=write, reason=reason, device=device.name)
