@@ -63,7 +63,26 @@ class IoBar(MmioBar):
     io = True
 
 
-class SharedMemory:
+class _MemoryFd:
+    """The fd a kind of BAR memory owns: closed with the object even when nobody calls close()."""
+
+    _fd: int
+
+    def _own(self, fd: int) -> None:
+        self._fd = fd
+        self._finalizer = weakref.finalize(self, os.close, fd)
+
+    def fileno(self) -> int:
+        if not self._finalizer.alive:
+            raise ValueError("shared memory is closed")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+
+class SharedMemory(_MemoryFd):
     """Bytes in a memfd, mapped here: memory a transport can hand to a client to map.
 
     ``fileno()`` is the memfd (send it over a Unix socket; the client maps it
@@ -87,17 +106,7 @@ class SharedMemory:
             os.close(self._fd)
             raise
         self.view = memoryview(self._map)
-        # The fd is closed with the object even when nobody calls close().
-        self._finalizer = weakref.finalize(self, os.close, self._fd)
-
-    def fileno(self) -> int:
-        if not self._finalizer.alive:
-            raise ValueError("shared memory is closed")
-        return self._fd
-
-    @property
-    def closed(self) -> bool:
-        return not self._finalizer.alive
+        self._own(self._fd)
 
     def close(self) -> None:
         if self.closed:
@@ -158,7 +167,7 @@ class RamBar(Bar):
         self.memory.close()
 
 
-class FileMemory:
+class FileMemory(_MemoryFd):
     """A file's bytes shared with every process that maps the file: memory a transport can hand out.
 
     Unlike :class:`SharedMemory`, this process never maps it: a regular file
@@ -181,17 +190,7 @@ class FileMemory:
         except OSError:
             os.close(fd)
             raise
-        self._fd = fd
-        self._finalizer = weakref.finalize(self, os.close, fd)
-
-    def fileno(self) -> int:
-        if not self._finalizer.alive:
-            raise ValueError("shared memory is closed")
-        return self._fd
-
-    @property
-    def closed(self) -> bool:
-        return not self._finalizer.alive
+        self._own(fd)
 
     def read(self, offset: int, size: int) -> bytes:
         data = os.pread(self._fd, size, offset)
