@@ -35,8 +35,9 @@ def kernel_word_value(text):
     return {"1": True, "Y": True, "y": True, "0": False, "N": False, "n": False}.get(text, text)
 
 
-def test_the_topology_sets_exactly_what_the_real_kernel_gets():
-    cfg = script("conformance").CONFIGS["params"]
+@pytest.mark.parametrize("config", ["params", "nointremap"])
+def test_the_topology_sets_exactly_what_the_real_kernel_gets(config):
+    cfg = script("conformance").CONFIGS[config]
     topo = topology.load(cfg.topology)
     from_words = {}
     for w in cfg.append:
@@ -46,9 +47,11 @@ def test_the_topology_sets_exactly_what_the_real_kernel_gets():
         from_words.setdefault(module, {})[param] = int(v) if isinstance(v, str) else v
     assert topo.modules == from_words
     iommu = dict(o.split("=") for o in cfg.iommu.split(","))
-    assert topo.iommu.aw_bits == int(iommu.pop("aw-bits"))
+    assert topo.iommu.aw_bits == int(iommu.pop("aw-bits", "39"))         # QEMU 7.2's default
+    assert topo.iommu.intremap == (iommu.pop("intremap", "on") == "on")   # scripts/vm's default
     assert not iommu, "every intel-iommu option has its topology counterpart"
-    assert cfg.client_args[:2] == ["2", topo.devices[0].bdf]
+    assert cfg.client_args[:2] in ([], ["2", topo.devices[0].bdf])
+    assert [(d.bdf, d.model) for d in topo.devices] == [("0000:00:02.0", "edu")]
 
 
 def test_scripts_vm_takes_kernel_words_and_iommu_options():
