@@ -28,8 +28,20 @@ fail() {
     poweroff -f
     sleep 5
 }
+# modopts FILE: the options the kernel command line gives module FILE
+# (NN-NAME.ko), words NAME.PARAM=VALUE, handed to insmod as modprobe does.
+modopts() {
+    want=${1#*-}; want=$(echo "${want%.ko}" | tr - _)
+    for w in $(cat /proc/cmdline); do
+        key=${w%%=*}
+        case "$key" in *.*) ;; *) continue ;; esac
+        if [ "$(echo "${key%%.*}" | tr - _)" = "$want" ]; then printf '%s ' "${w#*.}"; fi
+    done
+}
 for m in $(cat /modules/order); do
-    insmod /modules/$m || { log "insmod $m failed"; fail 125 "insmod $m failed"; }
+    opts=$(modopts $m)
+    [ -n "$opts" ] && log "module options for $m: $opts"
+    insmod /modules/$m $opts || { log "insmod $m $opts failed"; fail 125 "insmod $m $opts failed"; }
 done
 log "modules loaded"
 

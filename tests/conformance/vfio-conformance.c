@@ -1,7 +1,11 @@
 /*
  * vfio-conformance: one VFIO client, two implementations.
  *
- *   vfio-conformance [GROUP [BDF]]        (defaults: 2 0000:00:02.0)
+ *   vfio-conformance [GROUP [BDF [params]]]   (defaults: 2 0000:00:02.0)
+ *
+ * With "params" it also counts how many 4 KiB mappings the container still
+ * takes before MAP_DMA fails (vfio_iommu_type1.dma_entry_limit); that run is
+ * meant for a kernel (or a topology) that sets the module parameters.
  *
  * Drives the legacy container/group/device API of <linux/vfio.h> on QEMU's
  * "edu" device and prints one "name=value" line per observation, so that the
@@ -78,7 +82,8 @@ static struct {
 	uint8_t *mem;          /* 64 anonymous pages for MAP_DMA */
 	uint64_t bar0_off, config_off;
 	uint8_t msi_cap;       /* offset of the MSI capability, 0 if none */
-} S = { -1, -1, -1, -1, NULL, NULL, NULL, 0, 0, 0 };
+	int params;            /* argv "params": the module-parameter observations too */
+} S = { -1, -1, -1, -1, NULL, NULL, NULL, 0, 0, 0, 0 };
 
 /* ------------------------------------------------------------------ output */
 
@@ -356,6 +361,75 @@ static void put_dma_avail(const char *name)
 		put(name, "%u", a->avail);
 }
 
+/* ------------------------------------------------------------- sysfs */
+
+/* The first line of a sysfs file, or ERR:<errno>. */
+static void put_sysfs(const char *name, const char *path)
+{
+	char buf[128];
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0) {
+		put(name, "ERR:%s", errname(errno));
+		return;
+	}
+	ssize_t n = read(fd, buf, sizeof(buf) - 1);
+	int err = errno;
+	close(fd);
+	if (n < 0) {
+		put(name, "ERR:%s", errname(err));
+		return;
+	}
+	buf[n] = 0;
+	buf[strcspn(buf, "\n")] = 0;
+	put(name, "%s", buf);
+}
+
+/* Bits MASK of the 16-bit register at OFF of the function's own config
+ * space, as /sys/bus/pci/devices/BDF/config shows it. */
+static void put_sysfs_config16(const char *name, unsigned off, uint16_t mask)
+{
+	uint16_t v;
+	int fd = open(nm("/sys/bus/pci/devices/%s/config", S.bdf), O_RDONLY | O_CLOEXEC);
+	if (fd < 0) {
+		put(name, "ERR:%s", errname(errno));
+		return;
+	}
+	ssize_t n = pread(fd, &v, sizeof(v), off);
+	int err = errno;
+	close(fd);
+	if (n != sizeof(v))
+		put(name, n < 0 ? "ERR:%s" : "short", errname(err));
+	else
+		put_hex(name, v & mask);
+}
+
+/* The module parameters as /sys/module/NAME/parameters/ shows them. */
+static void module_params(void)
+{
+	static const char *const params[][2] = {
+		{"vfio", "enable_unsafe_noiommu_mode"},
+		{"vfio_iommu_type1", "allow_unsafe_interrupts"},
+		{"vfio_iommu_type1", "disable_hugepages"},
+		{"vfio_iommu_type1", "dma_entry_limit"},
+		{"vfio_pci", "disable_denylist"},
+		{"vfio_pci", "disable_idle_d3"},
+		{"vfio_pci", "enable_sriov"},
+		{"vfio_pci", "nointxmask"},
+	};
+	for (size_t i = 0; i < sizeof(params) / sizeof(params[0]); i++)
+		put_sysfs(nm("module.%s.%s", params[i][0], params[i][1]),
+			  nm("/sys/module/%s/parameters/%s", params[i][0], params[i][1]));
+}
+
+/* The function's PCI power state; after a close, vfio-pci's runtime
+ * suspend is an asynchronous request, so give it a moment first. */
+static void put_power_state(const char *name, int settle)
+{
+	if (settle)
+		sleep_ms(200);
+	put_sysfs(name, nm("/sys/bus/pci/devices/%s/power_state", S.bdf));
+}
+
 /* ------------------------------------------------------------- container */
 
 static void check_extensions(int fd, const char *when)
@@ -617,6 +691,28 @@ static void type1_map(void)
 	put_dma_avail("type1.dma_avail.after_write_only");
 	put_unmap("type1.map.write_only.unmap", sizeof(struct vfio_iommu_type1_dma_unmap), 0, IOVA_FREE, PAGE);
 	put_dma_avail("type1.dma_avail.after_unmap_write_only");
+}
+
+/* Map one 4 KiB page at distinct IOVAs until MAP_DMA refuses: with the
+ * mappings already there, dma_entry_limit bounds the count (ENOSPC). */
+static void type1_entry_limit(void)
+{
+	const uint64_t base = 0x10000000ULL, cap = 1u << 17;
+	uint64_t n = 0;
+	int err = 0;
+	put_dma_avail("type1.limit.dma_avail.before");
+	for (; n < cap; n++) {
+		if (map_dma(sizeof(struct vfio_iommu_type1_dma_map), RW, S.mem + 32 * PAGE,
+			    base + 2 * PAGE * n, PAGE) < 0) {
+			err = errno;
+			break;
+		}
+	}
+	put("type1.limit.mapped", "%" PRIu64, n);
+	put("type1.limit.stop", n < cap ? "ERR:%s" : "none", errname(err));
+	put_dma_avail("type1.limit.dma_avail.full");
+	put_unmap("type1.limit.unmap", sizeof(struct vfio_iommu_type1_dma_unmap), 0, base, 2 * PAGE * cap);
+	put_dma_avail("type1.limit.dma_avail.after_unmap");
 }
 
 static void type1_unmap(void)
@@ -1140,6 +1236,11 @@ static void edu_intx(void)
 	put_bar0_write32("intx.raise", EDU_IRQ_RAISE, 0x1);
 	put_event("intx.event", efd, 2000);
 	put_hex("intx.config_status", cfg_read(0x06, 2) & 0x8);
+	/* Automasked: vfio-pci sets the function's INTx-disable bit unless
+	 * nointxmask (then disable_irq).  The config region shows the user's
+	 * (virtualized) bit; sysfs's config shows the function's own. */
+	put_hex("intx.config_command_intx_disable", cfg_read(0x04, 2) & 0x400);
+	put_sysfs_config16("intx.sysfs_command_intx_disable", 0x04, 0x400);
 	put_bar0_write32("intx.ack", EDU_IRQ_ACK, 0x1);
 	/* Automasked: a new assertion gives no event until UNMASK. */
 	put_bar0_write32("intx.raise_masked", EDU_IRQ_RAISE, 0x1);
@@ -1338,6 +1439,7 @@ static void release(void)
 {
 	put_rc("release.close_device", close(S.device), errno);
 	S.device = -1;
+	put_power_state("power_state.after_close", 1);
 	XIOCTL("release.unset_container", S.group, VFIO_GROUP_UNSET_CONTAINER, 0);
 	put_group_status("release.status");
 	XIOCTL("release.unset_container.again", S.group, VFIO_GROUP_UNSET_CONTAINER, 0);
@@ -1384,6 +1486,7 @@ int main(int argc, char **argv)
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	S.group_id = argc > 1 ? argv[1] : "2";
 	S.bdf = argc > 2 ? argv[2] : "0000:00:02.0";
+	S.params = argc > 3 && strcmp(argv[3], "params") == 0;
 
 	S.container = open("/dev/vfio/vfio", O_RDWR | O_CLOEXEC);
 	if (S.container < 0) {
@@ -1408,11 +1511,16 @@ int main(int argc, char **argv)
 	}
 	memset(S.mem, 0x5a, 64 * PAGE);
 
+	module_params();
+	put_power_state("power_state.before_open", 0);
 	group_initial();
 	container_set_iommu();
 	group_device();
+	put_power_state("power_state.after_open", 0);
 
 	type1_get_info();
+	if (S.params)
+		type1_entry_limit();
 	container_and_group_rw();
 	type1_map();
 	type1_unmap();
