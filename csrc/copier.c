@@ -1,7 +1,8 @@
 /*
  * cuse-vfio copier: see copier.h.  One lock guards the idle threads, the
  * thread count and the stalled counts; each copy has its own condition the
- * thread that asked waits on.
+ * thread that asked waits on.  A stalled copy counts against its key (the
+ * process) from cv_copy_stall until its syscall returns, whoever waits.
  */
 #define _GNU_SOURCE
 #include "copier.h"
@@ -25,6 +26,8 @@ struct cv_copy {
 	long result;         /* bytes moved or -errno, once done */
 	int done;
 	int abandoned;
+	int stalled;         /* counted in cv_stalled_total */
+	int charged;         /* counted in key's slot too */
 	pthread_cond_t cond; /* done */
 	struct cv_copier *copier;
 	char buf[];          /* the only memory the syscall touches on our side */
@@ -41,6 +44,7 @@ static struct cv_copier *cv_idle;
 static int cv_idle_count;
 static int cv_threads;
 static struct { int key, count; } cv_stalled[CV_COPY_KEYS];
+static int cv_stalled_total;
 
 static int *cv_stalled_slot(int key, int make)
 {
@@ -105,11 +109,15 @@ static void *cv_copier_main(void *arg)
 		result = cv_copy_run(c);
 		pthread_mutex_lock(&cv_lock);
 		self->copy = NULL;
-		if (c->abandoned) {
+		if (c->stalled)
+			cv_stalled_total--;
+		if (c->charged) {
 			int *stalled = cv_stalled_slot(c->key, 0);
 
 			if (stalled)
 				(*stalled)--;
+		}
+		if (c->abandoned) {
 			cv_copy_free(c);
 		} else {
 			c->result = result;
@@ -192,6 +200,8 @@ struct cv_copy *cv_copy_start(int op, int target, uint64_t remote, const void *s
 	c->result = 0;
 	c->done = 0;
 	c->abandoned = 0;
+	c->stalled = 0;
+	c->charged = 0;
 	if (src && (op == CV_COPY_WRITEV || op == CV_COPY_PWRITE))
 		memcpy(c->buf, src, len);
 	pthread_condattr_init(&attr);
@@ -200,7 +210,13 @@ struct cv_copy *cv_copy_start(int op, int target, uint64_t remote, const void *s
 	pthread_condattr_destroy(&attr);
 
 	pthread_mutex_lock(&cv_lock);
-	stalled = cv_stalled_slot(key, 0);
+	if (key < 0 && cv_stalled_total) {
+		pthread_mutex_unlock(&cv_lock);
+		cv_copy_free(c);
+		errno = ENOKEY;
+		return NULL;
+	}
+	stalled = key < 0 ? NULL : cv_stalled_slot(key, 0);
 	if (stalled && *stalled >= CV_COPY_MAX_STALLED) {
 		pthread_mutex_unlock(&cv_lock);
 		cv_copy_free(c);
@@ -250,6 +266,30 @@ long cv_copy_wait(struct cv_copy *c, int timeout_ms, void *dst)
 	return result;
 }
 
+/* Count a running copy as stalled, against key when key names a process; cv_lock held. */
+static void cv_copy_stall_locked(struct cv_copy *c, int key)
+{
+	int *stalled;
+
+	if (c->done || c->stalled)
+		return;
+	c->stalled = 1;
+	cv_stalled_total++;
+	stalled = key < 0 ? NULL : cv_stalled_slot(key, 1);
+	if (stalled) {   /* NULL past CV_COPY_KEYS processes: counted in the total only */
+		(*stalled)++;
+		c->key = key;
+		c->charged = 1;
+	}
+}
+
+void cv_copy_stall(struct cv_copy *c, int key)
+{
+	pthread_mutex_lock(&cv_lock);
+	cv_copy_stall_locked(c, key);
+	pthread_mutex_unlock(&cv_lock);
+}
+
 void cv_copy_abandon(struct cv_copy *c)
 {
 	pthread_mutex_lock(&cv_lock);
@@ -258,15 +298,8 @@ void cv_copy_abandon(struct cv_copy *c)
 		cv_copy_free(c);
 		return;
 	}
+	cv_copy_stall_locked(c, c->key);
 	c->abandoned = 1;
-	{
-		int *stalled = cv_stalled_slot(c->key, 1);
-
-		if (stalled)
-			(*stalled)++;
-		else
-			c->key = -1;   /* too many stalled keys to count this one */
-	}
 	pthread_mutex_unlock(&cv_lock);
 }
 
@@ -275,8 +308,22 @@ int cv_copy_stalled(int key)
 	int *stalled, n;
 
 	pthread_mutex_lock(&cv_lock);
-	stalled = cv_stalled_slot(key, 0);
-	n = stalled ? *stalled : 0;
+	if (key < 0) {
+		n = cv_stalled_total;
+	} else {
+		stalled = cv_stalled_slot(key, 0);
+		n = stalled ? *stalled : 0;
+	}
+	pthread_mutex_unlock(&cv_lock);
+	return n;
+}
+
+int cv_copy_busy(void)
+{
+	int n;
+
+	pthread_mutex_lock(&cv_lock);
+	n = cv_threads - cv_idle_count;
 	pthread_mutex_unlock(&cv_lock);
 	return n;
 }

@@ -33,18 +33,25 @@ enum cv_copy_op {
 struct cv_copy;
 
 /* Start a copy of len bytes at remote, charged to key (the process whose
- * memory it is).  A write takes its bytes from src now.  NULL with errno:
- * EBUSY when key already has CV_COPY_MAX_STALLED copies abandoned and still
- * running, EAGAIN when CV_COPY_MAX_THREADS copier threads exist and none is
- * idle, ENOMEM. */
+ * memory it is; -1 when the caller has not looked it up).  A write takes its
+ * bytes from src now.  NULL with errno: EBUSY when key already has
+ * CV_COPY_MAX_STALLED stalled copies, ENOKEY when key is -1 and some copy is
+ * stalled (only then does the process matter: name it and start again),
+ * EAGAIN when CV_COPY_MAX_THREADS copier threads exist and none is idle,
+ * ENOMEM. */
 struct cv_copy *cv_copy_start(int op, int target, uint64_t remote, const void *src, size_t len, int key);
 /* Wait at most timeout_ms for it: the bytes moved (a read's go to dst) or
  * -errno, and the copy is freed; or -ETIMEDOUT, and it is still running. */
 long cv_copy_wait(struct cv_copy *c, int timeout_ms, void *dst);
+/* The copy missed its short wait: from now until its syscall returns it is
+ * one of key's stalled copies (whether or not anyone still waits for it). */
+void cv_copy_stall(struct cv_copy *c, int key);
 /* Stop waiting for a running copy: it is freed when its syscall returns. */
 void cv_copy_abandon(struct cv_copy *c);
-/* Copies of key abandoned and still running. */
+/* Stalled copies of key still running (key -1: of every key). */
 int cv_copy_stalled(int key);
+/* Copier threads running a copy now. */
+int cv_copy_busy(void);
 
 #define CV_COPY_MAX_STALLED 4
 #define CV_COPY_MAX_THREADS 64

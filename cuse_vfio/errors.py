@@ -30,5 +30,7 @@ class RetryRequest(Exception):
 
     The CUSE transport raises it from a handler's first read of bytes the
     kernel has not copied in; it answers with a retry and runs the handler
-    again.  Every layer that catches Exception lets it through untouched.
+    again.  A read of client memory that stalls on the serving thread raises
+    one too (``memory.CopyStalled``): the request runs again on a thread that
+    may wait.  Every layer that catches Exception lets it through untouched.
     """

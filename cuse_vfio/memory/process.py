@@ -7,13 +7,19 @@ ptrace (root, or ``kernel.yama.ptrace_scope`` allowing it).  ``fetch_fd`` is
 FUSE and CUSE report the calling *thread*; ``tgid_of`` finds its process.
 
 No byte of a client's memory moves on the thread that asked for it: a page
-there may be a file on a FUSE mount whose daemon never answers, and the
-fault would hold that thread (and whatever lock it holds: the serving loop,
-the container's IOMMU) for as long as the client likes.  ``bounded_copy``
-makes the syscall on a copier thread (csrc/copier.c) and waits: up to
-``STALL_CHECK`` for any copy, then, unless the memory is a file on a FUSE
-mount (refused at once), up to ``STALL_LIMIT`` in all.  A copy that does not
-finish fails as a faulting copy does (EFAULT) and is left to its copier.
+there may be a file on a FUSE mount whose daemon never answers, or a page
+whose userfaultfd handler never answers, and the fault would hold that
+thread (and whatever lock it holds: the serving loop, the container's IOMMU)
+for as long as the client likes.  ``bounded_copy`` makes the syscall on a
+copier thread (csrc/copier.c) and waits up to ``STALL_CHECK``.  A copy not
+done by then is *stalled*: it counts against its process (at most
+``CV_COPY_MAX_STALLED`` at once, past that its copies fail at once) until
+its syscall returns.  Memory that is a file on a FUSE mount is refused then
+(EFAULT); any other stalled copy is waited for up to ``STALL_LIMIT`` in all,
+except on a thread that must go on serving (``serving_thread``): there
+``CopyStalled`` hands the copy, still running, to whoever can wait for it.
+A copy that does not finish fails as a faulting copy does (EFAULT) and is
+left to its copier.
 """
 
 from __future__ import annotations
@@ -26,9 +32,9 @@ import resource
 import signal
 import threading
 import weakref
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Set, Tuple, Union
 
-from ..errors import VfioError
+from ..errors import RetryRequest, VfioError
 from ._copier import ffi as _ffi
 from ._copier import lib as _copier
 
@@ -121,12 +127,23 @@ def tgid_of(tid: int) -> int:
 
 
 class ProcessMemory:
-    """The address space of process ``pid``; implements ``cuse_vfio.core.ops.AddressSpace``."""
+    """The address space of process (or thread) ``pid``; implements ``cuse_vfio.core.ops.AddressSpace``.
 
-    __slots__ = ("pid",)
+    As an ioctl's argument on a serving thread (see the module) it also keeps
+    what stalled there: ``stalled``, a read the handler never got (it is
+    unwound by ``CopyStalled`` before it acts; the request runs again where
+    it can wait, through ``ResumedMemory``), and ``pending``, the writes
+    from the first stalled one on (the handler acted; they end, or fail with
+    EFAULT as a failing copy_to_user does, before the request is answered).
+    """
+
+    __slots__ = ("pid", "stalled", "pending")
 
     def __init__(self, pid: int):
         self.pid = pid
+        self.stalled: Optional[StalledCopy] = None
+        #: writes not done yet, in order: the stalled one first, then (addr, bytes) of the later ones
+        self.pending: Optional[List[Union["StalledCopy", Tuple[int, bytes]]]] = None
 
     def __repr__(self) -> str:
         return f"ProcessMemory({self.pid})"
@@ -135,13 +152,55 @@ class ProcessMemory:
         if size == 0:
             return b""
         buf = bytearray(size)
-        self._transfer(_copier.CV_COPY_READV, buf, addr, size, "read")
+        try:
+            self._transfer(_copier.CV_COPY_READV, buf, addr, size, "read")
+        except CopyStalled as e:
+            if self.pending:  # the handler wrote already, so it acted: it cannot be unwound
+                raise e.copy.give_up("a write before it is still pending") from None
+            self.stalled = e.copy  # seen even if a layer swallows the exception
+            raise
         return bytes(buf)
 
     def write(self, addr: int, data: bytes) -> None:
         if not data:
             return
-        self._transfer(_copier.CV_COPY_WRITEV, data, addr, len(data), "written")
+        if self.pending:  # after a stalled write: in order, once it is done
+            self.pending.append((addr, bytes(data)))
+            return
+        try:
+            self._transfer(_copier.CV_COPY_WRITEV, data, addr, len(data), "written")
+        except CopyStalled as e:
+            # copy_to_user comes after the action: the handler goes on, the reply waits (finish_writes)
+            self.pending = [e.copy]
+
+    def finish_writes(self) -> None:
+        """Wait for the pending writes (where waiting is allowed), then make the later ones:
+        EFAULT at the first that fails, and none after it is tried."""
+        pending, self.pending = self.pending or [], None
+        try:
+            while pending:
+                item = pending.pop(0)
+                if isinstance(item, StalledCopy):
+                    self._check(item.finish(), item.remote, item.size, "written")
+                else:
+                    addr, data = item
+                    self._transfer(_copier.CV_COPY_WRITEV, data, addr, len(data), "written")
+        except CopyStalled as e:  # asked on a serving thread after all: it cannot wait there
+            raise e.copy.give_up("it stalled on a serving thread") from None
+        finally:
+            for item in pending:
+                if isinstance(item, StalledCopy):
+                    item.abandon()
+
+    def abandon(self) -> None:
+        """Nobody will wait for what stalled here: each copy is left to its copier."""
+        stalled, self.stalled = self.stalled, None
+        if stalled is not None:
+            stalled.abandon()
+        for item in self.pending or ():
+            if isinstance(item, StalledCopy):
+                item.abandon()
+        self.pending = None
 
     def probe(self, addr: int, size: int, write: bool) -> None:
         """What pinning user pages checks (MAP_DMA), without moving a byte: every page of
@@ -175,7 +234,9 @@ class ProcessMemory:
     def _transfer(self, op: int, local, remote: int, size: int, verb: str) -> None:
         if remote < 0 or remote + size > 1 << 64:
             raise VfioError(errno.EFAULT, f"pid {self.pid}: 0x{remote:x} is not a user address")
-        done = bounded_copy(op, self.pid, self.pid, remote, local, size)
+        self._check(bounded_copy(op, self.pid, self.pid, remote, local, size), remote, size, verb)
+
+    def _check(self, done: int, remote: int, size: int, verb: str) -> None:
         if done == size:
             return
         err = -done if done < 0 else errno.EFAULT
@@ -186,6 +247,32 @@ class ProcessMemory:
             raise VfioError(errno.EFAULT, f"pid {self.pid} has exited")
         # A short transfer means a later page is not mapped: copy_*_user's EFAULT.
         raise VfioError(errno.EFAULT, f"pid {self.pid}: {size} bytes at 0x{remote:x} cannot be {verb}")
+
+
+class ResumedMemory(ProcessMemory):
+    """An ioctl argument's memory when the request runs again after its read ``resume`` stalled
+    on a serving thread: that read, met again, waits for the copy already running."""
+
+    __slots__ = ("resume",)
+
+    def __init__(self, pid: int, resume: "StalledCopy"):
+        super().__init__(pid)
+        self.resume: Optional[StalledCopy] = resume
+
+    def read(self, addr: int, size: int) -> bytes:
+        resume = self.resume
+        if resume is None or (resume.remote, resume.size) != (addr, size):
+            return super().read(addr, size)
+        self.resume = None
+        self._check(resume.finish(), addr, size, "read")
+        return bytes(resume.local)
+
+    def abandon(self) -> None:
+        """The request is over: a stalled read it did not meet again is left to its copier too."""
+        resume, self.resume = self.resume, None
+        if resume is not None:
+            resume.abandon()
+        super().abandon()
 
 
 class ProcessImage:
@@ -298,16 +385,22 @@ class ProcessImage:
         """Whether this image is still the process's.  Any ``addr`` tells: a live address space
         gives a byte (mapped) or EIO (unmapped); a gone one (exit, exec) gives nothing."""
         try:
-            done = self._copy(_copier.CV_COPY_PREAD, bytearray(1), addr, 1)
+            done = self._copy(_copier.CV_COPY_PREAD, bytearray(1), addr, 1, brief=True)
         except VfioError:
             return True  # a stalled page: the address space is there to stall
         return done != 0  # an error: unmapped, but the address space is alive
 
-    def _copy(self, op: int, local, addr: int, size: int) -> int:
+    def _copy(self, op: int, local, addr: int, size: int, brief: bool = False) -> int:
         """Bytes moved through the image's fd, -errno, or 0 once the image is gone."""
         if addr < 0 or addr + size > 1 << 63:  # past what an offset of /proc/PID/mem can name
             return -errno.EFAULT
-        return bounded_copy(op, self._fd, self.pid, addr, local, size)
+        try:
+            return bounded_copy(op, self._fd, self.pid, addr, local, size, self.pid, brief)
+        except CopyStalled as e:
+            # A device's DMA on a serving thread (a model doing it inside a register write).
+            # The kernel pinned these pages at MAP_DMA, so a real DMA never waits for a
+            # fault: one that does not end within the short check is a fault in the log.
+            raise e.copy.give_up("the serving thread does not wait for a DMA") from None
 
     def account_pinned(self, size: int) -> None:
         """vfio_lock_acct for MAP_DMA: ``size`` more bytes pinned, ENOMEM past RLIMIT_MEMLOCK
@@ -368,33 +461,135 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 STALL_CHECK = 0.05
 #: Seconds any copy may take in all (memory on a FUSE mount: ``STALL_CHECK``).
 STALL_LIMIT = 2.0
+#: Stalled copies running at once at most (each holds a copier thread): threads enough to wait for each.
+STALL_POOL_SIZE = _copier.CV_COPY_MAX_THREADS
 
 
-def bounded_copy(op: int, target: int, pid: int, remote: int, local, size: int) -> int:
+#: Threads that must go on serving (``serving_thread``): a copy stalled there raises ``CopyStalled``.
+_serving_threads: Set[int] = set()
+
+
+def serving_thread(serving: bool = True) -> None:
+    """The calling thread serves everyone (the loop): from now on (until ``serving=False``) no copy
+    it makes waits past ``STALL_CHECK``; one still running then raises ``CopyStalled``."""
+    if serving:
+        _serving_threads.add(threading.get_ident())
+    else:
+        _serving_threads.discard(threading.get_ident())
+
+
+_READS = (_copier.CV_COPY_READV, _copier.CV_COPY_PREAD)
+
+
+class StalledCopy:
+    """A copy that missed ``STALL_CHECK`` and still runs on its copier; its process's stalled
+    copies count it until the syscall returns.  Someone finishes or abandons it."""
+
+    __slots__ = ("_copy", "op", "pid", "remote", "size", "local")
+
+    def __init__(self, copy, op: int, pid: int, remote: int, size: int, local):
+        self._copy = copy
+        self.op = op
+        self.pid = pid
+        self.remote = remote
+        self.size = size
+        #: the buffer a read lands in (bytearray); a write's bytes went with the copy
+        self.local = local
+
+    def __repr__(self) -> str:
+        return f"StalledCopy(pid {self.pid}: {self.size} bytes at 0x{self.remote:x})"
+
+    def finish(self) -> int:
+        """Wait for the rest of ``STALL_LIMIT``: the bytes moved (a read's are in ``local``) or
+        -errno; ``VfioError(EFAULT)``, the copy abandoned, when it still runs then."""
+        copy, self._copy = self._copy, None
+        assert copy is not None, "a stalled copy is finished once"
+        dst = _ffi.from_buffer(self.local) if self.op in _READS else _ffi.NULL
+        done = _copier.cv_copy_wait(copy, int((STALL_LIMIT - STALL_CHECK) * 1000), dst)
+        if done != -errno.ETIMEDOUT:
+            return done
+        _copier.cv_copy_abandon(copy)
+        raise self._fault(f"it did not move in {STALL_LIMIT:g} s")
+
+    def abandon(self) -> None:
+        """Nobody waits for it any more: its copier frees it when the syscall returns."""
+        copy, self._copy = self._copy, None
+        if copy is not None:
+            _copier.cv_copy_abandon(copy)
+
+    def give_up(self, why: str) -> VfioError:
+        """Abandon it; the EFAULT that says ``why``."""
+        self.abandon()
+        return self._fault(why)
+
+    def _fault(self, why: str) -> VfioError:
+        return VfioError(errno.EFAULT, f"pid {self.pid}: {self.size} bytes at 0x{self.remote:x} "
+                                       f"cannot be reached: {why}")
+
+    def __del__(self) -> None:
+        self.abandon()
+
+
+class CopyStalled(RetryRequest):
+    """Not an error: a copy on a serving thread stalled, and ``copy`` still runs.
+
+    A RetryRequest, so every layer lets it through: from a read, the handler
+    has not acted yet and the request can run again where waiting is allowed.
+    """
+
+    def __init__(self, copy: StalledCopy):
+        super().__init__(copy.remote, copy.size)
+        self.copy = copy
+
+
+def bounded_copy(op: int, target: int, pid: int, remote: int, local, size: int,
+                 process: int = -1, brief: bool = False) -> int:
     """One copy of ``size`` bytes at ``remote`` in the memory of ``pid`` (see the module): the
-    bytes moved or -errno; ``VfioError(EFAULT)`` when it stalls.  ``local`` is a writable buffer
-    for a read, the bytes for a write; ``target`` is ``pid`` or an fd of its /proc/PID/mem."""
-    reading = op in (_copier.CV_COPY_READV, _copier.CV_COPY_PREAD)
-    copy = _copier.cv_copy_start(op, target, remote, _ffi.NULL if reading else _ffi.from_buffer(local), size, pid)
+    bytes moved or -errno; ``VfioError(EFAULT)`` when it stalls too long, ``CopyStalled`` when
+    it stalls on a serving thread or with ``brief``.  ``local`` is a writable buffer for a read,
+    the bytes for a write; ``target`` is ``pid`` or an fd of its /proc/PID/mem; ``process`` is
+    the tgid of ``pid`` when the caller knows it (looked up only once some copy stalls)."""
+    reading = op in _READS
+    src = _ffi.NULL if reading else _ffi.from_buffer(local)
+    copy = _copier.cv_copy_start(op, target, remote, src, size, process)
     if copy == _ffi.NULL:
-        err = _ffi.errno
-        if err == errno.EBUSY:
-            raise VfioError(errno.EFAULT, f"pid {pid}: {_copier.CV_COPY_MAX_STALLED} copies of its memory are "
-                                          "still stalled; no more are tried until they end")
-        raise VfioError(errno.EFAULT, f"pid {pid}: no copier for {size} bytes at 0x{remote:x} "
-                                      f"({os.strerror(err)}): too many copies are stalled")
+        copy, process = _start_charged(op, target, pid, remote, src, size, process)
     dst = _ffi.from_buffer(local) if reading else _ffi.NULL
     done = _copier.cv_copy_wait(copy, int(STALL_CHECK * 1000), dst)
     if done != -errno.ETIMEDOUT:
         return done
+    stalled = StalledCopy(copy, op, pid, remote, size, local)
+    _copier.cv_copy_stall(copy, process if process >= 0 else _process_of(pid))
     fuse = fuse_backing(pid, remote, size)
-    if fuse is None:
-        done = _copier.cv_copy_wait(copy, int((STALL_LIMIT - STALL_CHECK) * 1000), dst)
-        if done != -errno.ETIMEDOUT:
-            return done
-    _copier.cv_copy_abandon(copy)
-    why = f"it is {fuse}" if fuse else f"it did not move in {STALL_LIMIT:g} s"
-    raise VfioError(errno.EFAULT, f"pid {pid}: {size} bytes at 0x{remote:x} cannot be reached: {why}")
+    if fuse is not None:
+        raise stalled.give_up(f"it is {fuse}")
+    if brief or threading.get_ident() in _serving_threads:
+        raise CopyStalled(stalled)
+    return stalled.finish()
+
+
+def _start_charged(op: int, target: int, pid: int, remote: int, src, size: int, process: int) -> Tuple[object, int]:
+    """The copy cv_copy_start refused, tried again once it is charged to its process; or EFAULT."""
+    err = _ffi.errno
+    if err == errno.ENOKEY:  # some copy is stalled, so whose this one is matters now
+        process = _process_of(pid)
+        copy = _copier.cv_copy_start(op, target, remote, src, size, process)
+        if copy != _ffi.NULL:
+            return copy, process
+        err = _ffi.errno
+    if err == errno.EBUSY:
+        raise VfioError(errno.EFAULT, f"pid {pid}: {_copier.CV_COPY_MAX_STALLED} copies of its process's memory "
+                                      "are still stalled; no more are tried until they end")
+    raise VfioError(errno.EFAULT, f"pid {pid}: no copier for {size} bytes at 0x{remote:x} "
+                                  f"({os.strerror(err)}): too many copies are stalled")
+
+
+def _process_of(pid: int) -> int:
+    """The process whose stalled copies count a copy of thread ``pid``'s memory."""
+    try:
+        return tgid_of(pid)
+    except VfioError:
+        return pid  # exited: its copies fail anyway
 
 
 def fuse_backing(pid: int, addr: int, size: int) -> Optional[str]:

@@ -6,7 +6,14 @@ hand off) run on a worker and are answered from there later, since doing
 them inline would make the loop wait for itself (``OFF_LOOP``).
 
 FUSE ioctls are restricted: the argument is read where it lies, through the
-calling thread (``ProcessMemory``).  CUSE ioctls are unrestricted: the
+calling thread (``ProcessMemory``).  The loop never waits for a client's
+memory past ``STALL_CHECK`` (``memory.serving_thread``); a copy still running
+then costs only its own request, which a thread of the runtime's stall pool
+finishes: a stalled read unwinds the handler before it acts (``CopyStalled``,
+a RetryRequest) and the request runs again there, meeting the copy already
+running (``ResumedMemory``); a stalled write comes after the handler acted,
+so the result stands and is answered there once the writes end, or EFAULT
+as a failing copy_to_user makes it.  CUSE ioctls are unrestricted: the
 kernel sends the argument bytes the server asked for in its last retry
 reply, and :mod:`.retry` plans those rounds from what the handler reads.
 The retry reaches the handler as an exception (``RetryRequest``, which every
@@ -22,11 +29,11 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Dict, List, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 from ..dispatch import Dispatcher, RetryRequest
 from ..errors import VfioError
-from ..memory import ProcessMemory, tgid_of
+from ..memory import CopyStalled, ProcessMemory, ResumedMemory, tgid_of
 from ..uapi.ioctls import VFIO_DEVICE_PCI_HOT_RESET, VFIO_GROUP_GET_DEVICE_FD, VFIO_GROUP_SET_CONTAINER, NodeKind
 from .handles import Handle, HandleTable
 from .retry import CuseIoctlArg, RetryMemory, RetryState
@@ -107,12 +114,17 @@ class IoctlPath:
             return
         tid = r.pid
         caller = self.make_caller(tid, r.uid)
+        memory = ProcessMemory(tid)
         try:
-            result = self.dispatcher.ioctl(handle.file_object, cmd,
-                                           self.dispatcher.make_arg(r.arg, caller, ProcessMemory(tid)))
+            result = self.dispatcher.ioctl(handle.file_object, cmd, self.dispatcher.make_arg(r.arg, caller, memory))
+        except CopyStalled:
+            result = 0  # void: memory.stalled runs it again
         finally:
             caller.done()
-        rq.ioctl(result)
+        if memory.stalled is None and not memory.pending:
+            rq.ioctl(result)
+            return
+        self.stalled(IoctlRequest.from_kernel(rq, r, handle, cuse=False), memory, result)
 
     def unrestricted(self, rq: Request, r, handle: Handle) -> None:
         """A CUSE device's ioctl, with the bytes of its last retry."""
@@ -134,14 +146,45 @@ class IoctlPath:
         if not req.off_loop:
             self.run(req)
             return
+        self.defer(req, lambda: self.run(req), self.runtime.workers)
+
+    def stalled(self, req: IoctlRequest, memory: ProcessMemory, result: int) -> None:
+        """A copy of ``req``'s argument stalled on the loop: a thread of the stall pool finishes the request."""
+        copy = memory.stalled
+        if copy is not None:
+            log.info("pid %d: ioctl 0x%x: %r on the serving loop; it runs again where it can wait",
+                     req.tid, req.cmd, copy)
+            memory.stalled = None
+            self.defer(req, lambda: self.run(req, ResumedMemory(req.tid, copy)), self.runtime.stalls,
+                       copy.abandon)
+        else:
+            self.defer(req, lambda: self._answer_after_writes(req, memory, result), self.runtime.stalls,
+                       memory.abandon)
+
+    def _answer_after_writes(self, req: IoctlRequest, memory: ProcessMemory, result: int) -> None:
+        try:
+            memory.finish_writes()
+        except VfioError as e:
+            log.info("pid %d: ioctl 0x%x acted, but its result cannot be written back: %s",
+                     req.tid, req.cmd, e.strerror)
+            result = -e.errno
+        req.rq.ioctl(result)
+
+    def defer(self, req: IoctlRequest, job: Callable[[], None], pool,
+              drop: Optional[Callable[[], None]] = None) -> None:
+        """``job`` answers ``req`` on a thread of ``pool``, its handle held meanwhile (fdget);
+        EIO, and ``drop``, when the runtime no longer takes work."""
+        rq = req.rq
         if not self.runtime.accepts_work():
+            if drop is not None:
+                drop()
             rq.err(errno.EIO)
             return
         self.handles.hold(req.handle)
 
         def deferred() -> None:
             try:
-                self.run(req)
+                job()
             except Exception:
                 log.exception("pid %d: ioctl 0x%x failed inside the server", req.tid, req.cmd)
                 if not rq.replied:
@@ -150,27 +193,32 @@ class IoctlPath:
                 self.handles.unhold(req.handle)
 
         try:
-            workers = self.runtime.workers
-            assert workers is not None, "the runtime is started"
-            workers.submit(deferred)
+            assert pool is not None, "the runtime is started"
+            pool.submit(deferred)
         except RuntimeError:  # shut down meanwhile
             self.handles.unhold(req.handle)
+            if drop is not None:
+                drop()
             rq.err(errno.EIO)
 
-    def run(self, req: IoctlRequest) -> None:
+    def run(self, req: IoctlRequest, memory: Optional[ProcessMemory] = None) -> None:
         caller = self.make_caller(req.tid, req.uid)
         try:
             if not req.cuse:
                 # FUSE: a restricted ioctl, the argument is read where it lies,
                 # through the calling thread (process_vm_* take any tid of the
                 # process, so the tgid is looked up only if someone asks).
+                if memory is None:
+                    memory = ProcessMemory(req.tid)
                 result = self.dispatcher.ioctl(req.handle.file_object, req.cmd,
-                                               self.dispatcher.make_arg(req.arg, caller, ProcessMemory(req.tid)))
+                                               self.dispatcher.make_arg(req.arg, caller, memory))
                 req.rq.ioctl(result)
                 return
             self.run_cuse(req, caller)
         finally:
             caller.done()
+            if memory is not None:
+                memory.abandon()
 
     def run_cuse(self, req: IoctlRequest, caller) -> None:
         """One round of the unrestricted-ioctl retry protocol (cv_reply_ioctl_retry in csrc/shim.c)."""

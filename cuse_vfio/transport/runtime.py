@@ -1,4 +1,4 @@
-"""What serving runs on: its directories, the loop and its sessions, the workers, the hand-off socket.
+"""What serving runs on: its directories, the loop and its sessions, the workers, the stall pool, the hand-off socket.
 
 ``start`` makes them, in an order that lets each find what it needs;
 ``stop`` takes them down in the reverse order, bounded in time, and removes
@@ -18,6 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, List, Optional
 
+from ..memory import STALL_POOL_SIZE, serving_thread
 from ..mounts import MountPointError, canonical, detach, refuse_mount_point, top_device
 from .eventfd import EventfdPoller
 from .handoff import Handoff, Mapper
@@ -43,6 +44,9 @@ class Runtime:
         self.loop: Optional[Loop] = None
         self.loop_thread: Optional[threading.Thread] = None
         self.workers: Optional[ThreadPoolExecutor] = None
+        #: where requests whose client memory stalled on the loop are finished (one thread can
+        #: wait per stalled copy, so a stalling client never takes the workers from the others)
+        self.stalls: Optional[ThreadPoolExecutor] = None
         self.handoff: Optional[Handoff] = None
         self.eventfd_poller: Optional[EventfdPoller] = None
         self.sessions: List[Session] = []
@@ -67,6 +71,7 @@ class Runtime:
         self.handoff = Handoff(self.socket_path, ttl=handoff_ttl, mapper=mapper)
         self.handoff.start()
         self.workers = ThreadPoolExecutor(max_workers=self._workers_count, thread_name_prefix="cuse-vfio-worker")
+        self.stalls = ThreadPoolExecutor(max_workers=STALL_POOL_SIZE, thread_name_prefix="cuse-vfio-stalled")
         self.loop = Loop()
         os.makedirs(self.device_mount, mode=0o700, exist_ok=True)
         self.refuse_mount_point(self.device_mount, "the device-file mount point (in --runtime-dir)")
@@ -110,7 +115,11 @@ class Runtime:
 
     def _serve(self) -> None:
         assert self.loop is not None, "start() first"
-        rc = self.loop.run()
+        serving_thread()  # everyone waits for this thread: client memory never holds it past the short check
+        try:
+            rc = self.loop.run()
+        finally:
+            serving_thread(False)
         if rc != 0 and not self.stopping:
             log.error("the serving loop stopped: %s", os.strerror(-rc))
 
@@ -132,10 +141,12 @@ class Runtime:
         # 1. Let in-flight deferred requests finish while the loop still serves
         #    them, for a bounded time: a worker stuck (in a client's own FUSE
         #    file, say) is left behind.
-        if self.workers is not None:
-            self.workers.shutdown(wait=False)
-            deadline = time.monotonic() + timeout
-            for worker in list(getattr(self.workers, "_threads", ())):
+        deadline = time.monotonic() + timeout
+        for pool in (self.workers, self.stalls):
+            if pool is None:
+                continue
+            pool.shutdown(wait=False)
+            for worker in list(getattr(pool, "_threads", ())):
                 worker.join(max(0.0, deadline - time.monotonic()))
                 if worker.is_alive():
                     log.error("%s is still busy after %g s: stopping without it", worker.name, timeout)
