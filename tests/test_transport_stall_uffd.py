@@ -42,6 +42,7 @@ UFFD_CLIENT_C = r"""
 /* Group 3's owner, whose ioctl arguments lie in pages it watches with userfaultfd.
  * MODE status: GROUP_GET_STATUS with the argument in a missing page;
  * MODE threads N: N threads doing that, each with its own page;
+ * MODE map: MAP_DMA with the argument in a missing page (read under the model's lock);
  * MODE unmap: UNMAP_DMA with its argument in a write-protected page, then MAP_DMA again.
  * A handler thread says "fault=1" for each fault and, on a line of stdin, ends them all:
  * "release" (the page's bytes appear / writes are allowed) or "fail" (the page is unmapped, as
@@ -150,8 +151,15 @@ int main(int argc, char **argv)
 	const char *mode = argv[2];
 	pthread_t h, t[MAX_PAGES];
 	struct vfio_group_status st = { .argsz = sizeof st };
+	char *buf;
+	struct vfio_iommu_type1_dma_map map = { .argsz = sizeof map, .iova = 0x100000,
+						.flags = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE };
+	struct vfio_iommu_type1_dma_unmap unmap = { .argsz = sizeof unmap, .iova = 0x100000 };
 
 	psize = sysconf(_SC_PAGESIZE);
+	buf = mmap(NULL, psize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	map.vaddr = (uintptr_t)buf;
+	map.size = unmap.size = psize;
 	wp = !strcmp(mode, "unmap");
 	uffd = syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);   /* poll() wants it non-blocking */
 	struct uffdio_api api = { .api = UFFD_API, .features = wp ? UFFD_FEATURE_PAGEFAULT_FLAG_WP : 0 };
@@ -173,11 +181,9 @@ int main(int argc, char **argv)
 			pthread_create(&t[i], NULL, get_status, stalling_page(&st, sizeof st));
 		for (int i = 0; i < n; i++)
 			pthread_join(t[i], NULL);
+	} else if (!strcmp(mode, "map")) {
+		say("map", rc(ioctl(c, VFIO_IOMMU_MAP_DMA, stalling_page(&map, sizeof map))));
 	} else {
-		char *buf = mmap(NULL, psize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-		struct vfio_iommu_type1_dma_map map = { .argsz = sizeof map, .vaddr = (uintptr_t)buf, .iova = 0x100000,
-							.size = psize, .flags = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE };
-		struct vfio_iommu_type1_dma_unmap unmap = { .argsz = sizeof unmap, .iova = 0x100000, .size = psize };
 		say("map", rc(ioctl(c, VFIO_IOMMU_MAP_DMA, &map)));
 		say("unmap", rc(ioctl(c, VFIO_IOMMU_UNMAP_DMA, stalling_page(&unmap, sizeof unmap))));
 		say("remap", rc(ioctl(c, VFIO_IOMMU_MAP_DMA, &map)));
@@ -270,10 +276,14 @@ def stall_setup(tmp_path, monkeypatch):
         machine.close()
 
 
-def test_a_stalled_argument_read_waits_off_the_loop_while_others_are_served(stall_setup):
+@pytest.mark.parametrize("ioctl, mode, answer", [
+    ("GROUP_GET_STATUS", "status", {"status": [0], "flags": [0x3]}),  # VIABLE | CONTAINER_SET
+    ("MAP_DMA (whose handler reads under the model's lock)", "map", {"map": [0]}),
+])
+def test_a_stalled_argument_read_waits_off_the_loop_while_others_are_served(stall_setup, ioctl, mode, answer):
     server, start, flow = stall_setup
-    print("client A: GROUP_GET_STATUS with its argument in a page whose fault A holds")
-    a, lines = start("status")
+    print(f"client A: {ioctl} with its argument in a page whose fault A holds")
+    a, lines = start(mode)
     assert lines.next() == ("fault", 1)  # the server's copy of A's argument waits in A's fault now
     eventually(lambda: copier.cv_copy_stalled(a.pid) == 1, "the copy is not counted as stalled")
 
@@ -286,8 +296,7 @@ def test_a_stalled_argument_read_waits_off_the_loop_while_others_are_served(stal
     print("A's fault ends: the copy already running completes the request (no second copy faults)")
     a.stdin.write("release\n")
     a.stdin.flush()
-    seen = lines.until("done")
-    assert seen == {"status": [0], "flags": [0x3], "done": [1]}  # VIABLE | CONTAINER_SET
+    assert lines.until("done") == {**answer, "done": [1]}
 
 
 def test_stalled_copies_count_per_process_not_per_thread(stall_setup):

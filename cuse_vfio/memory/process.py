@@ -16,10 +16,11 @@ done by then is *stalled*: it counts against its process (at most
 ``CV_COPY_MAX_STALLED`` at once, past that its copies fail at once) until
 its syscall returns.  Memory that is a file on a FUSE mount is refused then
 (EFAULT); any other stalled copy is waited for up to ``STALL_LIMIT`` in all,
-except on a thread that must go on serving (``serving_thread``): there
-``CopyStalled`` hands the copy, still running, to whoever can wait for it.
-A copy that does not finish fails as a faulting copy does (EFAULT) and is
-left to its copier.
+except on a thread that must go on serving (``serving_thread``: the loop and
+every thread that runs handlers): there ``CopyStalled`` hands the copy,
+still running, to whoever can wait for it with nothing held, and a DMA
+(``ProcessImage``) faults.  A copy that does not finish fails as a faulting
+copy does (EFAULT) and is left to its copier.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import resource
 import signal
 import threading
 import weakref
-from typing import Dict, List, Optional, Set, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 from ..errors import RetryRequest, VfioError
 from ._copier import ffi as _ffi
@@ -131,9 +132,9 @@ class ProcessMemory:
 
     As an ioctl's argument on a serving thread (see the module) it also keeps
     what stalled there: ``stalled``, a read the handler never got (it is
-    unwound by ``CopyStalled`` before it acts; the request runs again where
-    it can wait, through ``ResumedMemory``), and ``pending``, the writes
-    from the first stalled one on (the handler acted; they end, or fail with
+    unwound by ``CopyStalled`` before it acts; once the copy ends the request
+    runs again, through ``ResumedMemory``), and ``pending``, the writes from
+    the first stalled one on (the handler acted; they end, or fail with
     EFAULT as a failing copy_to_user does, before the request is answered).
     """
 
@@ -250,29 +251,31 @@ class ProcessMemory:
 
 
 class ResumedMemory(ProcessMemory):
-    """An ioctl argument's memory when the request runs again after its read ``resume`` stalled
-    on a serving thread: that read, met again, waits for the copy already running."""
+    """An ioctl argument's memory for the next run of a request whose read stalled on a serving
+    thread: that copy is waited for here (where no lock of the server is held) and it, like every
+    read that stalled in an earlier run, answers from what it got; any other read is as before."""
 
-    __slots__ = ("resume",)
+    __slots__ = ("done",)
 
-    def __init__(self, pid: int, resume: "StalledCopy"):
-        super().__init__(pid)
-        self.resume: Optional[StalledCopy] = resume
+    def __init__(self, stalled_run: ProcessMemory):
+        super().__init__(stalled_run.pid)
+        self.done: Dict[Tuple[int, int], object] = dict(getattr(stalled_run, "done", {}))
+        copy, stalled_run.stalled = stalled_run.stalled, None
+        assert copy is not None, "a run whose read stalled"
+        try:
+            self._check(copy.finish(), copy.remote, copy.size, "read")
+            self.done[copy.remote, copy.size] = bytes(copy.local)
+        except VfioError as e:
+            self.done[copy.remote, copy.size] = e
 
     def read(self, addr: int, size: int) -> bytes:
-        resume = self.resume
-        if resume is None or (resume.remote, resume.size) != (addr, size):
+        got = self.done.get((addr, size))
+        if got is None:
             return super().read(addr, size)
-        self.resume = None
-        self._check(resume.finish(), addr, size, "read")
-        return bytes(resume.local)
-
-    def abandon(self) -> None:
-        """The request is over: a stalled read it did not meet again is left to its copier too."""
-        resume, self.resume = self.resume, None
-        if resume is not None:
-            resume.abandon()
-        super().abandon()
+        if isinstance(got, VfioError):
+            raise VfioError(got.errno, got.strerror or "")
+        assert isinstance(got, bytes)
+        return got
 
 
 class ProcessImage:
@@ -465,17 +468,15 @@ STALL_LIMIT = 2.0
 STALL_POOL_SIZE = _copier.CV_COPY_MAX_THREADS
 
 
-#: Threads that must go on serving (``serving_thread``): a copy stalled there raises ``CopyStalled``.
-_serving_threads: Set[int] = set()
+#: ``serving``: the thread must go on serving (``serving_thread``); dies with the thread, unlike its ident
+_thread = threading.local()
 
 
 def serving_thread(serving: bool = True) -> None:
-    """The calling thread serves everyone (the loop): from now on (until ``serving=False``) no copy
-    it makes waits past ``STALL_CHECK``; one still running then raises ``CopyStalled``."""
-    if serving:
-        _serving_threads.add(threading.get_ident())
-    else:
-        _serving_threads.discard(threading.get_ident())
+    """The calling thread serves everyone (the loop, a thread that runs handlers, which may hold the
+    model's lock): from now on (until ``serving=False``) no copy it makes waits past ``STALL_CHECK``;
+    one still running then raises ``CopyStalled``."""
+    _thread.serving = serving
 
 
 _READS = (_copier.CV_COPY_READV, _copier.CV_COPY_PREAD)
@@ -563,7 +564,7 @@ def bounded_copy(op: int, target: int, pid: int, remote: int, local, size: int,
     fuse = fuse_backing(pid, remote, size)
     if fuse is not None:
         raise stalled.give_up(f"it is {fuse}")
-    if brief or threading.get_ident() in _serving_threads:
+    if brief or getattr(_thread, "serving", False):
         raise CopyStalled(stalled)
     return stalled.finish()
 

@@ -6,14 +6,16 @@ hand off) run on a worker and are answered from there later, since doing
 them inline would make the loop wait for itself (``OFF_LOOP``).
 
 FUSE ioctls are restricted: the argument is read where it lies, through the
-calling thread (``ProcessMemory``).  The loop never waits for a client's
-memory past ``STALL_CHECK`` (``memory.serving_thread``); a copy still running
-then costs only its own request, which a thread of the runtime's stall pool
-finishes: a stalled read unwinds the handler before it acts (``CopyStalled``,
-a RetryRequest) and the request runs again there, meeting the copy already
-running (``ResumedMemory``); a stalled write comes after the handler acted,
-so the result stands and is answered there once the writes end, or EFAULT
-as a failing copy_to_user makes it.  CUSE ioctls are unrestricted: the
+calling thread (``ProcessMemory``).  No thread that runs handlers (the loop,
+the workers, the stall pool: ``memory.serving_thread``) waits for a client's
+memory past ``STALL_CHECK``, since a handler may hold the model's lock; a
+copy still running then costs only its own request, which the runtime's stall
+pool finishes, waiting with nothing held.  A stalled read unwinds the
+handler before it acts (``CopyStalled``, a RetryRequest); the copy already
+running is waited for and the handler runs again (``ResumedMemory``), as
+often as reads stall.  A stalled write comes after the handler acted, so the
+result stands and is answered once the writes end, or EFAULT as a failing
+copy_to_user makes it.  CUSE ioctls are unrestricted: the
 kernel sends the argument bytes the server asked for in its last retry
 reply, and :mod:`.retry` plans those rounds from what the handler reads.
 The retry reaches the handler as an exception (``RetryRequest``, which every
@@ -116,9 +118,7 @@ class IoctlPath:
         caller = self.make_caller(tid, r.uid)
         memory = ProcessMemory(tid)
         try:
-            result = self.dispatcher.ioctl(handle.file_object, cmd, self.dispatcher.make_arg(r.arg, caller, memory))
-        except CopyStalled:
-            result = 0  # void: memory.stalled runs it again
+            result = self.dispatch(handle, cmd, r.arg, caller, memory)
         finally:
             caller.done()
         if memory.stalled is None and not memory.pending:
@@ -148,26 +148,38 @@ class IoctlPath:
             return
         self.defer(req, lambda: self.run(req), self.runtime.workers)
 
-    def stalled(self, req: IoctlRequest, memory: ProcessMemory, result: int) -> None:
-        """A copy of ``req``'s argument stalled on the loop: a thread of the stall pool finishes the request."""
-        copy = memory.stalled
-        if copy is not None:
-            log.info("pid %d: ioctl 0x%x: %r on the serving loop; it runs again where it can wait",
-                     req.tid, req.cmd, copy)
-            memory.stalled = None
-            self.defer(req, lambda: self.run(req, ResumedMemory(req.tid, copy)), self.runtime.stalls,
-                       copy.abandon)
-        else:
-            self.defer(req, lambda: self._answer_after_writes(req, memory, result), self.runtime.stalls,
-                       memory.abandon)
-
-    def _answer_after_writes(self, req: IoctlRequest, memory: ProcessMemory, result: int) -> None:
+    def dispatch(self, handle: Handle, cmd: int, value: int, caller, memory: ProcessMemory) -> int:
+        """A restricted ioctl's result; void (0) when a read stalled: ``memory.stalled`` says so."""
         try:
-            memory.finish_writes()
-        except VfioError as e:
-            log.info("pid %d: ioctl 0x%x acted, but its result cannot be written back: %s",
-                     req.tid, req.cmd, e.strerror)
-            result = -e.errno
+            return self.dispatcher.ioctl(handle.file_object, cmd, self.dispatcher.make_arg(value, caller, memory))
+        except CopyStalled:
+            return 0
+
+    def stalled(self, req: IoctlRequest, memory: ProcessMemory, result: int) -> None:
+        """A copy of ``req``'s argument stalled on a serving thread: the stall pool finishes the request."""
+        if memory.stalled is not None:
+            log.info("pid %d: ioctl 0x%x: %r stalled; the request runs again once it ends",
+                     req.tid, req.cmd, memory.stalled)
+        self.defer(req, lambda: self._finish_stalled(req, memory, result), self.runtime.stalls, memory.abandon)
+
+    def _finish_stalled(self, req: IoctlRequest, memory: ProcessMemory, result: int) -> None:
+        """Each stalled read waited for with nothing held, then the handler again; then the writes."""
+        try:
+            while memory.stalled is not None:
+                memory = ResumedMemory(memory)
+                caller = self.make_caller(req.tid, req.uid)
+                try:
+                    result = self.dispatch(req.handle, req.cmd, req.arg, caller, memory)
+                finally:
+                    caller.done()
+            try:
+                memory.finish_writes()
+            except VfioError as e:
+                log.info("pid %d: ioctl 0x%x acted, but its result cannot be written back: %s",
+                         req.tid, req.cmd, e.strerror)
+                result = -e.errno
+        finally:
+            memory.abandon()
         req.rq.ioctl(result)
 
     def defer(self, req: IoctlRequest, job: Callable[[], None], pool,
@@ -201,24 +213,23 @@ class IoctlPath:
                 drop()
             rq.err(errno.EIO)
 
-    def run(self, req: IoctlRequest, memory: Optional[ProcessMemory] = None) -> None:
+    def run(self, req: IoctlRequest) -> None:
         caller = self.make_caller(req.tid, req.uid)
         try:
             if not req.cuse:
                 # FUSE: a restricted ioctl, the argument is read where it lies,
                 # through the calling thread (process_vm_* take any tid of the
                 # process, so the tgid is looked up only if someone asks).
-                if memory is None:
-                    memory = ProcessMemory(req.tid)
-                result = self.dispatcher.ioctl(req.handle.file_object, req.cmd,
-                                               self.dispatcher.make_arg(req.arg, caller, memory))
-                req.rq.ioctl(result)
+                memory = ProcessMemory(req.tid)
+                result = self.dispatch(req.handle, req.cmd, req.arg, caller, memory)
+                if memory.stalled is None and not memory.pending:
+                    req.rq.ioctl(result)
+                else:
+                    self.stalled(req, memory, result)
                 return
             self.run_cuse(req, caller)
         finally:
             caller.done()
-            if memory is not None:
-                memory.abandon()
 
     def run_cuse(self, req: IoctlRequest, caller) -> None:
         """One round of the unrestricted-ioctl retry protocol (cv_reply_ioctl_retry in csrc/shim.c)."""

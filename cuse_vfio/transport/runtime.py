@@ -44,8 +44,8 @@ class Runtime:
         self.loop: Optional[Loop] = None
         self.loop_thread: Optional[threading.Thread] = None
         self.workers: Optional[ThreadPoolExecutor] = None
-        #: where requests whose client memory stalled on the loop are finished (one thread can
-        #: wait per stalled copy, so a stalling client never takes the workers from the others)
+        #: where requests whose client memory stalled are finished (a thread can wait for each
+        #: stalled copy, so a stalling client never takes the workers from the others)
         self.stalls: Optional[ThreadPoolExecutor] = None
         self.handoff: Optional[Handoff] = None
         self.eventfd_poller: Optional[EventfdPoller] = None
@@ -70,8 +70,12 @@ class Runtime:
         self.eventfd_poller = EventfdPoller()
         self.handoff = Handoff(self.socket_path, ttl=handoff_ttl, mapper=mapper)
         self.handoff.start()
-        self.workers = ThreadPoolExecutor(max_workers=self._workers_count, thread_name_prefix="cuse-vfio-worker")
-        self.stalls = ThreadPoolExecutor(max_workers=STALL_POOL_SIZE, thread_name_prefix="cuse-vfio-stalled")
+        # Handlers run on the loop, the workers and the stall pool, and may hold the model's lock:
+        # none of them waits for client memory past the short check (serving_thread).
+        self.workers = ThreadPoolExecutor(max_workers=self._workers_count, thread_name_prefix="cuse-vfio-worker",
+                                          initializer=serving_thread)
+        self.stalls = ThreadPoolExecutor(max_workers=STALL_POOL_SIZE, thread_name_prefix="cuse-vfio-stalled",
+                                         initializer=serving_thread)
         self.loop = Loop()
         os.makedirs(self.device_mount, mode=0o700, exist_ok=True)
         self.refuse_mount_point(self.device_mount, "the device-file mount point (in --runtime-dir)")
