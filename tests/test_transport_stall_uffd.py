@@ -253,16 +253,27 @@ def stall_setup(tmp_path, monkeypatch):
         return proc, Lines(proc)
 
     def flow(group="2", what="flow"):
-        proc = subprocess.run([clients["flow"], server.dev_dir, group, what], capture_output=True, text=True,
-                              env=server.client_env(os.environ), timeout=CLIENT_TIMEOUT)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        return parse_values(proc.stdout)
+        proc = subprocess.Popen([clients["flow"], server.dev_dir, group, what], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=server.client_env(os.environ))
+        try:
+            out, err = proc.communicate(timeout=CLIENT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            # Not served: whatever it waits for waits behind a stall, so end the stalls first
+            # (a request the server has taken is answered before its client can go).
+            for stalling in procs:
+                stalling.stdin.close()
+            proc.kill()
+            proc.communicate()
+            raise AssertionError(f"{what} on group {group} was not served while a client stalled") from None
+        assert proc.returncode == 0, out + err
+        return parse_values(out)
 
     try:
         with serving(server):
             yield server, start, flow
             for proc in procs:
-                proc.stdin.close()
+                if not proc.stdin.closed:
+                    proc.stdin.close()
                 assert proc.wait(timeout=CLIENT_TIMEOUT) == 0
             print("nothing is left: no stalled copy, every copier idle, no handle held, group 3 opens again")
             eventually(lambda: copier.cv_copy_stalled(-1) == 0 and copier.cv_copy_busy() == 0, "copiers left busy")
