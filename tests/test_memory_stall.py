@@ -17,8 +17,8 @@ import threading
 import time
 
 import pytest
-from serving_support import CLIENT_TIMEOUT, unmount
-from test_transport_stall import STALLING_FS
+from serving_support import CLIENT_TIMEOUT
+from test_transport_stall import stalling_file_system
 
 from cuse_vfio.errors import VfioError
 from cuse_vfio.memory import ProcessImage, process, serving_thread
@@ -44,61 +44,48 @@ sys.stdin.readline()
 def test_a_dma_on_a_serving_thread_faults_where_a_device_thread_waits(tmp_path, monkeypatch):
     monkeypatch.setattr(process, "STALL_LIMIT", 3600.0)  # a device thread waits until the daemon answers
     monkeypatch.setattr(process, "fuse_backing", lambda pid, addr, size: None)
-    mnt, armed = tmp_path / "stall", tmp_path / "armed"
-    mnt.mkdir()
-    armed.touch()
-    fs = subprocess.Popen([sys.executable, "-c", STALLING_FS, str(mnt), str(armed)])
-    child = None
-    try:
-        deadline = time.monotonic() + CLIENT_TIMEOUT
-        while not os.path.ismount(mnt):
-            assert time.monotonic() < deadline and fs.poll() is None, "the stalling file system did not mount"
-            time.sleep(0.01)
-        child = subprocess.Popen([sys.executable, "-c", CHILD, str(mnt / "f")], stdin=subprocess.PIPE,
+    with stalling_file_system(tmp_path) as (page_file, armed):
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(page_file)], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, text=True)
-        addr = int(child.stdout.readline())
-        image = ProcessImage(child.pid)
-        results = {}
+        try:
+            addr = int(child.stdout.readline())
+            image = ProcessImage(child.pid)
+            results = {}
 
-        def dma(name, serving):
-            if serving:
-                serving_thread()
-            try:
-                results[name] = image.read(addr, 8)
-            except VfioError as e:
-                results[name] = e
-            finally:
-                serving_thread(False)
+            def dma(name, serving):
+                if serving:
+                    serving_thread()
+                try:
+                    results[name] = image.read(addr, 8)
+                except VfioError as e:
+                    results[name] = e
+                finally:
+                    serving_thread(False)
 
-        print("a DMA read on a serving thread: a fault, while the memory still stalls")
-        loop = threading.Thread(target=dma, args=("serving", True))
-        loop.start()
-        loop.join(CLIENT_TIMEOUT)
-        assert not loop.is_alive()
-        fault = results["serving"]
-        assert isinstance(fault, VfioError) and fault.errno == errno.EFAULT, fault
-        assert "serving thread" in fault.strerror and armed.exists()
+            print("a DMA read on a serving thread: a fault, while the memory still stalls")
+            loop = threading.Thread(target=dma, args=("serving", True))
+            loop.start()
+            loop.join(CLIENT_TIMEOUT)
+            assert not loop.is_alive()
+            fault = results["serving"]
+            assert isinstance(fault, VfioError) and fault.errno == errno.EFAULT, fault
+            assert "serving thread" in fault.strerror and armed.exists()
 
-        print("the same DMA on a device's thread waits for the memory")
-        device = threading.Thread(target=dma, args=("device", False))
-        device.start()
-        wait_for = time.monotonic() + CLIENT_TIMEOUT
-        while copier.cv_copy_stalled(child.pid) < 2:  # the abandoned copy and this one
-            assert time.monotonic() < wait_for, "the device thread's copy did not stall"
-            time.sleep(0.01)
-        assert device.is_alive() and "device" not in results
-        armed.unlink()
-        device.join(CLIENT_TIMEOUT)
-        assert results["device"] == bytes(8)
-        while copier.cv_copy_stalled(child.pid):  # the abandoned copy ends too, now that the page came
-            assert time.monotonic() < wait_for, "a stalled copy did not end"
-            time.sleep(0.01)
-        image.close()
-    finally:
-        if child is not None:
+            print("the same DMA on a device's thread waits for the memory")
+            device = threading.Thread(target=dma, args=("device", False))
+            device.start()
+            wait_for = time.monotonic() + CLIENT_TIMEOUT
+            while copier.cv_copy_stalled(child.pid) < 2:  # the abandoned copy and this one
+                assert time.monotonic() < wait_for, "the device thread's copy did not stall"
+                time.sleep(0.01)
+            assert device.is_alive() and "device" not in results
+            armed.unlink()
+            device.join(CLIENT_TIMEOUT)
+            assert results["device"] == bytes(8)
+            while copier.cv_copy_stalled(child.pid):  # the abandoned copy ends too, now that the page came
+                assert time.monotonic() < wait_for, "a stalled copy did not end"
+                time.sleep(0.01)
+            image.close()
+        finally:  # before the file system goes: the child's mapping would keep it
             child.kill()
             child.wait()
-        if armed.exists():
-            armed.unlink()
-        unmount(str(mnt))
-        fs.wait(timeout=CLIENT_TIMEOUT)

@@ -9,19 +9,21 @@ with EFAULT and its DMA is a fault in the log, while another client's whole
 edu flow runs, all before the daemon answers anything.
 """
 
+import contextlib
 import errno
 import os
 import subprocess
+import sys
 import time
 
 import pytest
+from serving_support import CLIENT_TIMEOUT, TRANSPORT, parse_values, serving, unmount
+from test_transport_clients import CLIENT_C
 
 from cuse_vfio.machine import Machine
 from cuse_vfio.machine.topology import parse
 from cuse_vfio.transport.server import Server
 from cuse_vfio.transport.shim import TransportError
-from serving_support import CLIENT_TIMEOUT, TRANSPORT, parse_values, serving, unmount
-from test_transport_clients import CLIENT_C
 
 pytest.importorskip("mfusepy")
 
@@ -152,6 +154,26 @@ def read_until(proc, key, values):
     raise AssertionError(f"the stalling client ended before {key}: {values}")
 
 
+@contextlib.contextmanager
+def stalling_file_system(tmp_path):
+    """STALLING_FS mounted: (its file, the path whose existence holds every read); unmounted after."""
+    mnt, armed = tmp_path / "stall", tmp_path / "armed"
+    mnt.mkdir()
+    armed.touch()
+    fs = subprocess.Popen([sys.executable, "-c", STALLING_FS, str(mnt), str(armed)])
+    try:
+        deadline = time.monotonic() + CLIENT_TIMEOUT
+        while not os.path.ismount(mnt):
+            assert time.monotonic() < deadline and fs.poll() is None, "the stalling file system did not mount"
+            time.sleep(0.01)
+        yield mnt / "f", armed
+    finally:
+        if armed.exists():
+            armed.unlink()
+        unmount(str(mnt))
+        fs.wait(timeout=CLIENT_TIMEOUT)
+
+
 def test_a_client_whose_memory_stalls_costs_only_itself(tmp_path):
     machine = Machine(parse(TOPOLOGY, "<stall test topology>"))
     dev_dir = "/dev/cuse-vfio-test" if TRANSPORT == "cuse" else str(tmp_path / "vfio")
@@ -159,48 +181,38 @@ def test_a_client_whose_memory_stalls_costs_only_itself(tmp_path):
                     dev_dir=dev_dir, runtime_dir=str(tmp_path / "run"))
     flow = build(tmp_path, "vfio-client", CLIENT_C)
     staller = build(tmp_path, "stalling-client", STALLING_CLIENT_C)
-    mnt, armed = tmp_path / "stall", tmp_path / "armed"
-    mnt.mkdir()
-    armed.touch()
-    fs = subprocess.Popen([os.sys.executable, "-c", STALLING_FS, str(mnt), str(armed)])
     stalling = None
     try:
-        deadline = time.monotonic() + CLIENT_TIMEOUT
-        while not os.path.ismount(mnt):
-            assert time.monotonic() < deadline and fs.poll() is None, "the stalling file system did not mount"
-            time.sleep(0.01)
-        with serving(server):
-            env = server.client_env(os.environ)
-            print("the stalling client: a FUSE page as GROUP_GET_STATUS's argument and as MAP_DMA's vaddr")
-            stalling = subprocess.Popen([staller, server.dev_dir, str(mnt / "f")], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True, env=env)
-            v = read_until(stalling, "ready", {})
-            assert armed.exists()  # everything below happened while the daemon answered nothing
-            assert v["status"] == -errno.EFAULT
-            assert v["map_dma"] == 0  # MAP_DMA pins nothing: only the DMA reaches the page
-            assert v["device"] >= 0 and v["dma_done"] == 1  # the command completed, the transfer faulted
-            faults = machine.fault_log.faults()
-            assert any(f.iova == 0x100000 and not f.write for f in faults), faults
+        with stalling_file_system(tmp_path) as (page_file, armed), serving(server):
+            try:
+                env = server.client_env(os.environ)
+                print("the stalling client: a FUSE page as GROUP_GET_STATUS's argument and as MAP_DMA's vaddr")
+                stalling = subprocess.Popen([staller, server.dev_dir, str(page_file)], stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, text=True, env=env)
+                v = read_until(stalling, "ready", {})
+                assert armed.exists()  # everything below happened while the daemon answered nothing
+                assert v["status"] == -errno.EFAULT
+                assert v["map_dma"] == 0  # MAP_DMA pins nothing: only the DMA reaches the page
+                assert v["device"] >= 0 and v["dma_done"] == 1  # the command completed, the transfer faulted
+                faults = machine.fault_log.faults()
+                assert any(f.iova == 0x100000 and not f.write for f in faults), faults
 
-            print("another client's whole edu flow while the daemon still stalls")
-            proc = subprocess.run([flow, server.dev_dir, "2", "flow"], capture_output=True, text=True,
-                                  env=env, timeout=CLIENT_TIMEOUT)
-            assert proc.returncode == 0, proc.stdout + proc.stderr
-            values = parse_values(proc.stdout)
-            assert values["map_dma"] == 0 and values["dma_roundtrip"] == 1
-            assert values["irq1"] == 1 and values["irq2"] == 1
-            assert armed.exists()
-            armed.unlink()
-            stalling.stdin.close()
-            assert stalling.wait(timeout=CLIENT_TIMEOUT) == 0
+                print("another client's whole edu flow while the daemon still stalls")
+                proc = subprocess.run([flow, server.dev_dir, "2", "flow"], capture_output=True, text=True,
+                                      env=env, timeout=CLIENT_TIMEOUT)
+                assert proc.returncode == 0, proc.stdout + proc.stderr
+                values = parse_values(proc.stdout)
+                assert values["map_dma"] == 0 and values["dma_roundtrip"] == 1
+                assert values["irq1"] == 1 and values["irq2"] == 1
+                assert armed.exists()
+                armed.unlink()
+                stalling.stdin.close()
+                assert stalling.wait(timeout=CLIENT_TIMEOUT) == 0
+            finally:  # before the file system goes: the client's mapping would keep it
+                if stalling is not None and stalling.poll() is None:
+                    stalling.kill()
+                    stalling.wait()
     finally:
-        if stalling is not None and stalling.poll() is None:
-            stalling.kill()
-            stalling.wait()
-        if armed.exists():
-            armed.unlink()
-        unmount(str(mnt))
-        fs.wait(timeout=CLIENT_TIMEOUT)
         machine.close()
 
 
