@@ -235,7 +235,9 @@ class ProcessMemory:
     def _transfer(self, op: int, local, remote: int, size: int, verb: str) -> None:
         if remote < 0 or remote + size > 1 << 64:
             raise VfioError(errno.EFAULT, f"pid {self.pid}: 0x{remote:x} is not a user address")
-        self._check(bounded_copy(op, self.pid, self.pid, remote, local, size), remote, size, verb)
+        done = bounded_copy(op, self.pid, self.pid, remote, local, size)
+        if done != size:
+            self._check(done, remote, size, verb)
 
     def _check(self, done: int, remote: int, size: int, verb: str) -> None:
         if done == size:
