@@ -74,7 +74,7 @@ identity -> BARs and capabilities -> register handlers -> reset::
   traceback; the device and the server live on.
 """
 
-from .bars import Bar, FileMemory, FileRamBar, IoBar, MmioBar, RamBar, Rom, SharedMemory  # noqa: F401
+from .bars import Bar, BarWindow, FileMemory, FileRamBar, IoBar, MmioBar, RamBar, Rom, SharedMemory  # noqa: F401
 from .caps import (  # noqa: F401
     Capability,
     ExpressCapability,
