@@ -14,6 +14,7 @@ import os
 import struct
 
 import pytest
+from devices_fakes import bar_read, bar_write, errno_of, ioctl, region_offset
 
 from cuse_vfio.core import KernelAbi
 from cuse_vfio.devices import IoBar, MmioBar, MsixCapability, PciDevice, VfioPciDevice, create_model
@@ -29,7 +30,6 @@ from cuse_vfio.uapi import (
     vfio_region_info,
 )
 from cuse_vfio.uapi.caps import parse_caps
-from devices_fakes import bar_read, bar_write, errno_of, ioctl, region_offset
 
 PAGE = mmap.PAGESIZE
 RW = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE
