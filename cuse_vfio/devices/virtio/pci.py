@@ -22,14 +22,16 @@ through the device fd goes to the device (``write_config``) and the page is
 then rewritten, so a read-only field reads back as it was, as QEMU's
 ``virtio_config_modern_write*`` then ``get_config``.  With ``mmap_windows = true``
 vfio-pci offers that page for mmap (a sparse mmap area), and a client such as
-QEMU maps it and reads MAC and status without a trap.  Off by default:
-DPDK's virtio PMD maps a BAR's sparse areas and then takes the modern
-interface, whose common config it reads through a pointer into the unmapped
-rest of BAR4 (a SIGSEGV), where with no mappable area it falls back to the
-legacy BAR0.  What the mapping cannot reproduce: a store through it to a
-read-only field stays until the device next rewrites the page (the spec
-forbids a modern driver to write them), and an access straddling the end of
-the config reads the config's bytes and then 0xff where QEMU reads all ones.
+QEMU maps it and reads MAC and status without a trap.  Off by default,
+since DPDK cannot use it: 22.11 maps BAR4 whole, which is refused (EINVAL),
+and its PCI bus then gives the device up, legacy interface included; a
+DPDK that knows sparse areas maps the page and takes the modern interface,
+whose common config it reads through a pointer into the unmapped rest of
+BAR4.  With no mappable area it takes the legacy BAR0.  What the mapping
+cannot reproduce: a store through it to a read-only field stays until the
+device next rewrites the page (the spec forbids a modern driver to write
+them), and an access straddling the end of the config reads the config's
+bytes and then 0xff where QEMU reads all ones.
 
 Which interface a driver uses is its choice: DPDK's virtio PMD wants BAR4
 mapped (cuse-vfio serves register BARs through pread/pwrite only), so it
@@ -214,7 +216,7 @@ class VirtioPciFunction(PciDevice):
     subsystem_vendor_id = PCI_VENDOR_ID_REDHAT_QUMRANET
     revision = 0
     interrupt_pin = 1
-    #: the device config page is offered for mmap only when a topology says so (DPDK, see above)
+    #: the device config page is offered for mmap only when a topology says so (DPDK cannot use it, see above)
     mmap_windows = False
     #: the device status the driver wrote (VIRTIO_CONFIG_S_*), set by reset
     status: int
