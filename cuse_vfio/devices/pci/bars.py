@@ -155,8 +155,10 @@ class MmioBar(Bar):
 
     def renew_memory(self) -> None:
         """The windows move to a fresh memfd with the same bytes (see :meth:`RamBar.renew_memory`)."""
-        if self.memory is not None:
-            self.memory = self.memory.renewed()
+        old = self.memory
+        if old is not None:
+            self.memory = old.copy()
+            old.close()
 
     def close(self) -> None:
         if self.memory is not None:
@@ -215,11 +217,10 @@ class SharedMemory(_MemoryFd):
         self.view = memoryview(self._map)
         self._own(self._fd)
 
-    def renewed(self) -> "SharedMemory":
-        """The same bytes in a fresh memfd; this side of this one is let go (its mappings elsewhere live on)."""
+    def copy(self) -> "SharedMemory":
+        """The same bytes in a fresh memfd (to move to before closing this one: see RamBar.renew_memory)."""
         new = SharedMemory(self.size, self.name)
         new.view[:] = self.view
-        self.close()
         return new
 
     def close(self) -> None:
@@ -270,8 +271,10 @@ class RamBar(Bar):
         (unlike in Linux, where a mapping holds the device file open) a
         mapping can outlive the open it came from.
         """
-        self.memory = self.memory.renewed()
-        self.backing = self.memory.view
+        old = self.memory
+        self.memory = old.copy()
+        self.backing = self.memory.view  # the model's view moves before the old one is released
+        old.close()
 
     def close(self) -> None:
         self.memory.close()
