@@ -8,14 +8,17 @@ What may be mapped:
 
 * a plain-memory BAR (``RamBar``) of at least a page, whole: VFIO_REGION_INFO_FLAG_MMAP
   and no capability, except MSIX_MAPPABLE on the MSI-X table's BAR (6.1 and
-  6.12 map the table and PBA with the rest, since 4.16's a32295c612c5);
+  6.12 map the table and PBA with the rest, since 4.16's "vfio-pci: Allow
+  mapping MSIX BAR");
 * the windows of a register BAR (``MmioBar.add_window``), when the device
   offers them (``mmap_windows``): FLAG_MMAP and a VFIO_REGION_INFO_CAP_SPARSE_MMAP
   capability listing them, one area each, as vfio-pci listed the pages around
   the MSI-X table before 4.16 (``msix_sparse_mmap_cap``).  A mapping must lie
   inside the areas; one that reaches a register that traps is EINVAL, as
   ``vfio_pci_mmap`` then refused a mapping overlapping the table.  No MSIX_MAPPABLE
-  there: the table is never inside a window, so it cannot be mapped.
+  there: the table is never inside a window, so it cannot be mapped (QEMU's
+  ``vfio_pci_fixup_msix_region`` then leaves mmaps other than one whole-BAR
+  area as they are).
 
 A client gets ``(memory, start)``: the BAR's memfd and where the mapping
 starts in it, which is always the offset in the BAR.
