@@ -69,6 +69,8 @@ def vfio_pci_rw(vdev: "VfioPciDevice", offset: int, count: int, data: Optional[b
             raise VfioError(errno.EINVAL, f"{vdev.name}: offset 0x{offset:x} is in no region")
         pm.get()
         try:
+            if index <= VFIO_PCI_BAR5_REGION_INDEX:
+                return bar_rw(vdev, index, offset & VFIO_PCI_OFFSET_MASK, count, data)
             return region_rw(vdev, index, offset, count, data)
         finally:
             pm.put()
