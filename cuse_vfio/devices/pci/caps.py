@@ -152,7 +152,7 @@ class MsiCapability(Capability):
         return self._config.get(self.offset + PCI_MSI_FLAGS, 2)
 
     def enabled(self) -> bool:
-        return bool(self.flags() & PCI_MSI_FLAGS_ENABLE)
+        return bool(self._config.get(self.offset + PCI_MSI_FLAGS, 2) & PCI_MSI_FLAGS_ENABLE)
 
     def enabled_vectors(self) -> int:
         return self._vectors_of(self.flags())
@@ -164,7 +164,7 @@ class MsiCapability(Capability):
         return self.per_vector_mask and bool(self._config.get(self._mask_reg, 4) >> vector & 1)
 
     def notify(self, vector: int) -> None:
-        flags = self.flags()  # read once: enabled, and how many vectors
+        flags = self._config.get(self.offset + PCI_MSI_FLAGS, 2)  # read once: enabled, and how many vectors
         if not flags & PCI_MSI_FLAGS_ENABLE or vector >= self._vectors_of(flags):
             return
         if self.per_vector_mask and self._masked(vector):
@@ -240,7 +240,7 @@ class MsixCapability(Capability):
         return self._config.get(self.offset + PCI_MSIX_FLAGS, 2)
 
     def enabled(self) -> bool:
-        return bool(self.flags() & PCI_MSIX_FLAGS_ENABLE)
+        return bool(self._config.get(self.offset + PCI_MSIX_FLAGS, 2) & PCI_MSIX_FLAGS_ENABLE)
 
     def entry_masked(self, vector: int) -> bool:
         ctrl = int.from_bytes(self.table[vector * 16 + 12:vector * 16 + 16], "little")
@@ -250,7 +250,7 @@ class MsixCapability(Capability):
         return bool(self.flags() & PCI_MSIX_FLAGS_MASKALL) or self.entry_masked(vector)
 
     def notify(self, vector: int) -> None:
-        flags = self.flags()  # read once: enabled, and the function mask
+        flags = self._config.get(self.offset + PCI_MSIX_FLAGS, 2)  # read once: enabled, and the function mask
         if not flags & PCI_MSIX_FLAGS_ENABLE or vector >= self.vectors:
             return
         if flags & PCI_MSIX_FLAGS_MASKALL or self.entry_masked(vector):
