@@ -126,7 +126,7 @@ def rom_read(vdev: "VfioPciDevice", pos: int, count: int) -> bytes:
 
 def do_io_rw(vdev: "VfioPciDevice", pos, count, data, x_start, x_end, max_width, test_mem, read, write=None):
     """vfio_pci_core_do_io_rw: naturally aligned accesses, an excluded range, EIO when memory is off."""
-    if count <= max_width and not count & (count - 1) and not pos & (count - 1) and \
+    if 0 < count <= max_width and not count & (count - 1) and not pos & (count - 1) and \
             (pos >= x_end or pos + count <= x_start):
         # One naturally aligned access outside the excluded range (a driver's register
         # access): the loop below would take it in one step.
