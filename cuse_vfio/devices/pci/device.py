@@ -310,7 +310,8 @@ class PciDevice:
         return self.config.get(PCI_COMMAND, 2)
 
     def bus_master_enabled(self) -> bool:
-        return bool(self.command() & PCI_COMMAND_MASTER)
+        # (command() spelled out: every DMA asks)
+        return bool(self.config.get(PCI_COMMAND, 2) & PCI_COMMAND_MASTER)
 
     # -- BAR access (MMIO / port I/O from the host) ---------------------------
     def bar_read(self, index: int, offset: int, size: int) -> int:
