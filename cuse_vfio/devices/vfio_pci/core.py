@@ -70,7 +70,7 @@ from .rdwr import (
     BAR_IO_WIDTH,
     VFIO_PCI_OFFSET_SHIFT,
     Ioeventfds,
-    region_rw,
+    vfio_pci_rw,
 )
 from .regions import Regions
 from .reset import HotResetBus
@@ -384,23 +384,10 @@ class VfioPciDevice:
 
     # -- DeviceOps: read / write / mmap -----------------------------------------------------
     def read(self, size: int, offset: int) -> bytes:
-        if size <= 0:
-            return b""
-        with self.lock:
-            return self._rw(offset, size, None)
+        return vfio_pci_rw(self, offset, size, None) if size > 0 else b""
 
     def write(self, data: bytes, offset: int) -> int:
-        if not data:
-            return 0
-        with self.lock:
-            return self._rw(offset, len(data), bytes(data))
-
-    def _rw(self, offset: int, count: int, data: Optional[bytes]):
-        index = offset >> VFIO_PCI_OFFSET_SHIFT
-        if index >= VFIO_PCI_NUM_REGIONS:
-            raise VfioError(errno.EINVAL, f"{self.name}: offset 0x{offset:x} is in no region")
-        with self.awake():  # vfio_pci_rw: pm_runtime_resume_and_get
-            return region_rw(self, index, offset, count, data)
+        return vfio_pci_rw(self, offset, len(data), bytes(data)) if data else 0
 
     def guarded(self, fn, *args):
         """Run device-model code (handlers, config hooks, reset) for one access.
