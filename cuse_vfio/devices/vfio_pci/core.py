@@ -68,7 +68,6 @@ from .intrs import Interrupts
 from .power import RuntimePm
 from .rdwr import (
     BAR_IO_WIDTH,
-    VFIO_PCI_OFFSET_SHIFT,
     Ioeventfds,
     vfio_pci_rw,
 )
