@@ -372,6 +372,23 @@ def test_msix_table_is_excluded_but_pba_is_not():
     assert len(vdev.read(8, region_offset(4, 0xFF8))) == 8 and fn.accesses
 
 
+def test_single_accesses_at_the_edges_of_the_msix_table():
+    # One naturally aligned access is served in one step; at the table's edges it must
+    # still see the exclusion exactly as the split loop does.
+    fn = Recorder(msix=True)
+    vdev = make(fn)
+    assert vdev.read(4, region_offset(4, 0xFFC)) == (0x01020304).to_bytes(4, "little")  # ends at the table
+    assert fn.accesses == [("r", 0xFFC, 4)]
+    fn.accesses.clear()
+    assert vdev.read(4, region_offset(4, 0x1000)) == b"\xff" * 4  # starts it
+    assert vdev.read(2, region_offset(4, 0x103E)) == b"\xff" * 2  # ends inside it
+    vdev.write(b"\1\0\0\0", region_offset(4, 0x1000 + 0x40))  # the PBA: after the table
+    assert fn.accesses == [] and fn.msix.pending == 0  # (the PBA is read-only, not a register)
+    vdev.write(b"\7\0\0\0", region_offset(4, 0xFFC))
+    assert fn.accesses == [("w", 0xFFC, 4, 7)]
+    assert vdev.read(3, region_offset(0, 0x10)) and fn.accesses[-2:] == [("r", 0x10, 2), ("r", 0x12, 1)]
+
+
 def test_a_broken_handler_fails_one_access_with_eio(caplog):
     fn = Recorder()
     vdev = make(fn)

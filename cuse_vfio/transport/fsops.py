@@ -61,6 +61,9 @@ class FileOps:
 
     def __init__(self, server: "Server"):
         self.server = server
+        #: request kind -> this table's bound method, looked up once (``serve`` runs for every request)
+        self._methods = {op: getattr(self, name) for op, name in _METHODS.items()}
+        self._handles = server.handles
 
     # -- what a file system answers itself (ENOSYS unless it does) ---------------------
     def lookup(self, rq: Request, r) -> None:
@@ -86,7 +89,7 @@ class FileOps:
     unrestricted_ioctls = False
 
     def ioctl(self, rq: Request, r) -> None:
-        handle = self.server.handles.get(r.fh)
+        handle = self._handles.get(r.fh)
         if handle is None:
             rq.err(errno.EBADF)
         elif self.unrestricted_ioctls:
@@ -95,7 +98,7 @@ class FileOps:
             self.server.ioctls.restricted(rq, r, handle)
 
     def read(self, rq: Request, r) -> None:
-        handle = self.server.handles.get(r.fh)
+        handle = self._handles.get(r.fh)
         if handle is None:
             rq.err(errno.EBADF)
             return
@@ -107,7 +110,7 @@ class FileOps:
         rq.buf(bytes(data))
 
     def write(self, rq: Request, r) -> None:
-        handle = self.server.handles.get(r.fh)
+        handle = self._handles.get(r.fh)
         if handle is None:
             rq.err(errno.EBADF)
             return
@@ -155,19 +158,18 @@ _METHODS = {
 def serve(ops: FileOps, r) -> None:
     """The one router: request ``r`` of the loop to the method of its file system's table."""
     op = r.op
-    if op == OP_INIT_DONE:
-        ops.init_done(r)
-        return
-    if op == OP_SESSION_END:
-        ops.session_end(r)
+    method = ops._methods.get(op)
+    if method is None:
+        if op == OP_INIT_DONE:
+            ops.init_done(r)
+        elif op == OP_SESSION_END:
+            ops.session_end(r)
+        else:
+            Request(r.req).err(errno.ENOSYS)
         return
     rq = Request(r.req)
     try:
-        name = _METHODS.get(op)
-        if name is None:
-            rq.err(errno.ENOSYS)
-        else:
-            getattr(ops, name)(rq, r)
+        method(rq, r)
     except Exception:
         log.exception("request %d (pid %d) failed inside the server", r.op, r.pid)
         if not rq.replied and not is_null(r.req):
