@@ -1607,6 +1607,8 @@ static void bus_hot_reset(void)
 	{
 		long r = hot_reset_fds(fn[0].fd, fds, 1, 1);
 		put_rc("bus.hot_reset.flags1", r, errno);
+		struct vfio_pci_hot_reset_info hi = { .argsz = 4 };
+		XIOCTL("bus.hot_reset_info.argsz4", fn[0].fd, VFIO_DEVICE_GET_PCI_HOT_RESET_INFO, &hi);
 	}
 	close(null_fd);
 
@@ -1629,9 +1631,22 @@ static void bus_hot_reset(void)
 	put_hot_reset("bus.hot_reset.group_fd_twice", fn[0].fd, fds, 2);
 	fds[0] = S.group;
 	put_hot_reset("bus.hot_reset.other_group_and_group", fn[0].fd, fds, 2);
+	{
+		/* argsz covers only the header: vfio-pci checks argsz >= minsz alone and reads count fds after it */
+		struct { struct vfio_pci_hot_reset hr; int32_t fds[1]; } a = {
+			.hr = { .argsz = sizeof(a.hr), .count = 1 }, .fds = { group },
+		};
+		XIOCTL("bus.hot_reset.argsz_header_only", fn[0].fd, VFIO_DEVICE_PCI_HOT_RESET, &a);
+	}
 	if (fn[1].fd >= 0) {
 		fds[0] = group;
 		put_hot_reset("bus.hot_reset.from_fn1", fn[1].fd, fds, 1);
+		/* the sibling closed again: its group is still needed, and the reset still reaches it */
+		put_rc("bus.fn1.close", close(fn[1].fd), errno);
+		fn[1].fd = -1;
+		put_hot_reset("bus.hot_reset.fn1_closed", fn[0].fd, fds, 1);
+		fds[0] = S.group;
+		put_hot_reset("bus.hot_reset.fn1_closed.other_group", fn[0].fd, fds, 1);
 	}
 
 out:
