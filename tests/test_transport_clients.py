@@ -154,19 +154,28 @@ static int setup(int *cp, int *gp)
 }
 
 /* close() of a device fd, then at once UNSET_CONTAINER, many times: the
- * kernel has released the device when close returns, so the group is free. */
+ * kernel has released the device when close returns, so the group is free.
+ * Every other round the last ioctl before the close is one the server runs
+ * on a worker (PCI_HOT_RESET; ENODEV on the root bus): its hold on the
+ * device fd ends before its answer, as the kernel's fdput does. */
 static int cmd_close_unset(void)
 {
 	int c, g, i, busy = 0;
+	struct { struct vfio_pci_hot_reset hr; int32_t fd; } reset = {
+		.hr = { .argsz = sizeof(reset), .count = 1 },
+	};
 
 	if (setup(&c, &g))
 		return 1;
+	reset.fd = g;
 	for (i = 0; i < 50; i++) {
 		int d = ioctl(g, VFIO_GROUP_GET_DEVICE_FD, DEVICE);
 		if (d < 0) {
 			say("device", -errno);
 			return 1;
 		}
+		if (i % 2)
+			ioctl(d, VFIO_DEVICE_PCI_HOT_RESET, &reset);
 		close(d);
 		if (ioctl(g, VFIO_GROUP_UNSET_CONTAINER)) {
 			busy++;
