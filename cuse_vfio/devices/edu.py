@@ -9,8 +9,11 @@ MMIO accesses as QEMU's memory core and ``edu_mmio_read``/``_write`` see them:
 1- and 2-byte accesses are refused by the memory core (read 0, writes
 dropped); below 0x80 only 4-byte accesses reach a register (8 bytes read as
 all ones); from 0x80 on, 4 or 8 bytes.  A register not in the table reads as
-all ones.  Options (topology keys): ``dma_mask`` (default 28 bits, as QEMU),
-``fact_delay`` and ``dma_delay`` in seconds (QEMU computes the factorial in a
+all ones.  No page is a register window (``MmioBar.add_window``): page 0
+holds registers whose writes act (liveness, factorial, interrupts, DMA
+command), and the rest of the BAR answers by access size and drops writes,
+which memory cannot.  Options (topology keys): ``dma_mask`` (default 28
+bits, as QEMU), ``fact_delay`` and ``dma_delay`` in seconds (QEMU computes the factorial in a
 thread, so COMPUTING is seen set for a moment, and runs a DMA from a 100 ms
 timer: the defaults), ``reset`` to offer a function reset that clears the
 registers (the kernel finds none for QEMU's edu on q35's root bus, so the

@@ -59,6 +59,12 @@ class Machine:
                 # 4.0 and true compare equal to 4 and 1, so vfio-pci's own check would take them
                 raise TopologyError(f"{topology.source}: device {spec.bdf}: io_width is 1, 2, 4 or 8, "
                                     f"not {io_width!r}")
+            # Whether the model's register windows are offered for mmap (sparse mmap areas); by default
+            # as the model says (PciDevice.mmap_windows).
+            mmap_windows = options.pop("mmap_windows", None)
+            if mmap_windows is not None and not isinstance(mmap_windows, bool):
+                raise TopologyError(f"{topology.source}: device {spec.bdf}: mmap_windows is true or false, "
+                                    f"not {mmap_windows!r}")
             try:
                 function = create_model(spec.model, name=spec.bdf, **options)
             except (KeyError, TypeError, ValueError) as e:
@@ -68,7 +74,7 @@ class Machine:
             function.dma._record_faults_to(self.fault_log)
             try:
                 self._pending[spec.bdf] = VfioPciDevice(
-                    function, spec.bdf, io_width=io_width, abi=self.vfio.abi,
+                    function, spec.bdf, io_width=io_width, abi=self.vfio.abi, mmap_windows=mmap_windows,
                     nointxmask=self.params.get("vfio_pci", "nointxmask"),
                     disable_idle_d3=self.params.get("vfio_pci", "disable_idle_d3"))
             except ValueError as e:

@@ -6,7 +6,7 @@ import logging
 import threading
 from typing import Any, Callable, List, Optional
 
-from .bars import Bar, RamBar, Rom
+from .bars import Bar, Rom
 from .caps import Capability, ExpressCapability, MsiCapability, MsixCapability, PmCapability
 from .config import ConfigSpace
 from .dma import DmaPort
@@ -133,6 +133,10 @@ class PciDevice:
     can_reset = False
     #: the function implements the bus-master bit (it does DMA)
     dma_capable = True
+    #: vfio-pci offers the BARs' windows (``MmioBar.add_window``) for mmap, as sparse mmap areas;
+    #: a topology entry's ``mmap_windows`` overrides it.  Off, the windows are still memory, reached by
+    #: pread/pwrite only.
+    mmap_windows = True
     #: writable bits of the command register; None: what the function implements
     #: (I/O and memory decode for its BAR types, bus master when ``dma_capable``,
     #: parity, SERR, INTx disable).  QEMU's devices make IO|MEMORY|MASTER|SERR|INTX_DISABLE
@@ -473,7 +477,7 @@ class PciDevice:
         """The device goes away: nothing deferred may run any more, shared memory is let go."""
         self.deferred.cancel_all()
         for bar in self.bars:
-            if isinstance(bar, RamBar):
+            if bar is not None:
                 bar.close()
 
     def __repr__(self) -> str:
