@@ -751,6 +751,18 @@ def test_pci_hot_reset_needs_every_function_bound_to_vfio_pci():
     assert errno_of(hot_reset, a, caller, *g) == errno.EINVAL
 
 
+@pytest.mark.parametrize("abi, header_back", [("6.1", True), ("6.12", False)])
+def test_hot_reset_info_with_a_function_in_no_group_is_eperm(abi, header_back):
+    """vfio_pci_fill_devs: -EPERM; 6.1 still copies the header out, 6.5+ jumps past it."""
+    bus = HotResetBus(segment=0, bus=3)
+    a = make(Recorder(), abi=KernelAbi(abi))
+    bus.add(0x00, 7, a)
+    bus.add(0x08, None, None)   # a function the IOMMU left out
+    arg = FakeArg(struct.pack("<III", 12 + 16, 0x55, 0x66).ljust(28, b"\0"))
+    assert errno_of(a.ioctl, VFIO_DEVICE_GET_PCI_HOT_RESET_INFO, arg) == errno.EPERM
+    assert struct.unpack_from("<III", arg.buf) == ((28, 0, 0x66) if header_back else (28, 0x55, 0x66))
+
+
 # -- VFIO_DEVICE_FEATURE ---------------------------------------------------------------------
 def feature(vdev, flags, argsz=8):
     return ioctl(vdev, VFIO_DEVICE_FEATURE, struct.pack("<II", argsz, flags))

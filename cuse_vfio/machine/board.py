@@ -14,12 +14,12 @@ import logging
 from typing import Callable, Dict, List, Optional, Sequence
 
 from ..core import DEFAULT_KERNEL_ABI, BusDevice, IommuGroup, KernelAbi, Vfio, VfioBusDriver, device_bind
-from ..devices import PciDevice, VfioPciDevice, create_model, load_model_file
+from ..devices import HotResetBus, PciDevice, VfioPciDevice, create_model, load_model_file
 from ..dispatch import Dispatcher
 from ..iommu import register_default_drivers
 from ..sysfs import SysfsDevice, SysfsGroup, SysfsView, bar_resource, qemu_vtd, vfio_modules
 from .params import ModuleParams
-from .topology import MSI_WINDOW, Topology, TopologyError
+from .topology import MSI_WINDOW, Topology, TopologyError, bus_of, devfn_of
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,22 @@ class Machine:
             dev = self.bus_devices[spec.bdf] = BusDevice(spec.bdf)
             group.add_device(dev)
             device_bind(dev, self.vfio_pci)
+        self._wire_buses()
         self.dispatcher = Dispatcher(self.vfio, trace=trace)
+
+    def _wire_buses(self) -> None:
+        """Function 0 of a slot with others says so (QEMU's multifunction=on), and each root
+        port's secondary bus becomes one HotResetBus holding every function on it, in devfn
+        order as the kernel's walk of the bus finds them.  The root bus cannot be reset: its
+        devices keep no HotResetBus, and the hot reset ioctls answer ENODEV for them."""
+        specs = {spec.bdf: spec for spec in self.topology.devices}
+        for bdf, vdev in self.vdevs.items():
+            if bdf.endswith(".0") and any(other[:-1] == bdf[:-1] and other != bdf for other in specs):
+                vdev.function.set_multifunction()
+        for port in self.topology.root_ports:
+            bus = HotResetBus(segment=int(port.bdf[:4], 16), bus=port.secondary)
+            for bdf in sorted((b for b in specs if bus_of(b) == port.secondary), key=devfn_of):
+                bus.add(devfn_of(bdf), specs[bdf].group, self.vdevs[bdf])
 
     def _vfio_pci_probe(self, dev: BusDevice) -> VfioPciDevice:
         vdev = self._pending.pop(dev.name)

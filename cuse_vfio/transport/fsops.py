@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Optional
 
 from ..dispatch import Node
 from ..errors import VfioError
+from ..uapi import NodeKind
 from .caller import RequestCaller
 from .shim import (
     OP_GETATTR,
@@ -92,7 +93,14 @@ class FileOps:
         handle = self._handles.get(r.fh)
         if handle is None:
             rq.err(errno.EBADF)
-        elif self.unrestricted_ioctls:
+            return
+        if handle.kind is NodeKind.GROUP:
+            # close() of a device fd returns once its release is queued (the
+            # hand-off closed our copy before the client got it: CV_HANDOFF_CLOSED);
+            # the kernel's has run vfio_device_fops_release by then, so a group
+            # ioctl right after (UNSET_CONTAINER) must see the device closed.
+            self._complete_device_releases()
+        if self.unrestricted_ioctls:
             self.server.ioctls.unrestricted(rq, r, handle)
         else:
             self.server.ioctls.restricted(rq, r, handle)
@@ -125,6 +133,12 @@ class FileOps:
     def release(self, rq: Request, r) -> None:
         self.server.release(rq, r.fh, r.sid)
 
+    def _complete_device_releases(self) -> None:
+        """Serve the releases queued on the device-file mount now (only from a node's handler)."""
+        loop, device_session = self.server.runtime.loop, self.server.device_files.session
+        assert loop is not None and device_session is not None  # both exist while serving
+        loop.drain(device_session)
+
     def open_node(self, rq: Request, r, session: Session, inode: Inode) -> None:
         """OPEN of the container node or a group node: the core's open, then a handle."""
         server = self.server
@@ -135,9 +149,7 @@ class FileOps:
             # still be queued there after its process died; it must count
             # before this open does, as the kernel's exit would have
             # completed it (a killed client's group opens again at once).
-            loop, device_session = server.runtime.loop, server.device_files.session
-            assert loop is not None and device_session is not None  # both exist while serving
-            loop.drain(device_session)
+            self._complete_device_releases()
         try:
             file_object = server.dispatcher.open(node, RequestCaller(server, r.pid, r.uid))
         except VfioError as e:

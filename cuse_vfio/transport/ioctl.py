@@ -3,7 +3,10 @@
 Most ioctls are answered on the loop thread; the few that need the server's
 own files while they run (resolving a container fd, opening a device file to
 hand off) run on a worker and are answered from there later, since doing
-them inline would make the loop wait for itself (``OFF_LOOP``).
+them inline would make the loop wait for itself (``OFF_LOOP``).  Either
+way the answer goes out last: the fds the ioctl fetched from the client are
+closed and its hold on the open is dropped first (``_ReplyLast``), as the
+kernel's fdputs precede the return of its ioctl.
 
 FUSE ioctls are restricted: the argument is read where it lies, through the
 calling thread (``ProcessMemory``).  No thread that runs handlers (the loop,
@@ -26,12 +29,13 @@ because every VFIO handler reads all of its input before it acts.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
 
 from ..dispatch import Dispatcher, RetryRequest
 from ..errors import VfioError
@@ -62,11 +66,38 @@ OFF_LOOP = frozenset({
 _OFF_LOOP_BY_KIND = {kind: frozenset(cmd for k, cmd in OFF_LOOP if k is kind) for kind in NodeKind}
 
 
+class _ReplyLast:
+    """A request whose reply goes out only after ``put_back``: the files the ioctl took (the
+    fds it fetched from the client, its own open's hold) are let go first, as the kernel's
+    fdputs come before its ioctl returns, so a close or a group ioctl the client makes right
+    after the reply finds them released."""
+
+    def __init__(self, rq: Union[Request, "_ReplyLast"], put_back: Callable[[], None]):
+        self._rq = rq
+        self._put_back = put_back
+
+    @property
+    def replied(self) -> bool:
+        return self._rq.replied
+
+    def ioctl(self, result: int, data: bytes = b"") -> None:
+        self._put_back()
+        self._rq.ioctl(result, data)
+
+    def err(self, err: int) -> None:
+        self._put_back()
+        self._rq.err(err)
+
+    def ioctl_retry(self, ranges) -> int:
+        self._put_back()
+        return self._rq.ioctl_retry(ranges)
+
+
 @dataclass
 class IoctlRequest:
     """One ioctl as the kernel sent it: on which open, which call, from which thread, with which bytes."""
 
-    rq: Request
+    rq: Union[Request, _ReplyLast]
     handle: Handle
     cmd: int
     arg: int
@@ -146,7 +177,7 @@ class IoctlPath:
         if not req.off_loop:
             self.run(req)
             return
-        self.defer(req, lambda: self.run(req), self.runtime.workers)
+        self.defer(req, lambda fdput: self.run(req, fdput), self.runtime.workers)
 
     def dispatch(self, handle: Handle, cmd: int, value: int, caller, memory: ProcessMemory) -> int:
         """A restricted ioctl's result; void (0) when a read stalled: ``memory.stalled`` says so."""
@@ -160,10 +191,13 @@ class IoctlPath:
         if memory.stalled is not None:
             log.info("pid %d: ioctl 0x%x: %r stalled; the request runs again once it ends",
                      req.tid, req.cmd, memory.stalled)
-        self.defer(req, lambda: self._finish_stalled(req, memory, result), self.runtime.stalls, memory.abandon)
+        self.defer(req, lambda fdput: self._finish_stalled(req, memory, result, fdput), self.runtime.stalls,
+                   memory.abandon)
 
-    def _finish_stalled(self, req: IoctlRequest, memory: ProcessMemory, result: int) -> None:
+    def _finish_stalled(self, req: IoctlRequest, memory: ProcessMemory, result: int,
+                        fdput: Callable[[], None]) -> None:
         """Each stalled read waited for with nothing held, then the handler again; then the writes."""
+        rq = _ReplyLast(req.rq, fdput)
         try:
             while memory.stalled is not None:
                 memory = ResumedMemory(memory)
@@ -180,12 +214,12 @@ class IoctlPath:
                 result = -e.errno
         finally:
             memory.abandon()
-        req.rq.ioctl(result)
+        rq.ioctl(result)
 
-    def defer(self, req: IoctlRequest, job: Callable[[], None], pool,
+    def defer(self, req: IoctlRequest, job: Callable[[Callable[[], None]], None], pool,
               drop: Optional[Callable[[], None]] = None) -> None:
-        """``job`` answers ``req`` on a thread of ``pool``, its handle held meanwhile (fdget);
-        EIO, and ``drop``, when the runtime no longer takes work."""
+        """``job(fdput)`` answers ``req`` on a thread of ``pool``, its handle held until ``fdput``
+        (fdget); EIO, and ``drop``, when the runtime no longer takes work."""
         rq = req.rq
         if not self.runtime.accepts_work():
             if drop is not None:
@@ -193,28 +227,42 @@ class IoctlPath:
             rq.err(errno.EIO)
             return
         self.handles.hold(req.handle)
+        held = [True]
+
+        def fdput() -> None:
+            if held:
+                held.clear()
+                self.handles.unhold(req.handle)
 
         def deferred() -> None:
             try:
-                job()
+                job(fdput)
             except Exception:
                 log.exception("pid %d: ioctl 0x%x failed inside the server", req.tid, req.cmd)
+                fdput()
                 if not rq.replied:
                     rq.err(errno.EIO)
             finally:
-                self.handles.unhold(req.handle)
+                fdput()
 
         try:
             assert pool is not None, "the runtime is started"
             pool.submit(deferred)
         except RuntimeError:  # shut down meanwhile
-            self.handles.unhold(req.handle)
+            fdput()
             if drop is not None:
                 drop()
             rq.err(errno.EIO)
 
-    def run(self, req: IoctlRequest) -> None:
+    def run(self, req: IoctlRequest, fdput: Optional[Callable[[], None]] = None) -> None:
         caller = self.make_caller(req.tid, req.uid)
+
+        def put_back() -> None:
+            caller.done()
+            if fdput is not None:
+                fdput()
+
+        req = dataclasses.replace(req, rq=_ReplyLast(req.rq, put_back))
         try:
             if not req.cuse:
                 # FUSE: a restricted ioctl, the argument is read where it lies,

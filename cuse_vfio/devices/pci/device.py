@@ -31,6 +31,7 @@ from .regs import (
     PCI_D3HOT,
     PCI_DEVICE_ID,
     PCI_HEADER_TYPE,
+    PCI_HEADER_TYPE_MULTI_FUNCTION,
     PCI_INTERRUPT_LINE,
     PCI_INTERRUPT_PIN,
     PCI_LATENCY_TIMER,
@@ -187,6 +188,11 @@ class PciDevice:
         c.init(PCI_SUBSYSTEM_ID, 2, self.subsystem_id)
         c.init(PCI_INTERRUPT_LINE, 1, 0, wmask=0xFF)
         c.init(PCI_INTERRUPT_PIN, 1, self.interrupt_pin)
+
+    def set_multifunction(self) -> None:
+        """Function 0 of a device with more functions: bit 7 of the header type says so
+        (QEMU's ``multifunction=on``); the kernel's scan looks for functions 1-7 only then."""
+        self.config.init(PCI_HEADER_TYPE, 1, PCI_HEADER_TYPE_MULTI_FUNCTION)
 
     def _command_wmask(self) -> int:
         if self.command_wmask is not None:
