@@ -1,8 +1,15 @@
 /*
  * cuse-vfio copier: see copier.h.  One lock guards the idle threads, the
- * thread count and the stalled counts; each copy has its own condition the
+ * thread count and the stalled counts; each copy's done word is a futex the
  * thread that asked waits on.  A stalled copy counts against its key (the
  * process) from cv_copy_stall until its syscall returns, whoever waits.
+ *
+ * A copy is a hand-off to another thread and back, so its cost is the two
+ * context switches; neither side is woken while the other holds the lock
+ * (on one CPU that would add two more switches: the woken thread runs, finds
+ * the lock taken and gives the CPU back).  Copier structs are never freed
+ * (a thread that exits leaves its struct in cv_spare for the next one), so a
+ * copier may be signalled after the lock is dropped.
  */
 #define _GNU_SOURCE
 #include "copier.h"
@@ -12,6 +19,8 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -24,11 +33,10 @@ struct cv_copy {
 	uint64_t remote;
 	size_t len;
 	long result;         /* bytes moved or -errno, once done */
-	int done;
+	int done;            /* a futex word: set (release) with cv_lock held, waited on without it */
 	int abandoned;
 	int stalled;         /* counted in cv_stalled_total */
 	int charged;         /* counted in key's slot too */
-	pthread_cond_t cond; /* done */
 	struct cv_copier *copier;
 	char buf[];          /* the only memory the syscall touches on our side */
 };
@@ -41,6 +49,7 @@ struct cv_copier {
 
 static pthread_mutex_t cv_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct cv_copier *cv_idle;
+static struct cv_copier *cv_spare;   /* of threads that exited: never freed, reused */
 static int cv_idle_count;
 static int cv_threads;
 static struct { int key, count; } cv_stalled[CV_COPY_KEYS];
@@ -89,8 +98,12 @@ static long cv_copy_run(struct cv_copy *c)
 
 static void cv_copy_free(struct cv_copy *c)
 {
-	pthread_cond_destroy(&c->cond);
 	free(c);
+}
+
+static void cv_futex_wake(int *word)
+{
+	syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
 }
 
 static void *cv_copier_main(void *arg)
@@ -119,22 +132,32 @@ static void *cv_copier_main(void *arg)
 		}
 		if (c->abandoned) {
 			cv_copy_free(c);
+			c = NULL;
 		} else {
 			c->result = result;
-			c->done = 1;
-			pthread_cond_signal(&c->cond);
+			__atomic_store_n(&c->done, 1, __ATOMIC_RELEASE);
 		}
-		if (cv_idle_count >= CV_COPY_MAX_IDLE)
-			break;
+		if (cv_idle_count >= CV_COPY_MAX_IDLE) {
+			cv_threads--;
+			self->next_idle = cv_spare;   /* its condition stays valid: see cv_copy_start */
+			cv_spare = self;
+			pthread_mutex_unlock(&cv_lock);
+			if (c)
+				cv_futex_wake(&c->done);
+			return NULL;
+		}
 		self->next_idle = cv_idle;
 		cv_idle = self;
 		cv_idle_count++;
+		if (c) {
+			/* Woken without the lock held, so the waiter does not wake into a
+			 * held lock and give the CPU straight back.  c may be freed by now
+			 * (its waiter saw done): a private futex wake only names the address. */
+			pthread_mutex_unlock(&cv_lock);
+			cv_futex_wake(&c->done);
+			pthread_mutex_lock(&cv_lock);
+		}
 	}
-	cv_threads--;
-	pthread_mutex_unlock(&cv_lock);
-	pthread_cond_destroy(&self->cond);
-	free(self);
-	return NULL;
 }
 
 /* An idle copier, or a new one; cv_lock held. */
@@ -155,12 +178,17 @@ static struct cv_copier *cv_copier_get(void)
 		errno = EAGAIN;
 		return NULL;
 	}
-	t = calloc(1, sizeof(*t));
-	if (!t) {
-		errno = ENOMEM;
-		return NULL;
+	if (cv_spare) {
+		t = cv_spare;
+		cv_spare = t->next_idle;
+	} else {
+		t = calloc(1, sizeof(*t));
+		if (!t) {
+			errno = ENOMEM;
+			return NULL;
+		}
+		pthread_cond_init(&t->cond, NULL);
 	}
-	pthread_cond_init(&t->cond, NULL);
 	pthread_attr_init(&attr);
 	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
 	pthread_attr_setstacksize(&attr, 64 * 1024);
@@ -171,8 +199,8 @@ static struct cv_copier *cv_copier_get(void)
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
 	pthread_attr_destroy(&attr);
 	if (rc) {
-		pthread_cond_destroy(&t->cond);
-		free(t);
+		t->next_idle = cv_spare;
+		cv_spare = t;
 		errno = rc;
 		return NULL;
 	}
@@ -184,7 +212,6 @@ struct cv_copy *cv_copy_start(int op, int target, uint64_t remote, const void *s
 {
 	struct cv_copy *c;
 	struct cv_copier *t;
-	pthread_condattr_t attr;
 	int *stalled;
 
 	c = malloc(sizeof(*c) + len);
@@ -204,10 +231,6 @@ struct cv_copy *cv_copy_start(int op, int target, uint64_t remote, const void *s
 	c->charged = 0;
 	if (src && (op == CV_COPY_WRITEV || op == CV_COPY_PWRITE))
 		memcpy(c->buf, src, len);
-	pthread_condattr_init(&attr);
-	pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
-	pthread_cond_init(&c->cond, &attr);
-	pthread_condattr_destroy(&attr);
 
 	pthread_mutex_lock(&cv_lock);
 	if (key < 0 && cv_stalled_total) {
@@ -234,14 +257,17 @@ struct cv_copy *cv_copy_start(int op, int target, uint64_t remote, const void *s
 	}
 	c->copier = t;
 	t->copy = c;
-	pthread_cond_signal(&t->cond);
 	pthread_mutex_unlock(&cv_lock);
+	/* Signalled without the lock held, so the copier does not wake into a
+	 * held lock; t outlives its thread (cv_spare), so this is safe even if
+	 * the copy is already done and the thread gone. */
+	pthread_cond_signal(&t->cond);
 	return c;
 }
 
 long cv_copy_wait(struct cv_copy *c, int timeout_ms, void *dst)
 {
-	struct timespec deadline;
+	struct timespec now, deadline, left;
 	long result;
 
 	clock_gettime(CLOCK_MONOTONIC, &deadline);
@@ -251,14 +277,19 @@ long cv_copy_wait(struct cv_copy *c, int timeout_ms, void *dst)
 		deadline.tv_sec++;
 		deadline.tv_nsec -= 1000000000L;
 	}
-	pthread_mutex_lock(&cv_lock);
-	while (!c->done) {
-		if (pthread_cond_timedwait(&c->cond, &cv_lock, &deadline) == ETIMEDOUT && !c->done) {
-			pthread_mutex_unlock(&cv_lock);
-			return -ETIMEDOUT;
+	while (!__atomic_load_n(&c->done, __ATOMIC_ACQUIRE)) {
+		clock_gettime(CLOCK_MONOTONIC, &now);
+		left.tv_sec = deadline.tv_sec - now.tv_sec;
+		left.tv_nsec = deadline.tv_nsec - now.tv_nsec;
+		if (left.tv_nsec < 0) {
+			left.tv_sec--;
+			left.tv_nsec += 1000000000L;
 		}
+		if (left.tv_sec < 0)
+			return -ETIMEDOUT;   /* still running: the caller waits again or abandons it */
+		/* Returns at once if done is no longer 0; a wake may be spurious. */
+		syscall(SYS_futex, &c->done, FUTEX_WAIT_PRIVATE, 0, &left, NULL, 0);
 	}
-	pthread_mutex_unlock(&cv_lock);
 	result = c->result;
 	if (result > 0 && dst && (c->op == CV_COPY_READV || c->op == CV_COPY_PREAD))
 		memcpy(dst, c->buf, (size_t)result);

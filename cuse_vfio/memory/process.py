@@ -354,8 +354,9 @@ class ProcessImage:
         """
         if size <= 0:
             return
-        if self._maps_fd is None or not _have_procmap_query or not self._query(addr, size, write):
-            ProcessMemory(self.pid).probe(addr, size, write)
+        if self._maps_fd is not None and _have_procmap_query and self._query(addr, size, write):
+            return  # answered on this image's own maps fd: it is the current one
+        ProcessMemory(self.pid).probe(addr, size, write)
         if not self.current(addr):
             raise self._gone()
 
@@ -387,8 +388,21 @@ class ProcessImage:
         return True
 
     def current(self, addr: int) -> bool:
-        """Whether this image is still the process's.  Any ``addr`` tells: a live address space
-        gives a byte (mapped) or EIO (unmapped); a gone one (exit, exec) gives nothing."""
+        """Whether this image is still the process's.  Its maps fd tells without touching a page
+        (PROCMAP_QUERY: ESRCH once the address space is gone).  Else any ``addr`` tells: a live
+        address space gives a byte (mapped) or EIO (unmapped); a gone one (exit, exec) gives nothing."""
+        if self._maps_fd is not None and _have_procmap_query:
+            q = _ProcmapQuery()
+            q.size, q.query_flags, q.query_addr = ctypes.sizeof(q), 0, addr
+            try:
+                fcntl.ioctl(self._maps_fd, PROCMAP_QUERY, q)
+                return True
+            except OSError as e:
+                if e.errno == errno.ESRCH:
+                    return False
+                if e.errno == errno.ENOENT:  # nothing mapped at addr, in a live address space
+                    return True
+                # ENOTTY, EINVAL: no PROCMAP_QUERY here; the copy below tells
         try:
             done = self._copy(_copier.CV_COPY_PREAD, bytearray(1), addr, 1, brief=True)
         except VfioError:
