@@ -29,7 +29,7 @@ MAX_SIZE = 1 << 20
 
 @register_model("dma-bench")
 class DmaBench(PciDevice):
-    vendor_id, device_id = 0x1B36, 0x00F1
+    vendor_id, device_id = 0x1B36, 0x00F2
     class_code = 0xFF0000
 
     def __init__(self, name=None, **options):
