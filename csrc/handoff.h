@@ -7,7 +7,11 @@
  * any number of requests, each opening with a u32:
  *   >= CV_TOKEN_MIN  a token from GET_DEVICE_FD: the answer is a
  *                    struct cv_token_reply, with the device fd (SCM_RIGHTS)
- *                    when its status is 0;
+ *                    when its status is 0, then CV_HANDOFF_CLOSED (one byte)
+ *                    once the server has closed its own copy of that fd:
+ *                    the library returns the fd only after it, so the
+ *                    client's close is the last one and releases the device
+ *                    before close() returns, as the kernel's does;
  *   CV_OP_MMAP       the rest of a struct cv_mmap_request: the answer is a
  *                    struct cv_mmap_reply, with the memfd when its status is 0.
  *
@@ -26,6 +30,7 @@
  * from an operation. */
 #define CV_TOKEN_MIN (1 << 30)
 #define CV_HANDOFF_HELLO 'R'
+#define CV_HANDOFF_CLOSED 'C'
 #define CV_OP_MMAP 1u
 /* An mmap answer: the fd is no device file of this server (the library maps it itself). */
 #define CV_NOT_MINE (-1)

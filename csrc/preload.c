@@ -295,6 +295,17 @@ static int cv_fetch(int s, int token)
 	}
 	if (fd < 0)
 		return -EIO;
+	/* The server's copy is closed once CV_HANDOFF_CLOSED comes: only then is
+	 * a close() of ours the last one, the one that releases the device. */
+	char closed = 0;
+	ssize_t n;
+	do
+		n = recv(s, &closed, 1, MSG_WAITALL);
+	while (n == -1 && errno == EINTR);
+	if (n != 1 || closed != CV_HANDOFF_CLOSED) {
+		close(fd);
+		return -EIO;
+	}
 	return fd;
 }
 

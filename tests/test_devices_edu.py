@@ -307,6 +307,8 @@ def test_state_survives_close_without_reset():
 
 
 # -- what the reference machine shows (tests/conformance/real-6.1.txt: 6.1 vfio-pci, QEMU q35) ----
+# BAR0 is where SeaBIOS puts a lone edu's (0xfea00000); the conformance VM's machine, with a root
+# port and two more edus, has it at 0xfe600000, which tests/conformance/vm.toml gives as bar0_address.
 def test_config_space_as_on_the_reference_machine():
     fn = create_model("edu", name="0000:00:02.0", manual_time=True)
     vdev = VfioPciDevice(fn)

@@ -372,6 +372,23 @@ def test_msix_table_is_excluded_but_pba_is_not():
     assert len(vdev.read(8, region_offset(4, 0xFF8))) == 8 and fn.accesses
 
 
+def test_single_accesses_at_the_edges_of_the_msix_table():
+    # One naturally aligned access is served in one step; at the table's edges it must
+    # still see the exclusion exactly as the split loop does.
+    fn = Recorder(msix=True)
+    vdev = make(fn)
+    assert vdev.read(4, region_offset(4, 0xFFC)) == (0x01020304).to_bytes(4, "little")  # ends at the table
+    assert fn.accesses == [("r", 0xFFC, 4)]
+    fn.accesses.clear()
+    assert vdev.read(4, region_offset(4, 0x1000)) == b"\xff" * 4  # starts it
+    assert vdev.read(2, region_offset(4, 0x103E)) == b"\xff" * 2  # ends inside it
+    vdev.write(b"\1\0\0\0", region_offset(4, 0x1000 + 0x40))  # the PBA: after the table
+    assert fn.accesses == [] and fn.msix.pending == 0  # (the PBA is read-only, not a register)
+    vdev.write(b"\7\0\0\0", region_offset(4, 0xFFC))
+    assert fn.accesses == [("w", 0xFFC, 4, 7)]
+    assert vdev.read(3, region_offset(0, 0x10)) and fn.accesses[-2:] == [("r", 0x10, 2), ("r", 0x12, 1)]
+
+
 def test_a_broken_handler_fails_one_access_with_eio(caplog):
     fn = Recorder()
     vdev = make(fn)
@@ -732,6 +749,18 @@ def test_pci_hot_reset_needs_every_function_bound_to_vfio_pci():
     caller = FakeCaller()
     g = [caller.add(FakeGroupFile(n)) for n in (7, 8, 9)]
     assert errno_of(hot_reset, a, caller, *g) == errno.EINVAL
+
+
+@pytest.mark.parametrize("abi, header_back", [("6.1", True), ("6.12", False)])
+def test_hot_reset_info_with_a_function_in_no_group_is_eperm(abi, header_back):
+    """vfio_pci_fill_devs: -EPERM; 6.1 still copies the header out, 6.5+ jumps past it."""
+    bus = HotResetBus(segment=0, bus=3)
+    a = make(Recorder(), abi=KernelAbi(abi))
+    bus.add(0x00, 7, a)
+    bus.add(0x08, None, None)   # a function the IOMMU left out
+    arg = FakeArg(struct.pack("<III", 12 + 16, 0x55, 0x66).ljust(28, b"\0"))
+    assert errno_of(a.ioctl, VFIO_DEVICE_GET_PCI_HOT_RESET_INFO, arg) == errno.EPERM
+    assert struct.unpack_from("<III", arg.buf) == ((28, 0, 0x66) if header_back else (28, 0x55, 0x66))
 
 
 # -- VFIO_DEVICE_FEATURE ---------------------------------------------------------------------

@@ -7,7 +7,14 @@ tests/guest/virtio_net.sh: the interface comes up at 10.0.3.2 and pings
 10.0.3.1.  Every echo request must be answered, and the counters of both
 ends must move together: what the guest sent arrived on the TAP, what the
 guest received the TAP had sent.
+
+The device offers its device config page for mmap (``mmap_windows = true``, a
+sparse mmap area of BAR4): QEMU's trace shows it mapped that page, and not
+one of the driver's reads of MAC and status there was a pread on the device
+fd (QEMU traces every trapped access, vfio_region_read).
 """
+
+import re
 
 import os
 import subprocess
@@ -33,6 +40,7 @@ model = "virtio-net"
 group = 3
 backend = "tap"
 tap = "{TAP}"
+mmap_windows = true
 """
 
 
@@ -68,7 +76,10 @@ def test_the_guest_pings_the_host_through_the_emulated_nic(netns, tmp_path):
     topology = tmp_path / "virtio-net-tap.toml"
     topology.write_text(TOPOLOGY)
     before = tap_counters(netns)
-    proc = run_guest("--topology", str(topology), "--modules", "virtio_net", "--", "sh",
+    trace = tmp_path / "qemu-trace.log"
+    proc = run_guest("--topology", str(topology), "--modules", "virtio_net",
+                     "--qemu-arg=-trace", "--qemu-arg=vfio_region_mmap", "--qemu-arg=-trace",
+                     "--qemu-arg=vfio_region_read", "--qemu-arg=-D", f"--qemu-arg={trace}", "--", "sh",
                      "tests/guest/virtio_net.sh", NIC, GUEST, HOST, str(PINGS), netns=netns)
     after = tap_counters(netns)
     assert proc.returncode == 0, explain(proc)
@@ -77,6 +88,12 @@ def test_the_guest_pings_the_host_through_the_emulated_nic(netns, tmp_path):
     # The stock drivers took the function: virtio_pci, then virtio_net on its virtio device.
     assert (v["pci_driver"], v["virtio_driver"]) == ("virtio-pci", "virtio_net"), explain(proc)
     assert v["mac"] == "52:54:00:00:03:00"          # the model's default: QEMU's prefix and the BDF
+    # QEMU mapped the device config page, and the driver read MAC and status there without a trap.
+    log = trace.read_text()
+    assert f"Region {NIC} BAR 4 mmaps[0] [0x2000 - 0x2fff]" in log, log[-2000:]
+    reads = re.findall(r"vfio_region_read\s+\(" + re.escape(NIC) + r":region4\+0x([0-9a-f]+), \d\)", log)
+    assert reads, "no trapped read of BAR4 at all: the trace is not what this test expects"
+    assert not [off for off in reads if 0x2000 <= int(off, 16) < 0x3000], "device config reads trapped"
     assert v["features"][32] == "1", v["features"]  # VIRTIO_F_VERSION_1: the modern interface
     assert v["operstate"] == "up" and v["down_operstate"] == "down"
     # Every echo request was answered.

@@ -153,6 +153,44 @@ static int setup(int *cp, int *gp)
 	return 0;
 }
 
+/* close() of a device fd, then at once UNSET_CONTAINER, many times: the
+ * kernel has released the device when close returns, so the group is free.
+ * Every other round the last ioctl before the close is one the server runs
+ * on a worker (PCI_HOT_RESET; ENODEV on the root bus): its hold on the
+ * device fd ends before its answer, as the kernel's fdput does. */
+static int cmd_close_unset(void)
+{
+	int c, g, i, busy = 0;
+	struct { struct vfio_pci_hot_reset hr; int32_t fd; } reset = {
+		.hr = { .argsz = sizeof(reset), .count = 1 },
+	};
+
+	if (setup(&c, &g))
+		return 1;
+	reset.fd = g;
+	for (i = 0; i < 50; i++) {
+		int d = ioctl(g, VFIO_GROUP_GET_DEVICE_FD, DEVICE);
+		if (d < 0) {
+			say("device", -errno);
+			return 1;
+		}
+		if (i % 2)
+			ioctl(d, VFIO_DEVICE_PCI_HOT_RESET, &reset);
+		close(d);
+		if (ioctl(g, VFIO_GROUP_UNSET_CONTAINER)) {
+			busy++;
+			while (ioctl(g, VFIO_GROUP_UNSET_CONTAINER) && errno == EBUSY)
+				usleep(1000);
+		}
+		if (ioctl(g, VFIO_GROUP_SET_CONTAINER, &c) || ioctl(c, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU)) {
+			say("setup_again", -errno);
+			return 1;
+		}
+	}
+	say("unset_busy", busy);
+	return 0;
+}
+
 static int cmd_device_fd(void)
 {
 	int c, g, d;
@@ -338,6 +376,7 @@ int main(int argc, char **argv)
 	if (!strcmp(argv[3], "flow-hold")) return cmd_flow(1);
 	if (!strcmp(argv[3], "hold-group")) return cmd_hold_group();
 	if (!strcmp(argv[3], "devname")) return cmd_devname();
+	if (!strcmp(argv[3], "close-unset")) return cmd_close_unset();
 	if (!strcmp(argv[3], "eio")) return cmd_eio();
 	if (!strcmp(argv[3], "api-loop")) return cmd_api_loop(argc > 4 ? atol(argv[4]) : 20000);
 	return 2;
@@ -469,6 +508,11 @@ def test_full_flow_with_a_real_device_fd(client, server, machine):
     assert v["intx_trigger"] == 0 and v["intx_unmask"] == 0
     assert v["not_an_eventfd"] == -errno.EINVAL
     assert v["irq1"] == 1 and v["irq2"] == 1
+
+
+def test_unset_container_right_after_closing_the_device_fd(client, server):
+    """The device file's release is queued when close() returns; the group's next ioctl serves it first."""
+    assert run(client, server, "close-unset")["unset_busy"] == 0
 
 
 def test_device_name_at_the_end_of_a_page(client, server):

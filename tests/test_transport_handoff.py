@@ -25,6 +25,7 @@ from cuse_vfio.memory import ProcessMemory, fetch_fd, pidfd_getfd, tgid_of
 from cuse_vfio.transport.eventfd import ClientEventfd, EventfdPoller, is_eventfd
 from cuse_vfio.transport import handoff as handoff_module
 from cuse_vfio.transport.handoff import (
+    CLOSED,
     HELLO,
     MMAP_REPLY,
     MMAP_REQUEST,
@@ -61,7 +62,10 @@ def redeem(s, token):
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload)
-    return struct.unpack("<i", data)[0], (fds[0] if fds else None)
+    status = struct.unpack("<i", data)[0]
+    if status == 0:
+        assert s.recv(1) == CLOSED  # the server's copy is closed now
+    return status, (fds[0] if fds else None)
 
 
 def ask_map(s, fd, offset=0, length=4096, prot=3, flags=1):
@@ -92,7 +96,8 @@ def test_a_token_is_good_once_for_its_process(handoff):
     os.write(fd, b"x")
     assert os.read(r, 1) == b"x"
     os.close(fd)
-    wait_eof(r)  # the server closed its copy after sending
+    os.set_blocking(r, False)
+    assert os.read(r, 1) == b""  # ours was the last copy: the server closed its own before CLOSED
     assert redeem(s, token) == (errno.ENOENT, None)
     s.close()
 

@@ -5,7 +5,9 @@ so csrc/preload.c wraps mmap(): for a device fd it asks the server over the
 hand-off socket for the memfd behind the region and maps that.  These tests
 run a C client written only against <linux/vfio.h> (as the other transport
 tests do) against a small model whose BAR0 is plain memory with the MSI-X
-table in its middle, which 6.1 maps whole (MSIX_MAPPABLE, no holes).  Then
+table in its middle, which 6.1 maps whole (MSIX_MAPPABLE, no holes), and
+whose BAR4 is registers with one page of memory, a window offered as a
+sparse mmap area.  Then
 the protocol itself, spoken from Python as the library speaks it, and
 do_mmap's file rules without any I/O.
 
@@ -49,7 +51,8 @@ PAGE = mmap.PAGESIZE
 
 @register_model("mmap-test-ram")
 class MappedRam(PciDevice):
-    """BAR0: 64 KiB of memory with the MSI-X table and PBA in its page at 0x4000; BAR2: one register."""
+    """BAR0: 64 KiB of memory with the MSI-X table and PBA in its page at 0x4000; BAR2: one register;
+    BAR4: four pages of registers, the second one a window."""
 
     vendor_id, device_id = 0x1B36, 0x00FE
     class_code = 0xFF0000
@@ -59,6 +62,7 @@ class MappedRam(PciDevice):
         self.ram = self.add_bar(0, RamBar(0x10000))
         self.add_bar(2, MmioBar(4096, self.regs_read, self.regs_write))
         self.add_capability(MsixCapability(vectors=4, table_bar=0, table_offset=0x4000))
+        self.window = self.add_bar(4, MmioBar(4 * PAGE, self.regs_read, self.regs_write)).add_window(PAGE, PAGE)
 
     def regs_read(self, offset, size):
         return 0
@@ -66,6 +70,8 @@ class MappedRam(PciDevice):
     def regs_write(self, offset, size, value):
         if offset == 0:  # the model stores into its own memory
             self.ram.backing[0x30:0x34] = value.to_bytes(4, "little")
+        elif offset == 4:  # ... or into its window
+            self.window.write(0x30, value.to_bytes(4, "little"))
 
 
 TOPOLOGY = f"""
@@ -216,6 +222,48 @@ static int cmd_share(void)
 	return 0;
 }
 
+/* BAR4: registers with a window at its second page, listed by VFIO_REGION_INFO_CAP_SPARSE_MMAP. */
+static int cmd_sparse(void)
+{
+	char buf[256] = { 0 };
+	struct vfio_region_info *reg = (void *)buf;
+	struct vfio_info_cap_header *h;
+	struct vfio_region_info_cap_sparse_mmap *sparse = NULL;
+	off_t win = REGION(VFIO_PCI_BAR4_REGION_INDEX, page);
+	int d = device(NULL);
+	void *p;
+
+	if (d < 0)
+		return 1;
+	reg->argsz = sizeof buf;
+	reg->index = VFIO_PCI_BAR4_REGION_INDEX;
+	say("sparse_region_info", rc(ioctl(d, VFIO_DEVICE_GET_REGION_INFO, reg)));
+	say("sparse_flags", reg->flags);
+	for (h = reg->cap_offset ? (void *)(buf + reg->cap_offset) : NULL; h; h = h->next ? (void *)(buf + h->next) : NULL)
+		if (h->id == VFIO_REGION_INFO_CAP_SPARSE_MMAP)
+			sparse = (void *)h;
+	say("sparse_version", sparse ? sparse->header.version : -1);
+	say("sparse_nr_areas", sparse ? (long)sparse->nr_areas : -1);
+	if (sparse && sparse->nr_areas == 1) {
+		say("sparse_area_offset", sparse->areas[0].offset);
+		say("sparse_area_size", sparse->areas[0].size);
+	}
+	p = map(d, page, PROT_READ | PROT_WRITE, MAP_SHARED, win);
+	say("sparse_map", mrc(p));
+	if (p == MAP_FAILED)
+		return 1;
+	put(p, 0x10, 0xfeedf00d);
+	say("sparse_pread_sees_store", rd32(d, win + 0x10) == 0xfeedf00d);
+	wr32(d, win + 0x20, 0x4321);
+	say("sparse_map_sees_pwrite", at(p, 0x20) == 0x4321);
+	wr32(d, REGION(VFIO_PCI_BAR2_REGION_INDEX, 4), 0xabcd);  /* the model updates its window */
+	say("sparse_map_sees_model", at(p, 0x30) == 0xabcd);
+	say("sparse_registers", mrc(map(d, page, PROT_READ, MAP_SHARED, REGION(VFIO_PCI_BAR4_REGION_INDEX, 0))));
+	say("sparse_across", mrc(map(d, 2 * page, PROT_READ, MAP_SHARED, win)));
+	say("sparse_whole", mrc(map(d, 4 * page, PROT_READ, MAP_SHARED, REGION(VFIO_PCI_BAR4_REGION_INDEX, 0))));
+	return 0;
+}
+
 static int cmd_fork(void)
 {
 	int d = device(NULL), status = -1;
@@ -275,6 +323,7 @@ int main(int argc, char **argv)
 	page = sysconf(_SC_PAGESIZE);
 	if (!strcmp(argv[4], "share")) return cmd_share();
 	if (!strcmp(argv[4], "fork")) return cmd_fork();
+	if (!strcmp(argv[4], "sparse")) return cmd_sparse();
 	if (!strcmp(argv[4], "hold")) return cmd_hold();
 	if (!strcmp(argv[4], "token")) return cmd_token();
 	return 2;
@@ -382,6 +431,21 @@ def test_a_mapping_shares_the_bar_with_the_model(clients, server, machine, as_us
     # What the client stored through its mapping is in the model's memory.
     assert ram(machine)[0x10:0x14] == u32(0xDEADBEEF)
     assert ram(machine)[0x5000:0x5004] == u32(0x55AA)
+
+
+@needs_server
+def test_a_window_maps_through_its_sparse_mmap_area_and_nothing_else(client, server, machine):
+    v = run(client, server, "sparse")
+    assert v["sparse_region_info"] == 0
+    assert v["sparse_flags"] == 0xF  # READ | WRITE | MMAP | CAPS
+    assert (v["sparse_version"], v["sparse_nr_areas"]) == (1, 1)
+    assert (v["sparse_area_offset"], v["sparse_area_size"]) == (PAGE, PAGE)
+    assert v["sparse_map"] == 0
+    assert v["sparse_pread_sees_store"] == v["sparse_map_sees_pwrite"] == v["sparse_map_sees_model"] == 1
+    # vfio_pci_mmap refused a mapping reaching a trapped register (the MSI-X table before 4.16): EINVAL
+    assert v["sparse_registers"] == v["sparse_across"] == v["sparse_whole"] == -errno.EINVAL
+    window = machine.vdevs[BDF].function.window
+    assert window.read(0x10, 4) == u32(0xFEEDF00D) and window.read(0x20, 4) == u32(0x4321)
 
 
 @needs_server

@@ -65,6 +65,9 @@ class DeviceFile:
     def __init__(self, device: Device):
         self.device = device
         self.closed = False
+        # The driver's region access, looked up once: every pread/pwrite of the fd comes here.
+        self._read = getattr(device.ops, "read", None)
+        self._write = getattr(device.ops, "write", None)
 
     def __repr__(self) -> str:
         return f"DeviceFile({self.device.name!r})"
@@ -108,10 +111,16 @@ class DeviceFile:
             return feature(flags, arg, argsz)
 
     def read(self, size: int, offset: int) -> bytes:
-        return self._ops("read")(size, offset)
+        read = self._read
+        if read is None or self.closed:
+            read = self._ops("read")  # says why
+        return read(size, offset)
 
     def write(self, data: bytes, offset: int) -> int:
-        return self._ops("write")(data, offset)
+        write = self._write
+        if write is None or self.closed:
+            write = self._ops("write")  # says why
+        return write(data, offset)
 
     def mmap(self, offset: int, length: int, shared: bool = True) -> Tuple[Any, int]:
         """vfio_device_fops_mmap: the driver's mmap of ``length`` bytes at ``offset`` (whole pages).

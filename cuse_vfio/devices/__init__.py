@@ -14,6 +14,7 @@
 
 from .pci import (
     Bar,
+    BarWindow,
     Capability,
     DmaFault,
     ExpressCapability,
@@ -44,7 +45,7 @@ from . import ivshmem  # noqa: F401  (registers "ivshmem-plain")
 # isort: on
 
 __all__ = [
-    "Bar", "Capability", "DmaFault", "ExpressCapability", "ExtendedCapability", "HotResetBus", "IoBar",
+    "Bar", "BarWindow", "Capability", "DmaFault", "ExpressCapability", "ExtendedCapability", "HotResetBus", "IoBar",
     "IrqIndex", "IrqSink", "MmioBar", "ModelFailure", "MsiCapability", "MsixCapability", "PciDevice",
     "PmCapability", "RamBar", "Rom", "SharedMemory", "VendorCapability", "VendorExtCapability",
     "VfioPciDevice", "create_model", "load_model_file", "model_class", "model_names", "register_model",

@@ -9,11 +9,17 @@ MMIO accesses as QEMU's memory core and ``edu_mmio_read``/``_write`` see them:
 1- and 2-byte accesses are refused by the memory core (read 0, writes
 dropped); below 0x80 only 4-byte accesses reach a register (8 bytes read as
 all ones); from 0x80 on, 4 or 8 bytes.  A register not in the table reads as
-all ones.  Options (topology keys): ``dma_mask`` (default 28 bits, as QEMU),
-``fact_delay`` and ``dma_delay`` in seconds (QEMU computes the factorial in a
+all ones.  No page is a register window (``MmioBar.add_window``): page 0
+holds registers whose writes act (liveness, factorial, interrupts, DMA
+command), and the rest of the BAR answers by access size and drops writes,
+which memory cannot.  Options (topology keys): ``dma_mask`` (default 28
+bits, as QEMU), ``fact_delay`` and ``dma_delay`` in seconds (QEMU computes the factorial in a
 thread, so COMPUTING is seen set for a moment, and runs a DMA from a 100 ms
-timer: the defaults), ``reset`` to offer a function reset (the kernel finds
-none for QEMU's edu on q35's root bus, so the default is no), ``manual_time``
+timer: the defaults), ``reset`` to offer a function reset that clears the
+registers (the kernel finds none for QEMU's edu on q35's root bus, so the
+default is no; a reset of the bus it sits on leaves them, as QEMU's),
+``bar0_address`` (where firmware put BAR0: SeaBIOS puts it at 0xfea00000 for
+an edu alone at 00:02.0 of q35; other layouts move it), ``manual_time``
 for tests (nothing deferred runs until ``complete_pending()``).
 
 Differences from QEMU, on purpose: an out-of-range DMA buffer access is
@@ -54,7 +60,7 @@ DMA_RUN = 0x1
 DMA_TO_RAM = 0x2               # direction: set = device buffer -> RAM
 DMA_IRQ_WHEN_DONE = 0x4
 
-BAR0_ADDRESS = 0xFEA00000      # where SeaBIOS places the 1 MiB BAR on q35
+BAR0_ADDRESS = 0xFEA00000      # where SeaBIOS places the 1 MiB BAR of a lone edu at 00:02.0 on q35
 
 DMA_START = 0x40000            # the device buffer, as DMA addresses name it
 DMA_SIZE = 4096
@@ -95,18 +101,28 @@ class Edu(PciDevice):
     }
 
     def __init__(self, name=None, *, dma_mask: int = (1 << 28) - 1, fact_delay: float = 0.001,
-                 dma_delay: float = 0.1, reset: bool = False, **options):
+                 dma_delay: float = 0.1, reset: bool = False, bar0_address: int = BAR0_ADDRESS, **options):
         super().__init__(name, **options)
         self.dma_mask = int(dma_mask)
         self.fact_delay = float(fact_delay)
         self.dma_delay = float(dma_delay)
         self.can_reset = bool(reset)
-        self.add_bar(0, MmioBar(1 << 20, self.mmio_read, self.mmio_write), address=BAR0_ADDRESS)
+        if not isinstance(bar0_address, int) or isinstance(bar0_address, bool):
+            raise ValueError(f"bar0_address {bar0_address!r} is not an address")
+        self.add_bar(0, MmioBar(1 << 20, self.mmio_read, self.mmio_write), address=bar0_address)
         self.add_capability(MsiCapability(vectors=1, addr64=True))
         self.dma_buf = bytearray(DMA_SIZE)
-        self.reset()
+        self._power_on()
 
     def reset(self) -> None:
+        """QEMU's edu has no reset handler: a reset of its bus clears what the PCI core owns
+        (config space, MSI, INTx; see PciDevice.reset_function) and leaves its registers and
+        DMA buffer as they were.  With the ``reset`` option its device-specific function
+        reset (which QEMU's edu does not have) clears them, as any reset of it then does."""
+        if self.can_reset:
+            self._power_on()
+
+    def _power_on(self) -> None:
         self.addr4 = 0
         self.fact = 0
         self.status = 0

@@ -21,7 +21,7 @@ import ctypes
 import errno
 import logging
 import threading
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import VfioError
 from ..uapi import (
@@ -410,15 +410,10 @@ class Type1Iommu:
         """``vfio_iommu_type1_ioctl``."""
         if cmd == VFIO_CHECK_EXTENSION:
             return self.driver.extension(self, arg.value)
-        handler = {
-            VFIO_IOMMU_GET_INFO: self._get_info,
-            VFIO_IOMMU_MAP_DMA: self._map_dma,
-            VFIO_IOMMU_UNMAP_DMA: self._unmap_dma,
-            VFIO_IOMMU_DIRTY_PAGES: lambda arg: dirty.dirty_pages(self, arg),
-        }.get(cmd)
+        handler = _IOCTLS.get(cmd)
         if handler is None:
             raise VfioError(errno.ENOTTY, f"{self.driver.name}: unknown container ioctl 0x{cmd:x}")
-        return handler(arg)
+        return handler(self, arg)
 
     # GET_INFO ----------------------------------------------------------------
     def _get_info(self, arg) -> int:
@@ -656,10 +651,10 @@ class Type1Iommu:
     # DIRTY_PAGES -------------------------------------------------------------
 
 
-
-
-
-
-
-
-
+#: vfio_iommu_type1_ioctl's switch (VFIO_CHECK_EXTENSION is the driver's), looked up per ioctl
+_IOCTLS: Dict[int, Callable[[Type1Iommu, Any], int]] = {
+    VFIO_IOMMU_GET_INFO: Type1Iommu._get_info,
+    VFIO_IOMMU_MAP_DMA: Type1Iommu._map_dma,
+    VFIO_IOMMU_UNMAP_DMA: Type1Iommu._unmap_dma,
+    VFIO_IOMMU_DIRTY_PAGES: dirty.dirty_pages,
+}

@@ -14,12 +14,12 @@ import logging
 from typing import Callable, Dict, List, Optional, Sequence
 
 from ..core import DEFAULT_KERNEL_ABI, BusDevice, IommuGroup, KernelAbi, Vfio, VfioBusDriver, device_bind
-from ..devices import PciDevice, VfioPciDevice, create_model, load_model_file
+from ..devices import HotResetBus, PciDevice, VfioPciDevice, create_model, load_model_file
 from ..dispatch import Dispatcher
 from ..iommu import register_default_drivers
 from ..sysfs import SysfsDevice, SysfsGroup, SysfsView, bar_resource, qemu_vtd, vfio_modules
 from .params import ModuleParams
-from .topology import MSI_WINDOW, Topology, TopologyError
+from .topology import MSI_WINDOW, Topology, TopologyError, bus_of, devfn_of
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,12 @@ class Machine:
                 # 4.0 and true compare equal to 4 and 1, so vfio-pci's own check would take them
                 raise TopologyError(f"{topology.source}: device {spec.bdf}: io_width is 1, 2, 4 or 8, "
                                     f"not {io_width!r}")
+            # Whether the model's register windows are offered for mmap (sparse mmap areas); by default
+            # as the model says (PciDevice.mmap_windows).
+            mmap_windows = options.pop("mmap_windows", None)
+            if mmap_windows is not None and not isinstance(mmap_windows, bool):
+                raise TopologyError(f"{topology.source}: device {spec.bdf}: mmap_windows is true or false, "
+                                    f"not {mmap_windows!r}")
             try:
                 function = create_model(spec.model, name=spec.bdf, **options)
             except (KeyError, TypeError, ValueError) as e:
@@ -68,7 +74,7 @@ class Machine:
             function.dma._record_faults_to(self.fault_log)
             try:
                 self._pending[spec.bdf] = VfioPciDevice(
-                    function, spec.bdf, io_width=io_width, abi=self.vfio.abi,
+                    function, spec.bdf, io_width=io_width, abi=self.vfio.abi, mmap_windows=mmap_windows,
                     nointxmask=self.params.get("vfio_pci", "nointxmask"),
                     disable_idle_d3=self.params.get("vfio_pci", "disable_idle_d3"))
             except ValueError as e:
@@ -86,7 +92,22 @@ class Machine:
             dev = self.bus_devices[spec.bdf] = BusDevice(spec.bdf)
             group.add_device(dev)
             device_bind(dev, self.vfio_pci)
+        self._wire_buses()
         self.dispatcher = Dispatcher(self.vfio, trace=trace)
+
+    def _wire_buses(self) -> None:
+        """Function 0 of a slot with others says so (QEMU's multifunction=on), and each root
+        port's secondary bus becomes one HotResetBus holding every function on it, in devfn
+        order as the kernel's walk of the bus finds them.  The root bus cannot be reset: its
+        devices keep no HotResetBus, and the hot reset ioctls answer ENODEV for them."""
+        specs = {spec.bdf: spec for spec in self.topology.devices}
+        for bdf, vdev in self.vdevs.items():
+            if bdf.endswith(".0") and any(other[:-1] == bdf[:-1] and other != bdf for other in specs):
+                vdev.function.set_multifunction()
+        for port in self.topology.root_ports:
+            bus = HotResetBus(segment=int(port.bdf[:4], 16), bus=port.secondary)
+            for bdf in sorted((b for b in specs if bus_of(b) == port.secondary), key=devfn_of):
+                bus.add(devfn_of(bdf), specs[bdf].group, self.vdevs[bdf])
 
     def _vfio_pci_probe(self, dev: BusDevice) -> VfioPciDevice:
         vdev = self._pending.pop(dev.name)

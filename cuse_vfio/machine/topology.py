@@ -21,6 +21,22 @@
     intremap = true
     reserved = [["0xd0000000", "0xd00fffff"]]
 
+Devices on a bus other than 00 sit behind a PCI Express root port, which the
+file names; that bus, unlike the root bus, can be reset (VFIO_DEVICE_PCI_HOT_RESET)::
+
+    [[root_port]]              # QEMU: -device pcie-root-port,addr=04.0 (firmware gives it bus 1)
+    bdf = "0000:00:04.0"
+    secondary = 1
+
+    [[device]]                 # a link leads to one device: 0000:01:00.0 to 0000:01:00.7
+    bdf = "0000:01:00.0"
+    model = "edu"
+    group = 6
+
+A function other than 0 needs function 0 of its device (the kernel's scan
+stops at a missing function 0), which then says it is multi-function in its
+header type, as QEMU's ``multifunction=on`` does.
+
 A device with ``iommu = false`` sits behind no IOMMU: it gets a noiommu
 group (``/dev/vfio/noiommu-N``), which needs ``[module.vfio]
 enable_unsafe_noiommu_mode = true`` (or ``--noiommu``).
@@ -74,6 +90,22 @@ class DeviceSpec:
     iommu: bool = True
 
 
+@dataclass(frozen=True)
+class RootPortSpec:
+    """A PCI Express root port on bus 00 and the bus number of its link (``secondary``)."""
+
+    bdf: str
+    secondary: int
+
+
+def bus_of(bdf: str) -> int:
+    return int(bdf[5:7], 16)
+
+
+def devfn_of(bdf: str) -> int:
+    return int(bdf[8:10], 16) << 3 | int(bdf[11], 16)
+
+
 #: QEMU's intel-iommu address widths (aw-bits), and the window every x86 IOMMU reserves for MSIs
 AW_BITS = (39, 48)
 MSI_WINDOW = (0xFEE00000, 0xFEEFFFFF)
@@ -108,6 +140,11 @@ class Topology:
     iommu: IommuSpec = IommuSpec()
     #: the kernel release the file asks for (None: the command line's, else 6.1)
     kernel_abi: Optional[str] = None
+    #: the root ports whose secondary buses hold the devices not on bus 00
+    root_ports: List[RootPortSpec] = field(default_factory=list)
+
+    def root_port_of(self, bus: int) -> Optional[RootPortSpec]:
+        return next((rp for rp in self.root_ports if rp.secondary == bus), None)
 
 
 def load(path: Optional[str] = None, known_models=None) -> Topology:
@@ -134,11 +171,11 @@ def parse(text: str, source: str, known_models=None) -> Topology:
         where = f"{source}, line {line}" if line else source
         raise TopologyError(f"{where}: {msg}")
 
-    unknown = set(doc) - {"device", "group", "module", "iommu", "kernel_abi"}
+    unknown = set(doc) - {"device", "root_port", "group", "module", "iommu", "kernel_abi"}
     if unknown:
         key = sorted(unknown)[0]
-        fail(f"unknown section {key!r}: a topology has kernel_abi, [[device]] entries and [group.N], "
-             "[module.NAME] and [iommu] tables", key)
+        fail(f"unknown section {key!r}: a topology has kernel_abi, [[device]] and [[root_port]] entries and "
+             "[group.N], [module.NAME] and [iommu] tables", key)
     kernel_abi = doc.get("kernel_abi")
     if kernel_abi is not None and kernel_abi not in KERNEL_ABIS:
         line = next((n + 1 for n, t in enumerate(lines) if re.match(r"\s*kernel_abi\s*=", t)), 0)
@@ -173,6 +210,8 @@ def parse(text: str, source: str, known_models=None) -> Topology:
             fail(f"iommu {iommu!r} is true (behind the IOMMU) or false (a noiommu device)", "device", i, "iommu")
         options = {k: v for k, v in entry.items() if k not in ("bdf", "model", "group", "iommu")}
         devices.append(DeviceSpec(bdf, model, group, options, iommu))
+    root_ports = _root_ports(doc.get("root_port", []), seen, fail)
+    _check_buses(devices, root_ports, fail)
     for i, d in enumerate(devices):
         # vfio_noiommu_group_alloc makes one group per device without an IOMMU
         others = [o for o in devices if o.group == d.group and o is not d]
@@ -202,7 +241,64 @@ def parse(text: str, source: str, known_models=None) -> Topology:
     for gid_ in sorted(used):
         groups.setdefault(gid_, GroupNode(gid_, noiommu=gid_ in noiommu))
     modules = _modules(doc.get("module", {}), fail)
-    return Topology(devices, groups, source, modules, _iommu(doc.get("iommu", {}), fail), kernel_abi)
+    return Topology(devices, groups, source, modules, _iommu(doc.get("iommu", {}), fail), kernel_abi, root_ports)
+
+
+def _root_ports(raw, devices: Dict[str, int], fail) -> List[RootPortSpec]:
+    """The ``[[root_port]]`` entries: each on bus 00, at a free address, with a bus of its own."""
+    if not isinstance(raw, list):
+        fail("root_port entries are [[root_port]] tables", "root_port")
+    ports: List[RootPortSpec] = []
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, dict):
+            fail(f"root port #{i + 1} must be a table", "root_port", i)
+        extra = set(entry) - {"bdf", "secondary"}
+        if extra:
+            fail(f"root port #{i + 1} has unknown key {sorted(extra)[0]!r} (bdf, secondary)", "root_port", i,
+                 sorted(extra)[0])
+        for key in ("bdf", "secondary"):
+            if key not in entry:
+                fail(f"root port #{i + 1} has no {key!r}", "root_port", i)
+        bdf = entry["bdf"]
+        if not isinstance(bdf, str) or not BDF.match(bdf.lower()):
+            fail(f"bdf {bdf!r} is not a PCI address like \"0000:00:04.0\"", "root_port", i, "bdf")
+        bdf = bdf.lower()
+        if bus_of(bdf) != 0:
+            fail(f"root port {bdf} is not on bus 00: root ports sit on the root bus (a root port "
+                 "behind a bridge is not modelled)", "root_port", i, "bdf")
+        if bdf in devices or any(rp.bdf == bdf for rp in ports):
+            fail(f"bdf {bdf} of root port #{i + 1} is already taken by another device or root port",
+                 "root_port", i, "bdf")
+        secondary = entry["secondary"]
+        if not isinstance(secondary, int) or isinstance(secondary, bool) or not 1 <= secondary <= 255:
+            fail(f"secondary {secondary!r} is not a bus number behind the root bus (1 .. 255)",
+                 "root_port", i, "secondary")
+        other = next((rp for rp in ports if rp.secondary == secondary), None)
+        if other is not None:
+            fail(f"bus {secondary:02x} is already the secondary bus of root port {other.bdf}",
+                 "root_port", i, "secondary")
+        ports.append(RootPortSpec(bdf, secondary))
+    return ports
+
+
+def _check_buses(devices: List[DeviceSpec], root_ports: List[RootPortSpec], fail) -> None:
+    """Each device on a bus that exists, one device per link, function 0 present where others are."""
+    secondaries = {rp.secondary: rp for rp in root_ports}
+    present = {d.bdf for d in devices}
+    for i, d in enumerate(devices):
+        bus, devfn = bus_of(d.bdf), devfn_of(d.bdf)
+        if bus and bus not in secondaries:
+            fail(f"device {d.bdf} is on bus {bus:02x}, which no [[root_port]] leads to: add one with "
+                 f"secondary = {bus} (or put the device on bus 00)", "device", i, "bdf")
+        if bus and d.bdf[:4] != secondaries[bus].bdf[:4]:
+            fail(f"device {d.bdf} is in PCI segment {d.bdf[:4]}, but the root port of bus {bus:02x} "
+                 f"({secondaries[bus].bdf}) is in segment {secondaries[bus].bdf[:4]}", "device", i, "bdf")
+        if bus and devfn >> 3:
+            fail(f"device {d.bdf} is behind root port {secondaries[bus].bdf}, whose link leads to one "
+                 f"device: its functions are {d.bdf[:8]}00.0 to {d.bdf[:8]}00.7", "device", i, "bdf")
+        if devfn & 7 and d.bdf[:-1] + "0" not in present:
+            fail(f"device {d.bdf} is function {devfn & 7} of a device without function 0 "
+                 f"({d.bdf[:-1]}0): the kernel's scan does not look further", "device", i, "bdf")
 
 
 def _modules(raw, fail) -> Dict[str, Dict[str, object]]:

@@ -25,6 +25,13 @@ ones in a private mount namespace (see :meth:`SysfsView.bind_dirs`)::
     <root>/devices/virtual/iommu/dmar0/      intel-iommu/cap ... (iommu.py)
     <root>/class/iommu/dmar0                 -> ../../devices/virtual/iommu/dmar0
 
+Only functions bound to vfio-pci appear, as the devices the topology lists:
+a function behind a root port is ``bus/pci/devices/0000:01:00.0`` like any
+other, with its group and driver; the root port itself, like the host
+bridge, is the host's and has no directory here (no emulated client walks
+from a function up to its bridge; the hot reset ioctls name what a bus
+reset touches).
+
 Links are relative and every device directory sits four levels below the
 root, as ``/sys/devices/pci0000:00/<bdf>`` does on a real system (the kernel's
 links are ``../../../kernel/iommu_groups/N`` from three levels down, and

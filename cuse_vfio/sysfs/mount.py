@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from typing import Dict, Optional
@@ -44,10 +45,32 @@ def _allow_other() -> bool:
     return False
 
 
-def _caller_has_sys_admin() -> bool:
-    from mfusepy import fuse_get_context
+#: The libfuse the view runs on: the one the serving shim is linked against.
+LIBFUSE3 = "libfuse3.so.3"
 
-    uid, _gid, pid = fuse_get_context()
+
+def _mfusepy():
+    """mfusepy, loaded on libfuse3 by name.
+
+    Left to itself it looks for "fuse" and then "fuse3" with
+    ``ctypes.util.find_library``, which runs ldconfig, gcc and ld (about 50 ms
+    of every start-up) and would take a libfuse 2 before libfuse3.
+    FUSE_LIBRARY_PATH, its own setting, is given only while it loads, so
+    nothing started later inherits it.
+    """
+    if "mfusepy" in sys.modules or "FUSE_LIBRARY_PATH" in os.environ:
+        import mfusepy
+        return mfusepy
+    os.environ["FUSE_LIBRARY_PATH"] = LIBFUSE3
+    try:
+        import mfusepy
+    finally:
+        os.environ.pop("FUSE_LIBRARY_PATH", None)
+    return mfusepy
+
+
+def _caller_has_sys_admin() -> bool:
+    uid, _gid, pid = _mfusepy().fuse_get_context()
     # The request carries a thread id; /proc/<tid>/status answers for threads too.
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -61,6 +84,7 @@ def _caller_has_sys_admin() -> bool:
 
 def _operations_class():
     """The FUSE translation layer, built on first mount so importing this module needs no libfuse."""
+    _mfusepy()
     from mfusepy import FuseOSError, Operations
 
     class SysfsOperations(Operations):
@@ -205,10 +229,8 @@ class SysfsMount:
         return self._thread is not None and self._thread.is_alive()
 
     def _serve(self) -> None:
-        from mfusepy import FUSE
-
         try:
-            FUSE(_operations_class()(self.view, self._ready), self.mountpoint,
+            _mfusepy().FUSE(_operations_class()(self.view, self._ready), self.mountpoint,
                  foreground=True, nothreads=True, allow_other=_allow_other(), default_permissions=True,
                  direct_io=True, fsname="cuse-vfio", subtype="cuse-vfio-sysfs")
         except BaseException as e:  # reported by mount(); the thread must not die noisily

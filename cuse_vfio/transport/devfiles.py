@@ -16,6 +16,7 @@ import logging
 import os
 import stat
 import threading
+from functools import partial
 from typing import TYPE_CHECKING, Dict, Optional
 
 from ..errors import VfioError
@@ -56,7 +57,7 @@ class DeviceFiles(FileOps):
 
     def mount(self) -> Session:
         self.session = Session.fuse(self.mountpoint, FUSE_OPTIONS.format(name="cuse-vfio-devices"),
-                                    lambda r: serve(self, r))
+                                    partial(serve, self))
         return self.session
 
     def offer(self, pid: int, devfile: object) -> int:

@@ -273,7 +273,8 @@ class EventfdPoller:
             inline = entry is None or entry.count == 0
             if inline:
                 self._inline[key] = (fd, time.monotonic())
-                self._start_writer()  # it watches over inline writes too
+                if self._writer is None:
+                    self._start_writer()  # it watches over inline writes too
         if inline:
             try:
                 if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Optional
 
 from ..dispatch import Node
 from ..errors import VfioError
+from ..uapi import NodeKind
 from .caller import RequestCaller
 from .shim import (
     OP_GETATTR,
@@ -61,6 +62,9 @@ class FileOps:
 
     def __init__(self, server: "Server"):
         self.server = server
+        #: request kind -> this table's bound method, looked up once (``serve`` runs for every request)
+        self._methods = {op: getattr(self, name) for op, name in _METHODS.items()}
+        self._handles = server.handles
 
     # -- what a file system answers itself (ENOSYS unless it does) ---------------------
     def lookup(self, rq: Request, r) -> None:
@@ -86,16 +90,23 @@ class FileOps:
     unrestricted_ioctls = False
 
     def ioctl(self, rq: Request, r) -> None:
-        handle = self.server.handles.get(r.fh)
+        handle = self._handles.get(r.fh)
         if handle is None:
             rq.err(errno.EBADF)
-        elif self.unrestricted_ioctls:
+            return
+        if handle.kind is NodeKind.GROUP:
+            # close() of a device fd returns once its release is queued (the
+            # hand-off closed our copy before the client got it: CV_HANDOFF_CLOSED);
+            # the kernel's has run vfio_device_fops_release by then, so a group
+            # ioctl right after (UNSET_CONTAINER) must see the device closed.
+            self._complete_device_releases()
+        if self.unrestricted_ioctls:
             self.server.ioctls.unrestricted(rq, r, handle)
         else:
             self.server.ioctls.restricted(rq, r, handle)
 
     def read(self, rq: Request, r) -> None:
-        handle = self.server.handles.get(r.fh)
+        handle = self._handles.get(r.fh)
         if handle is None:
             rq.err(errno.EBADF)
             return
@@ -107,7 +118,7 @@ class FileOps:
         rq.buf(bytes(data))
 
     def write(self, rq: Request, r) -> None:
-        handle = self.server.handles.get(r.fh)
+        handle = self._handles.get(r.fh)
         if handle is None:
             rq.err(errno.EBADF)
             return
@@ -122,6 +133,12 @@ class FileOps:
     def release(self, rq: Request, r) -> None:
         self.server.release(rq, r.fh, r.sid)
 
+    def _complete_device_releases(self) -> None:
+        """Serve the releases queued on the device-file mount now (only from a node's handler)."""
+        loop, device_session = self.server.runtime.loop, self.server.device_files.session
+        assert loop is not None and device_session is not None  # both exist while serving
+        loop.drain(device_session)
+
     def open_node(self, rq: Request, r, session: Session, inode: Inode) -> None:
         """OPEN of the container node or a group node: the core's open, then a handle."""
         server = self.server
@@ -132,9 +149,7 @@ class FileOps:
             # still be queued there after its process died; it must count
             # before this open does, as the kernel's exit would have
             # completed it (a killed client's group opens again at once).
-            loop, device_session = server.runtime.loop, server.device_files.session
-            assert loop is not None and device_session is not None  # both exist while serving
-            loop.drain(device_session)
+            self._complete_device_releases()
         try:
             file_object = server.dispatcher.open(node, RequestCaller(server, r.pid, r.uid))
         except VfioError as e:
@@ -155,19 +170,18 @@ _METHODS = {
 def serve(ops: FileOps, r) -> None:
     """The one router: request ``r`` of the loop to the method of its file system's table."""
     op = r.op
-    if op == OP_INIT_DONE:
-        ops.init_done(r)
-        return
-    if op == OP_SESSION_END:
-        ops.session_end(r)
+    method = ops._methods.get(op)
+    if method is None:
+        if op == OP_INIT_DONE:
+            ops.init_done(r)
+        elif op == OP_SESSION_END:
+            ops.session_end(r)
+        else:
+            Request(r.req).err(errno.ENOSYS)
         return
     rq = Request(r.req)
     try:
-        name = _METHODS.get(op)
-        if name is None:
-            rq.err(errno.ENOSYS)
-        else:
-            getattr(ops, name)(rq, r)
+        method(rq, r)
     except Exception:
         log.exception("request %d (pid %d) failed inside the server", r.op, r.pid)
         if not rq.replied and not is_null(r.req):

@@ -46,6 +46,8 @@ class HandleTable:
         self._lock = threading.Lock()
         self._handles: Dict[int, Handle] = {}
         self._fhs = itertools.count(1)
+        #: fh -> Handle or None: the dict's own get (a lookup per request; no lock, as before)
+        self.get: Callable[[int], Optional[Handle]] = self._handles.get
 
     def __len__(self) -> int:
         with self._lock:
@@ -56,9 +58,6 @@ class HandleTable:
             handle = Handle(next(self._fhs), file_object, session, ino)
             self._handles[handle.fh] = handle
         return handle
-
-    def get(self, fh: int) -> Optional[Handle]:
-        return self._handles.get(fh)
 
     def hold(self, handle: Handle) -> None:
         """A request on ``handle`` goes to a worker (fdget)."""

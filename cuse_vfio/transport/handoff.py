@@ -28,7 +28,11 @@ connection in the host's byte order: the server greets with ``HELLO``; then
 any number of requests, each a u32 first:
 
 * ``>= TOKEN_MIN``: a token.  Answer: ``cv_token_reply`` (i32 status, 0 or an
-  errno), with the device fd by SCM_RIGHTS when it is 0.
+  errno), with the device fd by SCM_RIGHTS when it is 0; then, once the
+  server has closed its own copy of that fd, ``CLOSED`` (one byte), which the
+  library waits for: the client's close is then the last one, and the
+  device file's release is queued when it returns, as the kernel's close has
+  released a VFIO device by then.
 * ``OP_MMAP``: the rest of a ``cv_mmap_request`` (i32 fd, i32 prot, i32
   flags, u64 offset, u64 length: the caller's mmap arguments).  Answer:
   ``cv_mmap_reply`` (i32 status: 0, an errno, or ``NOT_MINE``: not a device
@@ -69,6 +73,7 @@ log = logging.getLogger(__name__)
 #: from an operation.
 TOKEN_MIN = 1 << 30          # CV_TOKEN_MIN
 HELLO = b"R"                 # CV_HANDOFF_HELLO
+CLOSED = b"C"                # CV_HANDOFF_CLOSED
 OP_MMAP = 1                  # CV_OP_MMAP
 #: An mmap answer: the fd is no device file of this server (the library maps it itself).
 NOT_MINE = -1                # CV_NOT_MINE
@@ -90,7 +95,8 @@ class cv_mmap_reply(ctypes.Structure):
 #: the structs of this format, by their C name (the layout test compiles each)
 WIRE_STRUCTS = {c.__name__: c for c in (cv_token_reply, cv_mmap_request, cv_mmap_reply)}
 #: its constants, by their C name
-WIRE_CONSTANTS = {"CV_TOKEN_MIN": TOKEN_MIN, "CV_HANDOFF_HELLO": HELLO[0], "CV_OP_MMAP": OP_MMAP,
+WIRE_CONSTANTS = {"CV_TOKEN_MIN": TOKEN_MIN, "CV_HANDOFF_HELLO": HELLO[0], "CV_HANDOFF_CLOSED": CLOSED[0],
+                  "CV_OP_MMAP": OP_MMAP,
                   "CV_NOT_MINE": NOT_MINE}
 
 _CODES = {ctypes.c_uint32: "I", ctypes.c_int32: "i", ctypes.c_uint64: "Q"}
@@ -353,6 +359,8 @@ class Handoff:
             # The fd in flight keeps the open alive; ours must go, or the
             # client's close would never be the last one.
             os.close(offer.fd)
+        # The library returns the fd to its caller only now: a close the client makes at once is the last.
+        sent = sent and self._send(conn, [CLOSED])
         log.debug("fd hand-off: %s sent to pid %d", offer.what, pid)
         return sent
 

@@ -3,7 +3,10 @@
 Most ioctls are answered on the loop thread; the few that need the server's
 own files while they run (resolving a container fd, opening a device file to
 hand off) run on a worker and are answered from there later, since doing
-them inline would make the loop wait for itself (``OFF_LOOP``).
+them inline would make the loop wait for itself (``OFF_LOOP``).  Either
+way the answer goes out last: the fds the ioctl fetched from the client are
+closed and its hold on the open is dropped first (``_ReplyLast``), as the
+kernel's fdputs precede the return of its ioctl.
 
 FUSE ioctls are restricted: the argument is read where it lies, through the
 calling thread (``ProcessMemory``).  CUSE ioctls are unrestricted: the
@@ -17,12 +20,13 @@ because every VFIO handler reads all of its input before it acts.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Dict, List, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
 
 from ..dispatch import Dispatcher, RetryRequest
 from ..errors import VfioError
@@ -53,11 +57,38 @@ OFF_LOOP = frozenset({
 _OFF_LOOP_BY_KIND = {kind: frozenset(cmd for k, cmd in OFF_LOOP if k is kind) for kind in NodeKind}
 
 
+class _ReplyLast:
+    """A request whose reply goes out only after ``put_back``: the files the ioctl took (the
+    fds it fetched from the client, its own open's hold) are let go first, as the kernel's
+    fdputs come before its ioctl returns, so a close or a group ioctl the client makes right
+    after the reply finds them released."""
+
+    def __init__(self, rq: Union[Request, "_ReplyLast"], put_back: Callable[[], None]):
+        self._rq = rq
+        self._put_back = put_back
+
+    @property
+    def replied(self) -> bool:
+        return self._rq.replied
+
+    def ioctl(self, result: int, data: bytes = b"") -> None:
+        self._put_back()
+        self._rq.ioctl(result, data)
+
+    def err(self, err: int) -> None:
+        self._put_back()
+        self._rq.err(err)
+
+    def ioctl_retry(self, ranges) -> int:
+        self._put_back()
+        return self._rq.ioctl_retry(ranges)
+
+
 @dataclass
 class IoctlRequest:
     """One ioctl as the kernel sent it: on which open, which call, from which thread, with which bytes."""
 
-    rq: Request
+    rq: Union[Request, _ReplyLast]
     handle: Handle
     cmd: int
     arg: int
@@ -138,27 +169,41 @@ class IoctlPath:
             rq.err(errno.EIO)
             return
         self.handles.hold(req.handle)
+        held = [True]
+
+        def fdput() -> None:
+            if held:
+                held.clear()
+                self.handles.unhold(req.handle)
 
         def deferred() -> None:
             try:
-                self.run(req)
+                self.run(req, fdput)
             except Exception:
                 log.exception("pid %d: ioctl 0x%x failed inside the server", req.tid, req.cmd)
+                fdput()
                 if not rq.replied:
                     rq.err(errno.EIO)
             finally:
-                self.handles.unhold(req.handle)
+                fdput()
 
         try:
             workers = self.runtime.workers
             assert workers is not None, "the runtime is started"
             workers.submit(deferred)
         except RuntimeError:  # shut down meanwhile
-            self.handles.unhold(req.handle)
+            fdput()
             rq.err(errno.EIO)
 
-    def run(self, req: IoctlRequest) -> None:
+    def run(self, req: IoctlRequest, fdput: Optional[Callable[[], None]] = None) -> None:
         caller = self.make_caller(req.tid, req.uid)
+
+        def put_back() -> None:
+            caller.done()
+            if fdput is not None:
+                fdput()
+
+        req = dataclasses.replace(req, rq=_ReplyLast(req.rq, put_back))
         try:
             if not req.cuse:
                 # FUSE: a restricted ioctl, the argument is read where it lies,

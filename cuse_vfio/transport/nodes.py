@@ -15,6 +15,7 @@ import os
 import stat
 import threading
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, Optional, Set
 
 from ..dispatch import GroupNode, Node
@@ -59,7 +60,7 @@ class CuseNodes(FileOps):
             raise TransportError(f"{container} already exists (the vfio module?): "
                                  "choose another --dev-dir such as /dev/cuse-vfio")
         for inode in self._inodes:
-            session = Session.cuse(f"{prefix}/{inode.name}", lambda r: serve(self, r))
+            session = Session.cuse(f"{prefix}/{inode.name}", partial(serve, self))
             self._by_sid[session.sid] = inode
             self._sessions[session.sid] = session
             self._ready[session.sid] = threading.Event()
@@ -113,7 +114,7 @@ class NodeFiles(FileOps):
 
     def mount(self) -> Session:
         session = self.session = Session.fuse(self.dev_dir, FUSE_OPTIONS.format(name="cuse-vfio"),
-                                              lambda r: serve(self, r))
+                                              partial(serve, self))
         return session
 
     # -- FileOps -----------------------------------------------------------------------

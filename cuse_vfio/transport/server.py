@@ -39,6 +39,7 @@ import os
 import secrets
 import stat
 import threading
+from functools import partial
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from ..dispatch import Dispatcher, GroupNode
@@ -97,7 +98,7 @@ class Server:
         self.runtime = Runtime(runtime_dir, workers)
         self.handles = HandleTable(self._release_file)
         self.ioctls = IoctlPath(dispatcher, self.handles, self.runtime,
-                                lambda tid, uid: RequestCaller(self, tid, uid), secrets.randbits(62) | 1)
+                                partial(RequestCaller, self), secrets.randbits(62) | 1)
         self.mapper = DeviceFileMapper(self.identify, self.close_fetched)
         self.device_files = DeviceFiles(self)
         self.nodes: Optional[FileOps] = None  # CuseNodes or NodeFiles, once started

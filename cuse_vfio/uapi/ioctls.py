@@ -281,6 +281,10 @@ class NodeKind(enum.Enum):
     GROUP = "group"
     DEVICE = "device"
 
+    # Members are singletons that compare by identity; Enum's own __hash__ is
+    # Python code, run at every table lookup by kind (a few per request).
+    __hash__ = object.__hash__
+
 
 # Ioctl names by the node that answers them.  Where two names share a number
 # on one kind (type1 and spapr on a container), the first listed is the name

@@ -7,8 +7,10 @@
     cannot run on this machine.
 
 real-6.1.txt beside this file is one real-kernel output (Debian 6.1.0, QEMU
-7.2 q35 + intel-iommu + edu), kept for developers to read; no test uses it:
-the real kernel is asked live on every run.
+7.2 q35 + intel-iommu, the machine of vm.toml: an edu on the root bus and a
+two-function edu behind a PCIe root port), the real stage's output
+(build/conformance/6.1/real.txt), kept for developers to read; no test uses
+it: the real kernel is asked live on every run.
 """
 
 import os

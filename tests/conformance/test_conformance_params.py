@@ -51,7 +51,24 @@ def test_the_topology_sets_exactly_what_the_real_kernel_gets(config):
     assert topo.iommu.intremap == (iommu.pop("intremap", "on") == "on")   # scripts/vm's default
     assert not iommu, "every intel-iommu option has its topology counterpart"
     assert cfg.client_args[:2] in ([], ["2", topo.devices[0].bdf])
-    assert [(d.bdf, d.model) for d in topo.devices] == [("0000:00:02.0", "edu")]
+    vm = topology.load(script("conformance").CONFIGS["default"].topology)
+    assert (topo.devices, topo.root_ports) == (vm.devices, vm.root_ports), "the machine of vm.toml, as it is"
+
+
+def test_vm_toml_is_the_machine_scripts_vm_boots():
+    """Each edu of scripts/vm --mode vfio-edu at its address and in its group, its root ports at theirs."""
+    layout = script("vm").VFIO_EDU_DEVICES
+    vm = topology.load(script("conformance").CONFIGS["default"].topology)
+    assert [(d.bdf, d.model, d.group) for d in vm.devices] == \
+        [(bdf, options.split(",")[0], group) for options, bdf, group in layout if options.startswith("edu,")]
+    assert [rp.bdf for rp in vm.root_ports] == \
+        [bdf for options, bdf, _ in layout if options.startswith("pcie-root-port,")]
+    # each device behind a root port names it as its bus (bus=rpN), at the secondary bus the topology gives
+    ids = {options.split("id=")[1].split(",")[0]: bdf for options, bdf, _ in layout if "id=" in options}
+    for options, bdf, _ in layout:
+        parent = next((o.split("=")[1] for o in options.split(",") if o.startswith("bus=rp")), None)
+        if parent is not None:
+            assert vm.root_port_of(int(bdf[5:7], 16)).bdf == ids[parent]
 
 
 def test_scripts_vm_takes_kernel_words_and_iommu_options():

@@ -1433,6 +1433,230 @@ static void device_reset_and_features(void)
 	}
 }
 
+/* ------------------------------------------------------------- a bus that can be reset */
+
+/*
+ * BUS_BDF and BUS_SIBLING: the two functions of one device behind a PCI
+ * Express root port (scripts/vm: 0000:00:04.0, secondary bus 1), so a
+ * secondary bus reset is possible and hits both.  Their group is read from
+ * sysfs, attached to the container, and the hot reset rules are asked:
+ * what GET_PCI_HOT_RESET_INFO lists, and which group fds PCI_HOT_RESET takes.
+ */
+#define BUS_BDF     "0000:01:00.0"
+#define BUS_SIBLING "0000:01:00.1"
+
+struct bus_fn {
+	const char *name;
+	int fd;
+	uint64_t config_off, bar0_off;
+};
+
+static uint64_t region_offset(int fd, uint32_t index)
+{
+	struct vfio_region_info r = { .argsz = sizeof(r), .index = index };
+	if (ioctl(fd, VFIO_DEVICE_GET_REGION_INFO, &r) < 0)
+		return (uint64_t)index << 40;
+	return r.offset;
+}
+
+static void bus_fn_open(struct bus_fn *f, int group, const char *bdf)
+{
+	f->fd = ioctl(group, VFIO_GROUP_GET_DEVICE_FD, bdf);
+	put(nm("bus.%s.get_device_fd", f->name), f->fd < 0 ? "ERR:%s" : "ok", errname(errno));
+	if (f->fd < 0)
+		return;
+	f->config_off = region_offset(f->fd, VFIO_PCI_CONFIG_REGION_INDEX);
+	f->bar0_off = region_offset(f->fd, VFIO_PCI_BAR0_REGION_INDEX);
+}
+
+static uint32_t bus_cfg_read(const struct bus_fn *f, unsigned off, size_t n)
+{
+	uint32_t v = 0;
+	if (pread(f->fd, &v, n, f->config_off + off) != (ssize_t)n)
+		return 0xffffffff;
+	return v;
+}
+
+/* A register of the function's BAR0 (edu), or ERR:<errno>. */
+static void put_bus_bar0(const char *name, const struct bus_fn *f, uint64_t reg)
+{
+	uint32_t v = 0;
+	ssize_t r = pread(f->fd, &v, 4, f->bar0_off + reg);
+	if (r != 4)
+		put(name, "ERR:%s", r < 0 ? errname(errno) : "short");
+	else
+		put_hex(name, v);
+}
+
+/* GET_PCI_HOT_RESET_INFO with room for `room` devices: rc, count, flags and, when it fits, each device. */
+static void put_hot_reset_info(const char *name, int fd, unsigned room)
+{
+	struct {
+		struct vfio_pci_hot_reset_info hi;
+		struct vfio_pci_dependent_device dev[4];
+	} a;
+	memset(&a, 0xa5, sizeof(a));
+	a.hi.argsz = sizeof(a.hi) + room * sizeof(a.dev[0]);
+	a.hi.count = 0x77;
+	long r = ioctl(fd, VFIO_DEVICE_GET_PCI_HOT_RESET_INFO, &a);
+	int err = errno;
+	put_rc(name, r, err);
+	if (r < 0 && err != ENOSPC)
+		return;
+	put_hex(nm("%s.flags", name), a.hi.flags);
+	put(nm("%s.count", name), "%u", a.hi.count);
+	for (unsigned i = 0; r >= 0 && i < a.hi.count && i < room; i++) {
+		put(nm("%s.%u.group_id", name, i), "%u", a.dev[i].group_id);
+		put(nm("%s.%u.address", name, i), "%04x:%02x:%02x.%u", a.dev[i].segment, a.dev[i].bus,
+		    a.dev[i].devfn >> 3, a.dev[i].devfn & 7);
+	}
+}
+
+/* PCI_HOT_RESET with the given fds (count n, argsz to match). */
+static long hot_reset_fds(int device, const int32_t *fds, unsigned n, uint32_t flags)
+{
+	struct { struct vfio_pci_hot_reset hr; int32_t fds[4]; } a;
+	memset(&a, 0, sizeof(a));
+	a.hr.argsz = sizeof(a.hr) + n * sizeof(int32_t);
+	a.hr.flags = flags;
+	a.hr.count = n;
+	memcpy(a.fds, fds, n * sizeof(int32_t));
+	return ioctl(device, VFIO_DEVICE_PCI_HOT_RESET, &a);
+}
+
+static void put_hot_reset(const char *name, int device, const int32_t *fds, unsigned n)
+{
+	long r = hot_reset_fds(device, fds, n, 0);
+	put_rc(name, r, errno);
+}
+
+/* What one reset did to both functions: the edu registers they hold, and their config as vfio-pci restored it. */
+static void put_after_reset(const char *name, struct bus_fn *fn, const uint32_t *bar0_before)
+{
+	for (int i = 0; i < 2; i++) {
+		if (fn[i].fd < 0)
+			continue;
+		put_bus_bar0(nm("%s.%s.edu_liveness", name, fn[i].name), &fn[i], EDU_LIVENESS);
+		put_hex(nm("%s.%s.command", name, fn[i].name), bus_cfg_read(&fn[i], 0x04, 2));
+		put(nm("%s.%s.bar0", name, fn[i].name), "%s",
+		    bus_cfg_read(&fn[i], 0x10, 4) == bar0_before[i] ? "kept" : "changed");
+	}
+}
+
+static void bus_hot_reset(void)
+{
+	char link[256];
+	ssize_t n = readlink("/sys/bus/pci/devices/" BUS_BDF "/iommu_group", link, sizeof(link) - 1);
+	if (n < 0) {
+		put("bus.iommu_group", "ERR:%s", errname(errno));
+		return;
+	}
+	link[n] = 0;
+	const char *gid = strrchr(link, '/') ? strrchr(link, '/') + 1 : link;
+	put("bus.iommu_group", "%s", gid);
+	int group = open(nm("/dev/vfio/%.16s", gid), O_RDWR | O_CLOEXEC);
+	put("bus.open_group", group < 0 ? "ERR:%s" : "ok", errname(errno));
+	if (group < 0)
+		return;
+	XIOCTL("bus.set_container", group, VFIO_GROUP_SET_CONTAINER, &S.container);
+
+	struct bus_fn fn[2] = { { "fn0", -1, 0, 0 }, { "fn1", -1, 0, 0 } };
+	bus_fn_open(&fn[0], group, BUS_BDF);
+	bus_fn_open(&fn[1], group, BUS_SIBLING);
+	if (fn[0].fd >= 0) {
+		struct vfio_device_info info = { .argsz = sizeof(info) };
+		if (XIOCTL("bus.fn0.info", fn[0].fd, VFIO_DEVICE_GET_INFO, &info) >= 0)
+			put_hex("bus.fn0.info.flags", info.flags);
+		XIOCTL("bus.fn0.reset", fn[0].fd, VFIO_DEVICE_RESET, 0);
+		/* function 0 of a multi-function device says so in its header type */
+		put_hex("bus.fn0.header_type", bus_cfg_read(&fn[0], 0x0e, 1));
+	}
+	if (fn[1].fd >= 0)
+		put_hex("bus.fn1.header_type", bus_cfg_read(&fn[1], 0x0e, 1));
+	if (fn[0].fd < 0)
+		goto out;
+
+	/* The list: too small (ENOSPC with the count), then big enough, from either function. */
+	put_hot_reset_info("bus.hot_reset_info.room0", fn[0].fd, 0);
+	put_hot_reset_info("bus.hot_reset_info.room1", fn[0].fd, 1);
+	put_hot_reset_info("bus.hot_reset_info", fn[0].fd, 4);
+	if (fn[1].fd >= 0)
+		put_hot_reset_info("bus.hot_reset_info.fn1", fn[1].fd, 2);
+
+	/* Group fds that do not cover the bus, or are no group at all. */
+	int32_t fds[4];
+	int null_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+	put_hot_reset("bus.hot_reset.count0", fn[0].fd, fds, 0);
+	fds[0] = S.group;    /* a real group, but not the one of the bus */
+	put_hot_reset("bus.hot_reset.other_group", fn[0].fd, fds, 1);
+	fds[0] = -1;
+	put_hot_reset("bus.hot_reset.bad_fd", fn[0].fd, fds, 1);
+	fds[0] = S.container;
+	put_hot_reset("bus.hot_reset.container_fd", fn[0].fd, fds, 1);
+	fds[0] = fn[0].fd;
+	put_hot_reset("bus.hot_reset.device_fd", fn[0].fd, fds, 1);
+	fds[0] = null_fd;
+	put_hot_reset("bus.hot_reset.devnull", fn[0].fd, fds, 1);
+	fds[0] = group;
+	fds[1] = -1;
+	put_hot_reset("bus.hot_reset.group_then_bad_fd", fn[0].fd, fds, 2);
+	fds[1] = null_fd;
+	put_hot_reset("bus.hot_reset.group_then_devnull", fn[0].fd, fds, 2);
+	fds[1] = fds[2] = group;
+	put_hot_reset("bus.hot_reset.count3", fn[0].fd, fds, 3);
+	{
+		long r = hot_reset_fds(fn[0].fd, fds, 1, 1);
+		put_rc("bus.hot_reset.flags1", r, errno);
+		struct vfio_pci_hot_reset_info hi = { .argsz = 4 };
+		XIOCTL("bus.hot_reset_info.argsz4", fn[0].fd, VFIO_DEVICE_GET_PCI_HOT_RESET_INFO, &hi);
+	}
+	close(null_fd);
+
+	/* The right group: the reset goes through and hits both functions. */
+	uint32_t bar0[2] = { 0, 0 };
+	for (int i = 0; i < 2; i++) {
+		if (fn[i].fd < 0)
+			continue;
+		uint32_t v = 0x11111111u * (uint32_t)(i + 1);
+		if (pwrite(fn[i].fd, &v, 4, fn[i].bar0_off + EDU_LIVENESS) != 4)
+			put(nm("bus.%s.write_liveness", fn[i].name), "ERR:%s", errname(errno));
+		bar0[i] = bus_cfg_read(&fn[i], 0x10, 4);
+	}
+	put_after_reset("bus.before_reset", fn, bar0);
+	fds[0] = group;
+	put_hot_reset("bus.hot_reset.group_fd", fn[0].fd, fds, 1);
+	put_after_reset("bus.after_reset", fn, bar0);
+	/* More fds than groups needed: a duplicate, and a group the bus does not need, are accepted. */
+	fds[0] = fds[1] = group;
+	put_hot_reset("bus.hot_reset.group_fd_twice", fn[0].fd, fds, 2);
+	fds[0] = S.group;
+	put_hot_reset("bus.hot_reset.other_group_and_group", fn[0].fd, fds, 2);
+	{
+		/* argsz covers only the header: vfio-pci checks argsz >= minsz alone and reads count fds after it */
+		struct { struct vfio_pci_hot_reset hr; int32_t fds[1]; } a = {
+			.hr = { .argsz = sizeof(a.hr), .count = 1 }, .fds = { group },
+		};
+		XIOCTL("bus.hot_reset.argsz_header_only", fn[0].fd, VFIO_DEVICE_PCI_HOT_RESET, &a);
+	}
+	if (fn[1].fd >= 0) {
+		fds[0] = group;
+		put_hot_reset("bus.hot_reset.from_fn1", fn[1].fd, fds, 1);
+		/* the sibling closed again: its group is still needed, and the reset still reaches it */
+		put_rc("bus.fn1.close", close(fn[1].fd), errno);
+		fn[1].fd = -1;
+		put_hot_reset("bus.hot_reset.fn1_closed", fn[0].fd, fds, 1);
+		fds[0] = S.group;
+		put_hot_reset("bus.hot_reset.fn1_closed.other_group", fn[0].fd, fds, 1);
+	}
+
+out:
+	for (int i = 0; i < 2; i++)
+		if (fn[i].fd >= 0)
+			close(fn[i].fd);
+	XIOCTL("bus.unset_container", group, VFIO_GROUP_UNSET_CONTAINER, 0);
+	put_rc("bus.close_group", close(group), errno);
+}
+
 /* ------------------------------------------------------------- release */
 
 static void release(void)
@@ -1538,6 +1762,7 @@ int main(int argc, char **argv)
 	edu_intx();
 	set_irqs_rules();
 	device_reset_and_features();
+	bus_hot_reset();
 
 	release();
 	put("done", "1");

@@ -82,7 +82,12 @@ class NvmeController(PciDevice):
         self.reset()
 
     def _build_pci(self) -> None:
-        """BAR0 as QEMU lays it out: registers and doorbells, then the MSI-X table, then the PBA (4 KiB aligned)."""
+        """BAR0 as QEMU lays it out: registers and doorbells, then the MSI-X table, then the PBA (4 KiB aligned).
+
+        No page of it is a register window (``MmioBar.add_window``): page 0
+        holds CC, INTMS/INTMC and AQA/ASQ/ACQ, whose writes act, the doorbell
+        pages are writes that act, and the table and PBA are vfio-pci's.
+        """
         self.doorbells_end = spec.REG_DBS + 8 * (self.max_queues + 1)
         table = (self.doorbells_end + 0xFFF) & ~0xFFF
         pba = (table + self.vectors * PCI_MSIX_ENTRY_SIZE + 0xFFF) & ~0xFFF

@@ -48,6 +48,10 @@ identity -> BARs and capabilities -> register handlers -> reset::
   with side effects: clients use pread/pwrite), :class:`RamBar` (plain memory in
   a memfd, :class:`SharedMemory`, offered for mmap whole, MSI-X table included,
   as 6.1 does); ``bits64`` / ``prefetchable``; :class:`Rom` for the expansion ROM.
+  ``MmioBar.add_window(offset, size)`` makes whole pages of a register BAR
+  memory the model keeps current (:class:`BarWindow`): registers without side
+  effects that a client may map (sparse mmap areas) instead of trapping,
+  unless ``mmap_windows`` (class attribute, or the topology key) is false.
 * Capabilities: :class:`PmCapability`, :class:`MsiCapability`,
   :class:`MsixCapability` (table and PBA inside a BAR),
   :class:`ExpressCapability` (makes config space 4 KiB),
@@ -74,7 +78,7 @@ identity -> BARs and capabilities -> register handlers -> reset::
   traceback; the device and the server live on.
 """
 
-from .bars import Bar, FileMemory, FileRamBar, IoBar, MmioBar, RamBar, Rom, SharedMemory  # noqa: F401
+from .bars import Bar, BarWindow, FileMemory, FileRamBar, IoBar, MmioBar, RamBar, Rom, SharedMemory  # noqa: F401
 from .caps import (  # noqa: F401
     Capability,
     ExpressCapability,

@@ -1,4 +1,5 @@
-"""BARs and the expansion ROM: register BARs (MMIO, I/O), plain memory in a sealed memfd, ROM images."""
+"""BARs and the expansion ROM: register BARs (MMIO, I/O) with optional windows of memory, plain memory in a
+sealed memfd, ROM images."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import fcntl
 import mmap
 import os
 import weakref
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Sequence
 
+from ...memory import PAGE_SIZE
 from .regs import PCI_BASE_ADDRESS_MEM_PREFETCH, PCI_BASE_ADDRESS_MEM_TYPE_64, PCI_BASE_ADDRESS_SPACE_IO
 
 
@@ -18,6 +20,8 @@ class Bar:
     io = False
     #: a BAR of plain memory may be mapped by the client (the whole BAR, VFIO_REGION_INFO_FLAG_MMAP)
     mmappable = False
+    #: the register windows served as memory (:meth:`MmioBar.add_window`), by offset
+    windows: Sequence["BarWindow"] = ()
 
     def __init__(self, size: int, *, bits64: bool = False, prefetchable: bool = False):
         if size & (size - 1) or size < (4 if self.io else 16):
@@ -40,25 +44,129 @@ class Bar:
     def write(self, offset: int, size: int, value: int) -> None:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """The device goes away: let go of the memory this BAR holds, if any."""
+
+
+class BarWindow:
+    """Registers of a :class:`MmioBar` that need no trap, served as memory the model keeps current.
+
+    For reads without side effects and writes the model only needs to see
+    when it next acts (IDs, scratch, a configuration structure a driver reads
+    often).  The bytes live in the BAR's memfd at the same offset as in the
+    BAR: vfio-pci offers the window for mmap (a VFIO_REGION_INFO_CAP_SPARSE_MMAP
+    area), and a read or write of it through the device fd is a load or store
+    of the same memory, so trapped and mapped accesses agree.  The model
+    updates it with :meth:`write` (offsets from the window's start);
+    ``on_write(offset, size)`` (optional, offsets in the window) is told after
+    a write through the device fd, never after a store through a mapping.
+    """
+
+    def __init__(self, bar: "MmioBar", offset: int, size: int,
+                 on_write: Optional[Callable[[int, int], None]] = None):
+        self.bar = bar
+        self.offset = offset
+        self.size = size
+        self.end = offset + size
+        self.on_write = on_write
+
+    def read(self, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset`` in the window, as a client's mapping sees them now."""
+        if offset < 0 or offset + size > self.size:
+            raise ValueError(f"0x{offset:x}+0x{size:x} is outside a window of 0x{self.size:x} bytes")
+        start = self.offset + offset
+        return bytes(self.bar.memory_view()[start:start + size])
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Store ``data`` at ``offset`` in the window: what every mapping and pread sees from now on."""
+        if offset < 0 or offset + len(data) > self.size:
+            raise ValueError(f"0x{offset:x}+0x{len(data):x} is outside a window of 0x{self.size:x} bytes")
+        start = self.offset + offset
+        self.bar.memory_view()[start:start + len(data)] = data
+
+    def __repr__(self) -> str:
+        return f"BarWindow(0x{self.offset:x}+0x{self.size:x})"
+
 
 class MmioBar(Bar):
-    """Memory-space registers: ``read(offset, size) -> int``, ``write(offset, size, value)``."""
+    """Memory-space registers: ``read(offset, size) -> int``, ``write(offset, size, value)``.
+
+    :meth:`add_window` makes whole pages of it memory instead (:class:`BarWindow`):
+    the handlers never see an access there.
+    """
+
+    memory: Optional["SharedMemory"] = None
 
     def __init__(self, size: int, read: Callable[[int, int], int], write: Callable[[int, int, int], None],
                  **kwargs):
         super().__init__(size, **kwargs)
         self._read = read
         self._write = write
+        self.windows: List[BarWindow] = []
+
+    def add_window(self, offset: int, size: int, *, on_write: Optional[Callable[[int, int], None]] = None
+                   ) -> BarWindow:
+        """Serve ``size`` bytes at ``offset`` (whole pages) as memory; returns the window to keep current.
+
+        The memory starts as zeros.  Put nothing there with side effects on
+        read or write: a client that maps the window reaches it without the
+        model (vfio-pci lists it as a sparse mmap area).
+        """
+        if self.io:
+            raise ValueError("an I/O BAR is never mapped: it cannot have a window")
+        if offset % PAGE_SIZE or size % PAGE_SIZE or size <= 0:
+            raise ValueError(f"window 0x{offset:x}+0x{size:x} is not whole pages of 0x{PAGE_SIZE:x} bytes")
+        if offset < 0 or offset + size > self.size:
+            raise ValueError(f"window 0x{offset:x}+0x{size:x} is outside the 0x{self.size:x}-byte BAR")
+        for w in self.windows:
+            if offset < w.end and w.offset < offset + size:
+                raise ValueError(f"window 0x{offset:x}+0x{size:x} overlaps {w!r}")
+        if self.memory is None:
+            self.memory = SharedMemory(self.size, "cuse-vfio-bar")
+        window = BarWindow(self, offset, size, on_write)
+        self.windows.append(window)
+        self.windows.sort(key=lambda w: w.offset)
+        return window
+
+    def memory_view(self) -> memoryview:
+        assert self.memory is not None  # made with the first window
+        return self.memory.view
+
+    def window_at(self, offset: int, size: int) -> Optional[BarWindow]:
+        """The window holding the access ``offset``..``offset + size``, or None."""
+        for w in self.windows:
+            if w.offset <= offset and offset + size <= w.end:
+                return w
+        return None
 
     def read(self, offset: int, size: int) -> int:
+        if self.windows and self.window_at(offset, size) is not None:
+            return int.from_bytes(self.memory_view()[offset:offset + size], "little")
         return self._read(offset, size)
 
     def write(self, offset: int, size: int, value: int) -> None:
-        self._write(offset, size, value)
+        window = self.window_at(offset, size) if self.windows else None
+        if window is None:
+            self._write(offset, size, value)
+            return
+        self.memory_view()[offset:offset + size] = value.to_bytes(size, "little")
+        if window.on_write is not None:
+            window.on_write(offset - window.offset, size)
+
+    def renew_memory(self) -> None:
+        """The windows move to a fresh memfd with the same bytes (see :meth:`RamBar.renew_memory`)."""
+        old = self.memory
+        if old is not None:
+            self.memory = old.copy()
+            old.close()
+
+    def close(self) -> None:
+        if self.memory is not None:
+            self.memory.close()
 
 
 class IoBar(MmioBar):
-    """I/O-space registers (never 64-bit, never prefetchable, never mmapped)."""
+    """I/O-space registers (never 64-bit, never prefetchable, never mmapped, no windows)."""
 
     io = True
 
@@ -95,6 +203,7 @@ class SharedMemory(_MemoryFd):
         if size <= 0:
             raise ValueError("shared memory needs at least one byte")
         self.size = size
+        self.name = name
         self._fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self._fd, size)
@@ -107,6 +216,12 @@ class SharedMemory(_MemoryFd):
             raise
         self.view = memoryview(self._map)
         self._own(self._fd)
+
+    def copy(self) -> "SharedMemory":
+        """The same bytes in a fresh memfd (to move to before closing this one: see RamBar.renew_memory)."""
+        new = SharedMemory(self.size, self.name)
+        new.view[:] = self.view
+        return new
 
     def close(self) -> None:
         if self.closed:
@@ -157,10 +272,8 @@ class RamBar(Bar):
         mapping can outlive the open it came from.
         """
         old = self.memory
-        new = SharedMemory(self.size, "cuse-vfio-bar")
-        new.view[:] = old.view
-        self.memory = new
-        self.backing = new.view
+        self.memory = old.copy()
+        self.backing = self.memory.view  # the model's view moves before the old one is released
         old.close()
 
     def close(self) -> None:

@@ -152,18 +152,22 @@ class MsiCapability(Capability):
         return self._config.get(self.offset + PCI_MSI_FLAGS, 2)
 
     def enabled(self) -> bool:
-        return bool(self.flags() & PCI_MSI_FLAGS_ENABLE)
+        return bool(self._config.get(self.offset + PCI_MSI_FLAGS, 2) & PCI_MSI_FLAGS_ENABLE)
 
     def enabled_vectors(self) -> int:
-        return min(self.vectors, 1 << ((self.flags() & PCI_MSI_FLAGS_QSIZE) >> 4))
+        return self._vectors_of(self.flags())
+
+    def _vectors_of(self, flags: int) -> int:
+        return min(self.vectors, 1 << ((flags & PCI_MSI_FLAGS_QSIZE) >> 4))
 
     def _masked(self, vector: int) -> bool:
         return self.per_vector_mask and bool(self._config.get(self._mask_reg, 4) >> vector & 1)
 
     def notify(self, vector: int) -> None:
-        if not self.enabled() or vector >= self.enabled_vectors():
+        flags = self._config.get(self.offset + PCI_MSI_FLAGS, 2)  # read once: enabled, and how many vectors
+        if not flags & PCI_MSI_FLAGS_ENABLE or vector >= self._vectors_of(flags):
             return
-        if self._masked(vector):
+        if self.per_vector_mask and self._masked(vector):
             pending = self._config.get(self._mask_reg + 4, 4)
             self._config.set(self._mask_reg + 4, 4, pending | (1 << vector))
             return
@@ -236,7 +240,7 @@ class MsixCapability(Capability):
         return self._config.get(self.offset + PCI_MSIX_FLAGS, 2)
 
     def enabled(self) -> bool:
-        return bool(self.flags() & PCI_MSIX_FLAGS_ENABLE)
+        return bool(self._config.get(self.offset + PCI_MSIX_FLAGS, 2) & PCI_MSIX_FLAGS_ENABLE)
 
     def entry_masked(self, vector: int) -> bool:
         ctrl = int.from_bytes(self.table[vector * 16 + 12:vector * 16 + 16], "little")
@@ -246,9 +250,10 @@ class MsixCapability(Capability):
         return bool(self.flags() & PCI_MSIX_FLAGS_MASKALL) or self.entry_masked(vector)
 
     def notify(self, vector: int) -> None:
-        if not self.enabled() or vector >= self.vectors:
+        flags = self._config.get(self.offset + PCI_MSIX_FLAGS, 2)  # read once: enabled, and the function mask
+        if not flags & PCI_MSIX_FLAGS_ENABLE or vector >= self.vectors:
             return
-        if self._blocked(vector):
+        if flags & PCI_MSIX_FLAGS_MASKALL or self.entry_masked(vector):
             self.pending |= 1 << vector
             return
         self._fn._send_msi(IrqIndex.MSIX, vector)

@@ -6,7 +6,7 @@ import logging
 import threading
 from typing import Any, Callable, List, Optional
 
-from .bars import Bar, RamBar, Rom
+from .bars import Bar, Rom
 from .caps import Capability, ExpressCapability, MsiCapability, MsixCapability, PmCapability
 from .config import ConfigSpace
 from .dma import DmaPort
@@ -31,6 +31,7 @@ from .regs import (
     PCI_D3HOT,
     PCI_DEVICE_ID,
     PCI_HEADER_TYPE,
+    PCI_HEADER_TYPE_MULTI_FUNCTION,
     PCI_INTERRUPT_LINE,
     PCI_INTERRUPT_PIN,
     PCI_LATENCY_TIMER,
@@ -132,6 +133,10 @@ class PciDevice:
     can_reset = False
     #: the function implements the bus-master bit (it does DMA)
     dma_capable = True
+    #: vfio-pci offers the BARs' windows (``MmioBar.add_window``) for mmap, as sparse mmap areas;
+    #: a topology entry's ``mmap_windows`` overrides it.  Off, the windows are still memory, reached by
+    #: pread/pwrite only.
+    mmap_windows = True
     #: writable bits of the command register; None: what the function implements
     #: (I/O and memory decode for its BAR types, bus master when ``dma_capable``,
     #: parity, SERR, INTx disable).  QEMU's devices make IO|MEMORY|MASTER|SERR|INTX_DISABLE
@@ -183,6 +188,11 @@ class PciDevice:
         c.init(PCI_SUBSYSTEM_ID, 2, self.subsystem_id)
         c.init(PCI_INTERRUPT_LINE, 1, 0, wmask=0xFF)
         c.init(PCI_INTERRUPT_PIN, 1, self.interrupt_pin)
+
+    def set_multifunction(self) -> None:
+        """Function 0 of a device with more functions: bit 7 of the header type says so
+        (QEMU's ``multifunction=on``); the kernel's scan looks for functions 1-7 only then."""
+        self.config.init(PCI_HEADER_TYPE, 1, PCI_HEADER_TYPE_MULTI_FUNCTION)
 
     def _command_wmask(self) -> int:
         if self.command_wmask is not None:
@@ -310,14 +320,15 @@ class PciDevice:
         return self.config.get(PCI_COMMAND, 2)
 
     def bus_master_enabled(self) -> bool:
-        return bool(self.command() & PCI_COMMAND_MASTER)
+        # (command() spelled out: every DMA asks)
+        return bool(self.config.get(PCI_COMMAND, 2) & PCI_COMMAND_MASTER)
 
     # -- BAR access (MMIO / port I/O from the host) ---------------------------
     def bar_read(self, index: int, offset: int, size: int) -> int:
         bar = self.bars[index]
         if bar is None or not self._decodes(bar):
             return (1 << (8 * size)) - 1  # master abort: all ones
-        handler = self._msix_region(index, offset, size)
+        handler = self._msix_region(index, offset, size) if self.msix is not None else None
         if handler is not None:
             return handler[0](handler[2], size)
         return bar.read(offset, size) & ((1 << (8 * size)) - 1)
@@ -326,7 +337,7 @@ class PciDevice:
         bar = self.bars[index]
         if bar is None or not self._decodes(bar):
             return
-        handler = self._msix_region(index, offset, size)
+        handler = self._msix_region(index, offset, size) if self.msix is not None else None
         if handler is not None:
             if handler[1] is not None:
                 handler[1](handler[2], size, value)
@@ -340,7 +351,7 @@ class PciDevice:
 
     def _decodes(self, bar: Bar) -> bool:
         bit = PCI_COMMAND_IO if bar.io else PCI_COMMAND_MEMORY
-        return bool(self.command() & bit) and self.power_state < PCI_D3HOT
+        return bool(self.config.get(PCI_COMMAND, 2) & bit) and self.power_state < PCI_D3HOT
 
     def _msix_region(self, index: int, offset: int, size: int):
         msix = self.msix
@@ -365,18 +376,18 @@ class PciDevice:
         A message for a disabled mechanism is dropped, as the hardware would;
         the host's masks and automasking are vfio-pci's business.
         """
+        # Messages first, and without the enum conversion: they are the hot path.
+        if index == IrqIndex.MSI or index == IrqIndex.MSIX:
+            cap = self.msi if index == IrqIndex.MSI else self.msix
+            if cap is not None:
+                cap.notify(vector)
+            return
         index = IrqIndex(index)
         if index is IrqIndex.INTX:
             if not self.interrupt_pin:
                 raise ValueError(f"{self.name} has no INTx pin")
             self._intx_level = True
             self._update_intx()
-        elif index is IrqIndex.MSI:
-            if self.msi is not None:
-                self.msi.notify(vector)
-        elif index is IrqIndex.MSIX:
-            if self.msix is not None:
-                self.msix.notify(vector)
         elif index is IrqIndex.ERR:
             self.signal_error()
         else:
@@ -467,7 +478,7 @@ class PciDevice:
         """The device goes away: nothing deferred may run any more, shared memory is let go."""
         self.deferred.cancel_all()
         for bar in self.bars:
-            if isinstance(bar, RamBar):
+            if bar is not None:
                 bar.close()
 
     def __repr__(self) -> str:

@@ -20,7 +20,7 @@ change and a function reset to the device (:mod:`.core`).
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING, Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 from ...errors import VfioError
 from ...uapi import VFIO_PCI_MSI_IRQ_INDEX
@@ -111,18 +111,27 @@ class _Perm:
         size = (size + 3) & ~3
         self.virt = bytearray(size)
         self.write = bytearray(size)
-        self.readfn = read
-        self.writefn = write
+        #: the VirtualConfig methods that read and write through these bits (None: writes dropped)
+        self.reader = "_read_" + read
+        self.writer = None if write is None else "_write_" + write
+        self._masks: Dict[int, Tuple[int, int]] = {}  # (offset << 3 | count) -> masks(offset, count)
 
     def set(self, offset: int, size: int, virt: int, write: int) -> "_Perm":
         self.virt[offset:offset + size] = (virt & ((1 << 8 * size) - 1)).to_bytes(size, "little")
         self.write[offset:offset + size] = (write & ((1 << 8 * size) - 1)).to_bytes(size, "little")
+        self._masks.clear()
         return self
 
-    def masks(self, offset: int, count: int):
-        virt = int.from_bytes(self.virt[offset:offset + count].ljust(count, b"\0"), "little")
-        write = int.from_bytes(self.write[offset:offset + count].ljust(count, b"\0"), "little")
-        return virt, write
+    def masks(self, offset: int, count: int) -> Tuple[int, int]:
+        """(virtual bits, writable bits) of ``count`` bytes at ``offset``; remembered, as the bits never
+        change once the tables are built and every config access asks."""
+        key = offset << 3 | count
+        masks = self._masks.get(key)
+        if masks is None:
+            virt = int.from_bytes(self.virt[offset:offset + count].ljust(count, b"\0"), "little")
+            write = int.from_bytes(self.write[offset:offset + count].ljust(count, b"\0"), "little")
+            masks = self._masks[key] = (virt, write)
+        return masks
 
 
 ALL = 0xFFFFFFFF
@@ -419,10 +428,10 @@ class VirtualConfig:
             start = self._find_cap_start(pos) if cap != PCI_CAP_ID_BASIC else 0
         offset = pos - start
         if value is not None:
-            if perm.writefn is not None:
-                getattr(self, "_write_" + perm.writefn)(pos, count, perm, offset, value & ((1 << 8 * count) - 1))
+            if perm.writer is not None:
+                getattr(self, perm.writer)(pos, count, perm, offset, value & ((1 << 8 * count) - 1))
             return count, 0
-        return count, getattr(self, "_read_" + perm.readfn)(pos, count, perm, offset)
+        return count, getattr(self, perm.reader)(pos, count, perm, offset)
 
     # -- read functions ----------------------------------------------------------
     def _read_default(self, pos, count, perm, offset) -> int:
@@ -562,5 +571,7 @@ class VirtualConfig:
 
     def memory_enabled(self) -> bool:
         """``__vfio_pci_memory_enabled``: the user's memory-enable bit, and not in D3hot."""
-        return self.vdev.function.power_state < PCI_D3HOT and bool(self._vget(PCI_COMMAND, 2) & PCI_COMMAND_MEMORY)
+        # (_vget spelled out: every BAR access asks)
+        return self.vdev.function.power_state < PCI_D3HOT and \
+            bool(int.from_bytes(self.vconfig[PCI_COMMAND:PCI_COMMAND + 2], "little") & PCI_COMMAND_MEMORY)
 

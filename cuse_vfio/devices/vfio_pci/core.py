@@ -13,8 +13,9 @@ and SET_IRQS (:mod:`.intrs`), region reads and writes and ioeventfds
   (:meth:`VfioPciDevice.reset_methods`); hot reset through a
   :class:`.reset.HotResetBus` with the group-fd rules; the 6.1 low-power
   features are the only DEVICE_FEATUREs.
-* mmap: a plain-memory BAR's memfd (:meth:`VfioPciDevice.region_memory`,
-  :meth:`VfioPciDevice.mmap`) is what a transport hands to the client.
+* Regions and mmap (:mod:`.regions`): a plain-memory BAR's memfd, or the
+  windows of a register BAR as sparse mmap areas (:meth:`VfioPciDevice.region_memory`,
+  :meth:`VfioPciDevice.mmap`), is what a transport hands to the client.
 * DMA: ``set_dma_space(space)`` (the IOMMU driver's ``DmaSpace``, or None) is
   attached to the function's ``DmaPort``; the model never holds it.
 * Model code that raises fails one access with EIO (:class:`ModelFailure`).
@@ -22,7 +23,6 @@ and SET_IRQS (:mod:`.intrs`), region reads and writes and ioeventfds
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import uuid
@@ -30,7 +30,6 @@ from contextlib import contextmanager
 from typing import Callable, Dict, List, Optional
 
 from ...errors import RetryRequest, VfioError
-from ...memory import PAGE_SIZE
 from ...uapi import (
     VFIO_DEVICE_FEATURE,
     VFIO_DEVICE_FLAGS_PCI,
@@ -43,25 +42,14 @@ from ...uapi import (
     VFIO_DEVICE_PCI_HOT_RESET,
     VFIO_DEVICE_RESET,
     VFIO_DEVICE_SET_IRQS,
-    VFIO_PCI_BAR5_REGION_INDEX,
-    VFIO_PCI_CONFIG_REGION_INDEX,
     VFIO_PCI_NUM_IRQS,
     VFIO_PCI_NUM_REGIONS,
-    VFIO_PCI_ROM_REGION_INDEX,
-    VFIO_PCI_VGA_REGION_INDEX,
-    VFIO_REGION_INFO_CAP_MSIX_MAPPABLE,
-    VFIO_REGION_INFO_FLAG_CAPS,
-    VFIO_REGION_INFO_FLAG_MMAP,
-    VFIO_REGION_INFO_FLAG_READ,
-    VFIO_REGION_INFO_FLAG_WRITE,
     device_feature_header,
     offsetofend,
     vfio_device_info,
     vfio_iommu_type1_info,
-    vfio_region_info,
 )
 from ...uapi.abi import KernelAbi
-from ...uapi.caps import CapChain
 from ..pci import (
     PCI_COMMAND,
     PCI_COMMAND_INTX_DISABLE,
@@ -72,7 +60,6 @@ from ..pci import (
     PCI_PM_CTRL,
     PCI_PM_CTRL_STATE_MASK,
     PciDevice,
-    RamBar,
     SharedMemory,
 )
 from . import reset as _reset
@@ -81,12 +68,10 @@ from .intrs import Interrupts
 from .power import RuntimePm
 from .rdwr import (
     BAR_IO_WIDTH,
-    VFIO_PCI_INDEX_TO_OFFSET,
-    VFIO_PCI_OFFSET_MASK,
-    VFIO_PCI_OFFSET_SHIFT,
     Ioeventfds,
-    region_rw,
+    vfio_pci_rw,
 )
+from .regions import Regions
 from .reset import HotResetBus
 
 log = logging.getLogger(__name__)
@@ -133,7 +118,8 @@ class VfioPciDevice:
     def __init__(self, function: PciDevice, name: Optional[str] = None, *, dma_space=None,
                  reset_bus: Optional[HotResetBus] = None, io_width: Optional[int] = None,
                  group_of_fd: Callable[[object, int], int] = _default_group_of_fd,
-                 abi: Optional[KernelAbi] = None, nointxmask: bool = False, disable_idle_d3: bool = False):
+                 abi: Optional[KernelAbi] = None, nointxmask: bool = False, disable_idle_d3: bool = False,
+                 mmap_windows: Optional[bool] = None):
         #: the kernel release whose vfio-pci this device is (uapi/abi.py)
         self.abi = abi or KernelAbi()
         if io_width is None:
@@ -149,6 +135,8 @@ class VfioPciDevice:
         self.vconfig: Optional[VirtualConfig] = None
         self.irqs = Interrupts(self)
         self.ioeventfds = Ioeventfds(self)
+        #: GET_REGION_INFO and mmap; the BARs' windows are offered as the function says unless told
+        self.regions = Regions(self, function.mmap_windows if mmap_windows is None else bool(mmap_windows))
         self.runtime_pm = RuntimePm(self, disable_idle_d3)
         #: vfio_pci.nointxmask when the device was probed (the module hands it to vfio-pci-core at load)
         self.nointxmask = nointxmask
@@ -158,7 +146,7 @@ class VfioPciDevice:
         function.dma._attach(dma_space)
         self._ioctls = {
             VFIO_DEVICE_GET_INFO: self._get_info,
-            VFIO_DEVICE_GET_REGION_INFO: self._get_region_info,
+            VFIO_DEVICE_GET_REGION_INFO: self.regions.get_region_info,
             VFIO_DEVICE_GET_IRQ_INFO: self.irqs.get_irq_info,
             VFIO_DEVICE_SET_IRQS: self.irqs.set_irqs,
             VFIO_DEVICE_RESET: self._reset,
@@ -386,64 +374,6 @@ class VfioPciDevice:
         arg.write(0, bytes(info)[:minsz])
         return 0
 
-    def _region(self, index: int):
-        """(size, flags, msix_mappable) of a region, or None when the index is not a region of this device."""
-        fn = self.function
-        if index == VFIO_PCI_CONFIG_REGION_INDEX:
-            return fn.config.size, VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE, False
-        if index <= VFIO_PCI_BAR5_REGION_INDEX:
-            bar = fn.bars[index]
-            if bar is None:
-                return 0, 0, False
-            flags = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE
-            msix_mappable = False
-            if self._mmap_supported(index):
-                flags |= VFIO_REGION_INFO_FLAG_MMAP
-                # vdev->msix_bar is the table's BIR (the PBA's BAR gets nothing)
-                msix_mappable = fn.msix is not None and fn.msix.table_bar == index
-            return bar.size, flags, msix_mappable
-        if index == VFIO_PCI_ROM_REGION_INDEX:
-            rom = fn.rom
-            if rom is None or not rom.image_size():
-                return 0, 0, False  # no ROM, or pci_map_rom finds no valid image
-            return rom.size, VFIO_REGION_INFO_FLAG_READ, False
-        return None  # VGA (this device has none) and anything beyond
-
-    def _mmap_supported(self, index: int) -> bool:
-        """vdev->bar_mmap_supported: a plain-memory BAR of at least a page, mapped whole.
-
-        As 6.1 (since 4.16's "vfio-pci: Allow mapping MSIX BAR"), the MSI-X
-        table and PBA are no holes: a client may map them with the rest.  Its
-        stores there land in the BAR's memory, never in the emulated table
-        (which pread/pwrite reach; vectors are routed by SET_IRQS), so they
-        cannot steer interrupts, as MSIX_MAPPABLE promises.  A
-        sub-page BAR is not offered (Linux pads it to a page with a dummy
-        resource; a memfd of the BAR's size cannot be).
-        """
-        bar = self.function.bars[index]
-        return bar is not None and bar.mmappable and not bar.io and bar.size >= PAGE_SIZE
-
-    def _get_region_info(self, arg) -> int:
-        """vfio_pci_ioctl_get_region_info (6.1 and 6.12): the only BAR capability is MSIX_MAPPABLE on the table's
-        BAR."""
-        minsz = offsetofend(vfio_region_info, "offset")
-        info = arg.fetch_struct(vfio_region_info, minsz)
-        region = self._region(info.index) if info.index < VFIO_PCI_NUM_REGIONS else None
-        if region is None:
-            raise VfioError(errno.EINVAL, f"{self.name}: no region {info.index}"
-                            + (" (no VGA)" if info.index == VFIO_PCI_VGA_REGION_INDEX else ""))
-        info.offset = VFIO_PCI_INDEX_TO_OFFSET(info.index)
-        info.size, info.flags, msix_mappable = region
-        # cap_offset goes back as the caller passed it unless a capability is placed
-        if msix_mappable:
-            chain = CapChain.for_abi(self.abi)
-            chain.add(VFIO_REGION_INFO_CAP_MSIX_MAPPABLE, 1, b"")  # msix_mmappable_cap: a bare header
-            caps = chain.place(info, VFIO_REGION_INFO_FLAG_CAPS)
-            if caps:
-                arg.write(ctypes.sizeof(vfio_region_info), caps)
-        arg.write(0, bytes(info)[:minsz])
-        return 0
-
     def _reset(self, arg) -> int:
         if not self.reset_works:
             raise VfioError(errno.EINVAL, f"{self.name} cannot be reset on its own")
@@ -453,23 +383,10 @@ class VfioPciDevice:
 
     # -- DeviceOps: read / write / mmap -----------------------------------------------------
     def read(self, size: int, offset: int) -> bytes:
-        if size <= 0:
-            return b""
-        with self.lock:
-            return self._rw(offset, size, None)
+        return vfio_pci_rw(self, offset, size, None) if size > 0 else b""
 
     def write(self, data: bytes, offset: int) -> int:
-        if not data:
-            return 0
-        with self.lock:
-            return self._rw(offset, len(data), bytes(data))
-
-    def _rw(self, offset: int, count: int, data: Optional[bytes]):
-        index = offset >> VFIO_PCI_OFFSET_SHIFT
-        if index >= VFIO_PCI_NUM_REGIONS:
-            raise VfioError(errno.EINVAL, f"{self.name}: offset 0x{offset:x} is in no region")
-        with self.awake():  # vfio_pci_rw: pm_runtime_resume_and_get
-            return region_rw(self, index, offset, count, data)
+        return vfio_pci_rw(self, offset, len(data), bytes(data)) if data else 0
 
     def guarded(self, fn, *args):
         """Run device-model code (handlers, config hooks, reset) for one access.
@@ -487,41 +404,16 @@ class VfioPciDevice:
             raise ModelFailure(errno.EIO, f"{self.name}: the device model failed (see the server log)") from None
 
     def region_memory(self, index: int) -> SharedMemory:
-        """The shared memory behind a mappable region (a plain-memory BAR), for a transport.
+        """The shared memory behind a mappable region (a plain-memory BAR, or one with windows), for a transport.
 
         A transport sends ``region_memory(i).fileno()`` (a memfd) to the client,
-        which maps any page-aligned part of the BAR at the same offset into the
+        which maps a page-aligned part of the BAR at the same offset into the
         memfd as into the BAR.  EINVAL for a region that cannot be mapped
         (registers, I/O, config, ROM, VGA).
         """
-        if not 0 <= index <= VFIO_PCI_BAR5_REGION_INDEX or not self._mmap_supported(index):
-            raise VfioError(errno.EINVAL, f"{self.name}: region {index} cannot be mapped")
-        return self._mappable_bar(index).memory
-
-    def _mappable_bar(self, index: int) -> RamBar:
-        bar = self.function.bars[index]
-        assert isinstance(bar, RamBar)  # _mmap_supported said so: only plain memory is mappable
-        return bar
+        return self.regions.region_memory(index)
 
     def mmap(self, offset: int, length: int):
-        """vfio_pci_core_mmap's checks for a client mapping ``length`` bytes at file ``offset``.
-
-        Returns ``(memory, start)``: map ``memory.fileno()`` at ``start`` for
-        ``length`` bytes.  Any whole pages of a mappable BAR, the MSI-X table
-        and PBA included (6.1).
-        """
-        index = offset >> VFIO_PCI_OFFSET_SHIFT
-        pos = offset & VFIO_PCI_OFFSET_MASK
-        if index >= VFIO_PCI_ROM_REGION_INDEX:
-            raise VfioError(errno.EINVAL, f"{self.name}: region {index} cannot be mapped")
-        if pos % PAGE_SIZE or length <= 0:
-            raise VfioError(errno.EINVAL, f"{self.name}: mmap must start on a page")
-        with self.lock:
-            self.runtime_pm.resume()
-            if not self._mmap_supported(index):
-                raise VfioError(errno.EINVAL, f"{self.name}: BAR{index} cannot be mapped")
-            bar = self._mappable_bar(index)
-            phys_len = (bar.size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
-            if pos + length <= phys_len:
-                return bar.memory, pos
-        raise VfioError(errno.EINVAL, f"{self.name}: 0x{pos:x}+0x{length:x} of BAR{index} is not mappable")
+        """vfio_pci_core_mmap: ``(memory, start)`` for a client mapping ``length`` bytes at file ``offset``
+        (:meth:`.regions.Regions.mmap` says what may be mapped)."""
+        return self.regions.mmap(offset, length)

@@ -99,7 +99,8 @@ class RuntimePm:
     def get(self) -> None:
         """pm_runtime_resume_and_get: awake until the matching put()."""
         self.usage += 1
-        self.resume()
+        if self._suspended is not None:
+            self.resume()
 
     def put(self) -> None:
         """pm_runtime_put: the count reaching 0 suspends the device."""

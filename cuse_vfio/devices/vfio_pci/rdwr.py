@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from functools import partial
 from typing import TYPE_CHECKING, Dict, Optional
 
 from ...errors import VfioError
@@ -23,6 +24,7 @@ from ...uapi import (
     VFIO_DEVICE_IOEVENTFD_SIZE_MASK,
     VFIO_PCI_BAR5_REGION_INDEX,
     VFIO_PCI_CONFIG_REGION_INDEX,
+    VFIO_PCI_NUM_REGIONS,
     VFIO_PCI_ROM_REGION_INDEX,
     VFIO_PCI_VGA_REGION_INDEX,
     offsetofend,
@@ -54,9 +56,31 @@ def VFIO_PCI_INDEX_TO_OFFSET(index: int) -> int:
     return index << VFIO_PCI_OFFSET_SHIFT
 
 
+def vfio_pci_rw(vdev: "VfioPciDevice", offset: int, count: int, data: Optional[bytes]):
+    """vfio_pci_rw: a pread (``data`` None: the bytes read) or pwrite (the count written) of the device fd.
+
+    What ``awake()`` does around it is spelled out here, as every region access comes this way:
+    the device lock, and the device awake (pm_runtime_resume_and_get) for the access.
+    """
+    index = offset >> VFIO_PCI_OFFSET_SHIFT
+    pm = vdev.runtime_pm
+    with vdev.lock:
+        if index >= VFIO_PCI_NUM_REGIONS:
+            raise VfioError(errno.EINVAL, f"{vdev.name}: offset 0x{offset:x} is in no region")
+        pm.get()
+        try:
+            if index <= VFIO_PCI_BAR5_REGION_INDEX:
+                return bar_rw(vdev, index, offset & VFIO_PCI_OFFSET_MASK, count, data)
+            return region_rw(vdev, index, offset, count, data)
+        finally:
+            pm.put()
+
+
 def region_rw(vdev: "VfioPciDevice", index: int, offset: int, count: int, data: Optional[bytes]):
     """vfio_pci_rw's choice of region: bytes read (``data`` None), or the count written."""
     pos = offset & VFIO_PCI_OFFSET_MASK
+    if index <= VFIO_PCI_BAR5_REGION_INDEX:
+        return bar_rw(vdev, index, pos, count, data)
     if index == VFIO_PCI_CONFIG_REGION_INDEX:
         assert vdev.vconfig is not None  # made when the device is opened
         return vdev.vconfig.rw(pos, count, data)
@@ -82,9 +106,8 @@ def bar_rw(vdev: "VfioPciDevice", index: int, pos: int, count: int, data: Option
     msix = fn.msix
     if msix is not None and msix.table_bar == index:
         x_start, x_end = msix.table_offset, msix.table_offset + msix.table_size
-    return do_io_rw(vdev, pos, count, data, x_start, x_end, vdev.io_width, test_mem=not bar.io,
-                    read=lambda o, n: fn.bar_read(index, o, n),
-                    write=lambda o, n, v: fn.bar_write(index, o, n, v))
+    return do_io_rw(vdev, pos, count, data, x_start, x_end, vdev.io_width, not bar.io,
+                    partial(fn.bar_read, index), partial(fn.bar_write, index))
 
 
 def rom_read(vdev: "VfioPciDevice", pos: int, count: int) -> bytes:
@@ -98,11 +121,22 @@ def rom_read(vdev: "VfioPciDevice", pos: int, count: int) -> bytes:
         raise VfioError(errno.ENOMEM, f"{vdev.name}: the ROM has no valid image")
     count = min(count, rom.size - pos)
     # Bytes past the image read as 0xff; ROMs never see 8-byte accesses.
-    return do_io_rw(vdev, pos, count, None, image, rom.size, 4, test_mem=True, read=vdev.function.rom_read)
+    return do_io_rw(vdev, pos, count, None, image, rom.size, 4, True, vdev.function.rom_read)
 
 
 def do_io_rw(vdev: "VfioPciDevice", pos, count, data, x_start, x_end, max_width, test_mem, read, write=None):
     """vfio_pci_core_do_io_rw: naturally aligned accesses, an excluded range, EIO when memory is off."""
+    if 0 < count <= max_width and not count & (count - 1) and not pos & (count - 1) and \
+            (pos >= x_end or pos + count <= x_start):
+        # One naturally aligned access outside the excluded range (a driver's register
+        # access): the loop below would take it in one step.
+        assert vdev.vconfig is not None  # made when the device is opened
+        if test_mem and not vdev.vconfig.memory_enabled():
+            raise VfioError(errno.EIO, f"{vdev.name}: memory access with memory decode disabled")
+        if data is None:
+            return vdev.guarded(read, pos, count).to_bytes(count, "little")
+        vdev.guarded(write, pos, count, int.from_bytes(data[:count], "little"))
+        return count
     out = bytearray()
     done = 0
     while done < count:

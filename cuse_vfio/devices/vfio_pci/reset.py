@@ -4,7 +4,10 @@
 pci_restore_state as far as a function here has state (the header and the
 control registers of MSI, MSI-X and PCI Express).  A hot reset is
 VFIO_DEVICE_GET_PCI_HOT_RESET_INFO / VFIO_DEVICE_PCI_HOT_RESET of
-``vfio_pci_core.c`` (6.1), over the devices a :class:`HotResetBus` holds.
+``vfio_pci_core.c`` (6.1, and 6.12 where the rules below say), over the
+devices a :class:`HotResetBus` holds: every function on a root port's
+secondary bus (the machine builds one per ``[[root_port]]``), in the order
+the kernel's walk of that bus finds them.
 """
 
 from __future__ import annotations
@@ -70,6 +73,14 @@ def _bus_members(vdev: "VfioPciDevice") -> List[tuple]:
     return bus.members
 
 
+#: GET_PCI_HOT_RESET_INFO writes the header back even when filling the list fails.
+HOT_RESET_INFO_HEADER_ON_FILL_ERROR = Rule(
+    "vfio_pci.hot_reset_info.header_on_fill_error", True, since={"6.5": False},
+    why="6.1's vfio_pci_ioctl_get_pci_hot_reset_info copies the header out on every path after the "
+        "probe (reset_info_exit); since 'vfio/pci: Copy hot-reset device info to userspace in the devices "
+        "loop' (6.5) a failing fill (-EPERM: a device in no IOMMU group) jumps past the header's copy.")
+
+
 def get_pci_hot_reset_info(vdev: "VfioPciDevice", arg) -> int:
     minsz = offsetofend(vfio_pci_hot_reset_info, "count")
     hdr = arg.fetch_struct(vfio_pci_hot_reset_info, minsz)
@@ -85,8 +96,9 @@ def get_pci_hot_reset_info(vdev: "VfioPciDevice", arg) -> int:
     devices = b""
     for devfn, group_id, _ in members:
         if group_id is None:
-            # vfio_pci_fill_devs: the header still goes back (flags 0, the caller's count)
-            arg.write(0, bytes(hdr)[:minsz])
+            # vfio_pci_fill_devs: on 6.1 the header still goes back (flags 0, the caller's count)
+            if HOT_RESET_INFO_HEADER_ON_FILL_ERROR.of(vdev.abi):
+                arg.write(0, bytes(hdr)[:minsz])
             raise VfioError(errno.EPERM, "a device on the bus is in no IOMMU group: it cannot be reset")
         devices += bytes(vfio_pci_dependent_device(group_id=group_id, segment=bus.segment,
                                                    bus=bus.bus, devfn=devfn))

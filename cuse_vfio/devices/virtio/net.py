@@ -161,6 +161,7 @@ class VirtioNet(VirtioPciFunction):
             raise
         self._rx_dirty = False
         self.reset_device()
+        self.update_device_config()
         self.backend.attach(self)
 
     # -- the transport's questions ---------------------------------------------------------------
@@ -427,6 +428,7 @@ class VirtioNet(VirtioPciFunction):
             if len(data) != ETH_ALEN:
                 return f"MAC_ADDR_SET carries {len(data)} bytes, not 6"
             self.mac = bytes(data)
+            self.update_device_config()  # virtio_net_handle_mac: the config shows it, no config interrupt
             return None
         if cmd != VIRTIO_NET_CTRL_MAC_TABLE_SET:
             return f"unknown MAC command {cmd}"
@@ -474,6 +476,7 @@ class VirtioNet(VirtioPciFunction):
         if not self.announce_status & VIRTIO_NET_S_ANNOUNCE:
             return "no announcement was asked for"
         self.announce_status = 0
+        self.update_device_config()
         self.generation = (self.generation + 1) & 0xFF  # status changed; no interrupt for the driver's own ack
         return None
 

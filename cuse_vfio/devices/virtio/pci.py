@@ -13,6 +13,26 @@
     capabilities (conventional PCI, 256-byte config space):
     0x40 common  0x50 ISR  0x60 device  0x70 notify  0x84 PCI config access  0x98 MSI-X
 
+The device config page (BAR4 0x2000-0x2fff) is a register window
+(``MmioBar.add_window``): memory the device rewrites whenever what it holds
+changes (:meth:`VirtioPciFunction.update_device_config`), before the config
+generation moves, so a driver that reads it between two reads of
+config_generation sees a whole state.  Its reads have no side effect; a write
+through the device fd goes to the device (``write_config``) and the page is
+then rewritten, so a read-only field reads back as it was, as QEMU's
+``virtio_config_modern_write*`` then ``get_config``.  With ``mmap_windows = true``
+vfio-pci offers that page for mmap (a sparse mmap area), and a client such as
+QEMU maps it and reads MAC and status without a trap.  Off by default,
+since DPDK cannot use it: 22.11 maps BAR4 whole, which is refused (EINVAL),
+and its PCI bus then gives the device up, legacy interface included; a
+DPDK that knows sparse areas maps the page and takes the modern interface,
+whose common config it reads through a pointer into the unmapped rest of
+BAR4.  With no mappable area it takes the legacy BAR0.  What the mapping
+cannot reproduce: a store through it to a read-only field stays until the
+device next rewrites the page (the spec forbids a modern driver to write
+them), and an access straddling the end of the config reads the config's
+bytes and then 0xff where QEMU reads all ones.
+
 Which interface a driver uses is its choice: DPDK's virtio PMD wants BAR4
 mapped (cuse-vfio serves register BARs through pread/pwrite only), so it
 falls back to the legacy BAR0 through the VFIO region; Linux's virtio_pci
@@ -196,6 +216,8 @@ class VirtioPciFunction(PciDevice):
     subsystem_vendor_id = PCI_VENDOR_ID_REDHAT_QUMRANET
     revision = 0
     interrupt_pin = 1
+    #: the device config page is offered for mmap only when a topology says so (DPDK cannot use it, see above)
+    mmap_windows = False
     #: the device status the driver wrote (VIRTIO_CONFIG_S_*), set by reset
     status: int
     # what QEMU's pci_init_wmask makes writable, and what SeaBIOS leaves set
@@ -214,8 +236,12 @@ class VirtioPciFunction(PciDevice):
             legacy_size *= 2
         self.add_bar(LEGACY_BAR, IoBar(legacy_size, self.legacy.read, self.legacy.write))
         self.add_bar(MSIX_BAR, MmioBar(REGION_SIZE, lambda offset, size: 0, lambda offset, size, value: None))
-        self.add_bar(MODERN_BAR, MmioBar(MODERN_BAR_SIZE, self.modern.read, self.modern.write,
-                                         bits64=True, prefetchable=True))
+        modern_bar = self.add_bar(MODERN_BAR, MmioBar(MODERN_BAR_SIZE, self.modern.read, self.modern.write,
+                                                      bits64=True, prefetchable=True))
+        assert isinstance(modern_bar, MmioBar)
+        self.modern_bar = modern_bar
+        #: the device config as the driver reads it through BAR4 (or a mapping of that page)
+        self.device_cfg = modern_bar.add_window(DEVICE_OFFSET, REGION_SIZE, on_write=self._device_cfg_written)
         for cfg_type, offset in ((VIRTIO_PCI_CAP_COMMON_CFG, COMMON_OFFSET), (VIRTIO_PCI_CAP_ISR_CFG, ISR_OFFSET),
                                  (VIRTIO_PCI_CAP_DEVICE_CFG, DEVICE_OFFSET)):
             self.add_capability(VendorCapability(_cap_payload(cfg_type, MODERN_BAR, offset, REGION_SIZE)))
@@ -326,6 +352,7 @@ class VirtioPciFunction(PciDevice):
     def reset(self) -> None:
         self.virtio_reset()
         self.reset_device()
+        self.update_device_config()
 
     def _command_written(self) -> None:
         # virtio_write_config: a function that may not master the bus cannot be DRIVER_OK
@@ -386,7 +413,8 @@ class VirtioPciFunction(PciDevice):
         self._send(queue.vector)
 
     def config_changed(self) -> None:
-        """The device config changed: a new generation, and ``virtio_notify_config``."""
+        """The device config changed: the page rewritten, a new generation, and ``virtio_notify_config``."""
+        self.update_device_config()
         self.generation = (self.generation + 1) & 0xFF
         if not self.driver_ok:
             return
@@ -410,6 +438,22 @@ class VirtioPciFunction(PciDevice):
         return vector if self.msix is not None and vector < self.msix.vectors else VIRTIO_MSI_NO_VECTOR
 
     # -- device config, as both interfaces reach it ---------------------------------------------
+    def update_device_config(self) -> None:
+        """Rewrite the device config page from ``device_config()``: call it whenever that may have changed.
+
+        Past the config's end the page reads all ones, as QEMU's
+        ``virtio_config_modern_read*`` answer there.
+        """
+        data = self.device_config()
+        self.device_cfg.write(0, data + b"\xff" * (REGION_SIZE - len(data)))
+
+    def _device_cfg_written(self, offset: int, size: int) -> None:
+        # A write through the device fd (or the PCI config access window) stored into the page: the device
+        # takes it as virtio_config_modern_write* hands it to set_config, then the page shows the device's view.
+        value = int.from_bytes(self.device_cfg.read(offset, size), "little")
+        self.write_device_config(offset, size, value, legacy=False)
+        self.update_device_config()
+
     def read_device_config(self, offset: int, size: int) -> int:
         """``virtio_config_readX``: all ones for an access past the config's end."""
         data = self.device_config()
@@ -420,6 +464,7 @@ class VirtioPciFunction(PciDevice):
     def write_device_config(self, offset: int, size: int, value: int, legacy: bool) -> None:
         if offset + size <= self.config_size():
             self.write_config(offset, value.to_bytes(size, "little"), legacy)
+            self.update_device_config()
 
     # -- config space window (VIRTIO_PCI_CAP_PCI_CFG) ------------------------------------------------
     def config_read(self, offset: int, size: int) -> int:
@@ -430,9 +475,10 @@ class VirtioPciFunction(PciDevice):
     def _bar_window(self, bar: int, offset: int, size: int, value: Optional[int]) -> int:
         if bar != MODERN_BAR or offset + size > MODERN_BAR_SIZE:
             return (1 << (8 * size)) - 1 if value is None else 0
+        # virtio_read/write_config dispatch to BAR4's memory region: the registers, or the device config page
         if value is None:
-            return self.modern.read(offset, size)
-        self.modern.write(offset, size, value)
+            return self.modern_bar.read(offset, size)
+        self.modern_bar.write(offset, size, value)
         return 0
 
 
@@ -526,7 +572,8 @@ class LegacyInterface(_Registers):
 
 
 class ModernInterface(_Registers):
-    """BAR4: the virtio 1.0 common config, ISR, device config and notify regions."""
+    """BAR4: the virtio 1.0 common config, ISR and notify regions (the device config page is a window of
+    memory, which the BAR serves without these handlers)."""
 
     def __init__(self, fn: VirtioPciFunction):
         super().__init__(fn)
@@ -544,8 +591,6 @@ class ModernInterface(_Registers):
             return self._common_read(off) & mask
         if region == ISR_OFFSET:
             return fn.read_isr() & mask
-        if region == DEVICE_OFFSET:
-            return fn.read_device_config(off, size)
         return 0  # notify: reads as 0
 
     def access_write(self, offset: int, size: int, value: int) -> None:
@@ -553,8 +598,6 @@ class ModernInterface(_Registers):
         region, off = offset & ~(REGION_SIZE - 1), offset & (REGION_SIZE - 1)
         if region == COMMON_OFFSET:
             self._common_write(off, value)
-        elif region == DEVICE_OFFSET:
-            fn.write_device_config(off, size, value, legacy=False)
         elif region == NOTIFY_OFFSET:
             fn.kick(off // NOTIFY_OFF_MULTIPLIER)
 
