@@ -3,9 +3,13 @@
  * low-level server that answers every ioctl with 0 at once, on the same
  * transport cuse-vfio uses: one file on a FUSE mount, or one CUSE character
  * device.  Single-threaded, as cuse-vfio's serving loop is.  Reads answer
- * zeros, writes take everything; VFIO_GROUP_GET_STATUS on FUSE copies its
- * argument in and out of the caller (process_vm_readv/writev, argsz bytes as
- * the kernel does), so it is the floor of an ioctl with argument copies.
+ * zeros, writes take everything.  VFIO_GROUP_GET_STATUS copies its argument
+ * in and out of the caller the way cuse-vfio does on the same transport, so
+ * it is the floor of an ioctl with argument copies: on FUSE (a restricted
+ * ioctl) with process_vm_readv/writev of argsz bytes; on CUSE (unrestricted)
+ * by the retry protocol: the first call answers "retry" with the caller's 8
+ * bytes as the range in and out, the kernel sends it again with them, and the
+ * reply carries the 8 bytes back.
  *
  *   null-server fuse MOUNTPOINT      serves MOUNTPOINT/node until SIGINT/SIGTERM
  *   null-server cuse NAME            serves /dev/NAME until SIGINT/SIGTERM
@@ -154,7 +158,28 @@ static void cuse_release(fuse_req_t req, struct fuse_file_info *fi)
 static void cuse_ioctl(fuse_req_t req, int cmd, void *arg, struct fuse_file_info *fi, unsigned flags,
 		       const void *in_buf, size_t in_bufsz, size_t out_bufsz)
 {
-	null_ioctl(req, 0, (unsigned int)cmd, arg, fi, flags, in_buf, in_bufsz, out_bufsz);
+	struct vfio_group_status st;
+	struct iovec iov = { arg, sizeof(st) };
+
+	if ((unsigned int)cmd != VFIO_GROUP_GET_STATUS) {
+		null_ioctl(req, 0, (unsigned int)cmd, arg, fi, flags, in_buf, in_bufsz, out_bufsz);
+		return;
+	}
+	if (in_bufsz == 0) {
+		fuse_reply_ioctl_retry(req, &iov, 1, &iov, 1);
+		return;
+	}
+	if (in_bufsz < sizeof(st) || out_bufsz < sizeof(st)) {
+		fuse_reply_err(req, EFAULT);
+		return;
+	}
+	memcpy(&st, in_buf, sizeof(st));
+	if (st.argsz < sizeof(st)) {
+		fuse_reply_err(req, EINVAL);
+		return;
+	}
+	st.flags = VFIO_GROUP_FLAGS_VIABLE;
+	fuse_reply_ioctl(req, 0, &st, sizeof(st));
 }
 
 static int serve_cuse(const char *argv0, const char *name)
