@@ -191,10 +191,7 @@ def parse(text: str, source: str, known_models=None) -> Topology:
         for key in ("bdf", "model", "group"):
             if key not in entry:
                 fail(f"device #{i + 1} has no {key!r}", "device", i)
-        bdf = entry["bdf"]
-        if not isinstance(bdf, str) or not BDF.match(bdf.lower()):
-            fail(f"bdf {bdf!r} is not a PCI address like \"0000:00:02.0\"", "device", i, "bdf")
-        bdf = bdf.lower()
+        bdf = _bdf(entry["bdf"], "0000:00:02.0", lambda msg: fail(msg, "device", i, "bdf"))
         if bdf in seen:
             fail(f"bdf {bdf} appears twice (device #{seen[bdf] + 1} and #{i + 1})", "device", i, "bdf")
         seen[bdf] = i
@@ -259,10 +256,7 @@ def _root_ports(raw, devices: Dict[str, int], fail) -> List[RootPortSpec]:
         for key in ("bdf", "secondary"):
             if key not in entry:
                 fail(f"root port #{i + 1} has no {key!r}", "root_port", i)
-        bdf = entry["bdf"]
-        if not isinstance(bdf, str) or not BDF.match(bdf.lower()):
-            fail(f"bdf {bdf!r} is not a PCI address like \"0000:00:04.0\"", "root_port", i, "bdf")
-        bdf = bdf.lower()
+        bdf = _bdf(entry["bdf"], "0000:00:04.0", lambda msg: fail(msg, "root_port", i, "bdf"))
         if bus_of(bdf) != 0:
             fail(f"root port {bdf} is not on bus 00: root ports sit on the root bus (a root port "
                  "behind a bridge is not modelled)", "root_port", i, "bdf")
@@ -349,6 +343,13 @@ def _iommu(raw, fail) -> IommuSpec:
     except VfioError:
         fail("the reserved regions cover the whole aperture: no IOVA would be left", "iommu", 0, "reserved")
     return spec
+
+
+def _bdf(value, example: str, fail: Callable[[str], NoReturn]) -> str:
+    """A topology's PCI address, lower case; ``fail`` says why it is none."""
+    if not isinstance(value, str) or not BDF.match(value.lower()):
+        fail(f"bdf {value!r} is not a PCI address like \"{example}\"")
+    return value.lower()
 
 
 def _id(value, lookup, attr: str, what: str, fail: Callable[[str], NoReturn]) -> int:
