@@ -133,11 +133,17 @@ class Type1DmaSpace:
         (memory, vaddr, length, [(dma, offset, length), ...]) contiguous in one client's memory,
         and that entry's fault (None when all pass).  Lock held."""
         runs: List[list] = []
+        held = None  # the mapping the previous entry ended in: checked already, and it cannot change (lock)
         for iova, size in segments:
-            try:
-                translated = self._translate(iova, size, write, device)
-            except IommuFault as e:
-                return runs, e
+            if held is not None and held.iova <= iova and iova + size <= held.end and size > 0:
+                translated = [(held, iova - held.iova, size)]  # (a scatter list often stays in one mapping)
+            else:
+                try:
+                    translated = self._translate(iova, size, write, device)
+                except IommuFault as e:
+                    return runs, e
+                if translated:
+                    held = translated[-1][0]
             for dma, off, n in translated:
                 memory, vaddr = dma.owner.memory, dma.vaddr + off
                 if runs:
