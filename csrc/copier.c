@@ -30,8 +30,9 @@
 
 struct cv_copy {
 	int op, target, key;
-	uint64_t remote;
-	size_t len;
+	uint64_t *segs;      /* nsegs (address, length) pairs in the remote memory, in order */
+	size_t nsegs;
+	size_t len;          /* their lengths' sum: the bytes of buf */
 	long result;         /* bytes moved or -errno, once done */
 	int done;            /* a futex word: set (release) with cv_lock held, waited on without it */
 	int abandoned;
@@ -71,29 +72,42 @@ static int *cv_stalled_slot(int key, int make)
 	return &cv_stalled[free_slot].count;
 }
 
-static long cv_copy_run(struct cv_copy *c)
+static ssize_t cv_copy_one(struct cv_copy *c, char *local, uint64_t remote, size_t len)
 {
-	struct iovec local = { c->buf, c->len }, remote = { (void *)(uintptr_t)c->remote, c->len };
-	ssize_t n;
+	struct iovec l = { local, len }, r = { (void *)(uintptr_t)remote, len };
 
 	switch (c->op) {
 	case CV_COPY_READV:
-		n = process_vm_readv(c->target, &local, 1, &remote, 1, 0);
-		break;
+		return process_vm_readv(c->target, &l, 1, &r, 1, 0);
 	case CV_COPY_WRITEV:
-		n = process_vm_writev(c->target, &local, 1, &remote, 1, 0);
-		break;
+		return process_vm_writev(c->target, &l, 1, &r, 1, 0);
 	case CV_COPY_PREAD:
-		n = pread(c->target, c->buf, c->len, (off_t)c->remote);
-		break;
+		return pread(c->target, local, len, (off_t)remote);
 	case CV_COPY_PWRITE:
-		n = pwrite(c->target, c->buf, c->len, (off_t)c->remote);
-		break;
+		return pwrite(c->target, local, len, (off_t)remote);
 	default:
 		errno = EINVAL;
-		n = -1;
+		return -1;
 	}
-	return n < 0 ? -errno : n;
+}
+
+/* The pieces in order, up to the first that fails or moves less: the bytes moved, or -errno
+ * if the first moved nothing. */
+static long cv_copy_run(struct cv_copy *c)
+{
+	size_t i, moved = 0;
+
+	for (i = 0; i < c->nsegs; i++) {
+		size_t len = c->segs[2 * i + 1];
+		ssize_t n = cv_copy_one(c, c->buf + moved, c->segs[2 * i], len);
+
+		if (n < 0)
+			return moved ? (long)moved : -errno;
+		moved += (size_t)n;
+		if ((size_t)n < len)
+			break;
+	}
+	return (long)moved;
 }
 
 static void cv_copy_free(struct cv_copy *c)
@@ -210,11 +224,26 @@ static struct cv_copier *cv_copier_get(void)
 
 struct cv_copy *cv_copy_start(int op, int target, uint64_t remote, const void *src, size_t len, int key)
 {
+	uint64_t seg[2] = { remote, len };
+
+	return cv_copy_start_list(op, target, seg, 1, src, len, key);
+}
+
+struct cv_copy *cv_copy_start_list(int op, int target, const uint64_t *segs, size_t nsegs,
+				   const void *src, size_t len, int key)
+{
 	struct cv_copy *c;
 	struct cv_copier *t;
+	size_t i, sum = 0, at = (len + 7) & ~(size_t)7;
 	int *stalled;
 
-	c = malloc(sizeof(*c) + len);
+	for (i = 0; i < nsegs; i++)
+		sum += segs[2 * i + 1];
+	if (sum != len || nsegs > (SIZE_MAX - sizeof(*c) - at) / (2 * sizeof(uint64_t))) {
+		errno = EINVAL;
+		return NULL;
+	}
+	c = malloc(sizeof(*c) + at + nsegs * 2 * sizeof(uint64_t));
 	if (!c) {
 		errno = ENOMEM;
 		return NULL;
@@ -222,7 +251,9 @@ struct cv_copy *cv_copy_start(int op, int target, uint64_t remote, const void *s
 	c->op = op;
 	c->target = target;
 	c->key = key;
-	c->remote = remote;
+	c->segs = (uint64_t *)(void *)(c->buf + at);
+	memcpy(c->segs, segs, nsegs * 2 * sizeof(uint64_t));
+	c->nsegs = nsegs;
 	c->len = len;
 	c->result = 0;
 	c->done = 0;

@@ -40,6 +40,12 @@ struct cv_copy;
  * EAGAIN when CV_COPY_MAX_THREADS copier threads exist and none is idle,
  * ENOMEM. */
 struct cv_copy *cv_copy_start(int op, int target, uint64_t remote, const void *src, size_t len, int key);
+/* The same over nsegs pieces of the remote memory (segs: address, length pairs whose lengths
+ * add up to len), copied in order as one copy: it stops at the first piece that fails or moves
+ * less, and its result is the bytes moved in all (-errno when the first piece moved nothing).
+ * EINVAL when the lengths do not add up to len. */
+struct cv_copy *cv_copy_start_list(int op, int target, const uint64_t *segs, size_t nsegs,
+				   const void *src, size_t len, int key);
 /* Wait at most timeout_ms for it: the bytes moved (a read's go to dst) or
  * -errno, and the copy is freed; or -ETIMEDOUT, and it is still running. */
 long cv_copy_wait(struct cv_copy *c, int timeout_ms, void *dst);

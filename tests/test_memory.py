@@ -53,6 +53,26 @@ def test_an_image_reads_and_writes_the_memory_it_was_opened_on(child):
     assert e.value.errno == errno.EFAULT
 
 
+def test_pieces_move_in_one_copy_in_order_and_stop_at_the_first_that_fails(child):
+    image = process_image(child.pid)
+    base = 0x200000000
+    assert image.readv([(base + 7, 5), (base, 6), (base + 6, 1)]) == b"bytesmapped "
+    assert image.writev([(base + 7, 2), (base, 3)], b"BYDMA")
+    assert image.read(base, 12) == b"DMAped BYtes"
+    # An unmapped piece: nothing past it moves, what precedes it is written, and None / False
+    # tell the caller to go piece by piece to learn which one failed.
+    assert image.readv([(base, 3), (0x1000, 4)]) is None
+    assert image.writev([(base, 2), (0x1000, 2), (base + 4, 2)], b"abXYcd") is False
+    assert image.read(base, 12) == b"abAped BYtes"
+    # After exec the old image moves nothing, in one copy as alone.
+    child.stdin.write("exec\n")
+    child.stdin.flush()
+    assert child.stdout.readline().strip() == "ready"
+    assert image.readv([(base, 3), (base + 3, 3)]) is None
+    assert image.writev([(base, 3), (base + 3, 3)], b"secret") is False
+    assert ProcessMemory(child.pid).read(base, 8) == b"the next"
+
+
 def test_after_exec_the_old_image_moves_nothing_and_a_new_one_is_made(child):
     image = process_image(child.pid)
     child.stdin.write("exec\n")

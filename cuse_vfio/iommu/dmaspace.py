@@ -86,15 +86,21 @@ class Type1DmaSpace:
     def dma_readv(self, segments: Iterable[Tuple[int, int]], device: Optional[str] = None) -> bytes:
         """The device reads a scatter list [(iova, length), ...] in order: the bytes, joined.
 
-        One lock and one translation pass for the whole list, and one read of
-        client memory per run of entries that are contiguous in it (a guest's
-        RAM often is), instead of a transfer per page.  An entry the IOMMU
+        One lock and one translation pass for the whole list, entries that are
+        contiguous in client memory (a guest's RAM often is) merged into runs,
+        and the runs read in one copy when they lie in one client's memory,
+        instead of a transfer per page.  An entry the IOMMU
         refuses faults the read, as ``dma_read`` would.
         """
         with self._iommu.lock:
             runs, refused = self._runs(segments, False, device)
             if refused is not None:
                 raise refused
+            joined = self._in_one_copy(runs, "readv")
+            if joined is not None:
+                data = joined()
+                if data is not None:
+                    return data
             chunks = []
             for memory, vaddr, n, first in runs:
                 try:
@@ -115,7 +121,12 @@ class Type1DmaSpace:
         with iommu.lock:
             runs, refused = self._runs(segments, True, device)
             pos = 0
-            for memory, vaddr, n, first in runs:
+            joined = self._in_one_copy(runs, "writev")
+            if joined is not None and joined(view[:sum(run[2] for run in runs)]):
+                runs_left = []
+            else:
+                runs_left = runs
+            for memory, vaddr, n, first in runs_left:
                 try:
                     memory.write(vaddr, view[pos:pos + n])
                 except OSError as e:
@@ -127,6 +138,21 @@ class Type1DmaSpace:
                         iommu.mark_dirty(dma, off, n)
             if refused is not None:
                 raise refused
+
+    @staticmethod
+    def _in_one_copy(runs, verb: str):
+        """The client memory's ``readv``/``writev`` of every run, when there are several and all are
+        in one memory that has it (one hand-off to the copier instead of one a run); else None."""
+        if len(runs) < 2:
+            return None
+        memory = runs[0][0]
+        if any(run[0] is not memory for run in runs):
+            return None
+        method = getattr(memory, verb, None)
+        if method is None:
+            return None
+        pieces = [(vaddr, n) for _, vaddr, n, _ in runs]
+        return lambda *data: method(pieces, *data)
 
     def _runs(self, segments, write: bool, device: Optional[str]):
         """``(runs, fault)``: the translated entries up to the first refused one, merged into runs

@@ -33,7 +33,7 @@ import resource
 import signal
 import threading
 import weakref
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from ..errors import RetryRequest, VfioError
 from ._copier import ffi as _ffi
@@ -409,12 +409,37 @@ class ProcessImage:
             return True  # a stalled page: the address space is there to stall
         return done != 0  # an error: unmapped, but the address space is alive
 
-    def _copy(self, op: int, local, addr: int, size: int, brief: bool = False) -> int:
+    def readv(self, pieces: Sequence[Tuple[int, int]]) -> Optional[bytes]:
+        """[(addr, size), ...] read in order in one copy: their bytes joined, or None when not every
+        byte could be read (the caller goes piece by piece to tell which failed, and why)."""
+        size = sum(n for _, n in pieces)
+        buf = bytearray(size)
+        try:
+            done = self._copy(_copier.CV_COPY_PREAD, buf, pieces[0][0], size, pieces=pieces)
+        except VfioError:
+            return None
+        return bytes(buf) if done == size else None
+
+    def writev(self, pieces: Sequence[Tuple[int, int]], data) -> bool:
+        """``data`` written over [(addr, size), ...] in order in one copy; False when not all of it
+        was (what precedes the piece that failed is written; the caller goes on piece by piece)."""
+        try:
+            return self._copy(_copier.CV_COPY_PWRITE, data, pieces[0][0], len(data), pieces=pieces) == len(data)
+        except VfioError:
+            return False
+
+    def _copy(self, op: int, local, addr: int, size: int, brief: bool = False,
+              pieces: Optional[Sequence[Tuple[int, int]]] = None) -> int:
         """Bytes moved through the image's fd, -errno, or 0 once the image is gone."""
-        if addr < 0 or addr + size > 1 << 63:  # past what an offset of /proc/PID/mem can name
+        flat = None
+        if pieces is not None:
+            flat = [x for piece in pieces for x in piece]
+            if any(a < 0 or a + n > 1 << 63 for a, n in pieces):
+                return -errno.EFAULT
+        elif addr < 0 or addr + size > 1 << 63:  # past what an offset of /proc/PID/mem can name
             return -errno.EFAULT
         try:
-            return bounded_copy(op, self._fd, self.pid, addr, local, size, self.pid, brief)
+            return bounded_copy(op, self._fd, self.pid, addr, local, size, self.pid, brief, flat)
         except CopyStalled as e:
             # A device's DMA on a serving thread (a model doing it inside a register write).
             # The kernel pinned these pages at MAP_DMA, so a real DMA never waits for a
@@ -560,17 +585,22 @@ class CopyStalled(RetryRequest):
 
 
 def bounded_copy(op: int, target: int, pid: int, remote: int, local, size: int,
-                 process: int = -1, brief: bool = False) -> int:
+                 process: int = -1, brief: bool = False, segments=None) -> int:
     """One copy of ``size`` bytes at ``remote`` in the memory of ``pid`` (see the module): the
     bytes moved or -errno; ``VfioError(EFAULT)`` when it stalls too long, ``CopyStalled`` when
     it stalls on a serving thread or with ``brief``.  ``local`` is a writable buffer for a read,
     the bytes for a write; ``target`` is ``pid`` or an fd of its /proc/PID/mem; ``process`` is
-    the tgid of ``pid`` when the caller knows it (looked up only once some copy stalls)."""
+    the tgid of ``pid`` when the caller knows it (looked up only once some copy stalls).
+    ``segments`` (the flat address, length pairs of ``cv_copy_start_list``, from ``remote``, adding
+    up to ``size``) make it one copy of several pieces, in order."""
     reading = op in _READS
     src = _ffi.NULL if reading else _ffi.from_buffer(local)
-    copy = _copier.cv_copy_start(op, target, remote, src, size, process)
+    if segments is None:
+        copy = _copier.cv_copy_start(op, target, remote, src, size, process)
+    else:
+        copy = _copier.cv_copy_start_list(op, target, segments, len(segments) // 2, src, size, process)
     if copy == _ffi.NULL:
-        copy, process = _start_charged(op, target, pid, remote, src, size, process)
+        copy, process = _start_charged(op, target, pid, remote, src, size, process, segments)
     dst = _ffi.from_buffer(local) if reading else _ffi.NULL
     done = _copier.cv_copy_wait(copy, int(STALL_CHECK * 1000), dst)
     if done != -errno.ETIMEDOUT:
@@ -585,12 +615,16 @@ def bounded_copy(op: int, target: int, pid: int, remote: int, local, size: int,
     return stalled.finish()
 
 
-def _start_charged(op: int, target: int, pid: int, remote: int, src, size: int, process: int) -> Tuple[object, int]:
+def _start_charged(op: int, target: int, pid: int, remote: int, src, size: int, process: int,
+                   segments=None) -> Tuple[object, int]:
     """The copy cv_copy_start refused, tried again once it is charged to its process; or EFAULT."""
     err = _ffi.errno
     if err == errno.ENOKEY:  # some copy is stalled, so whose this one is matters now
         process = _process_of(pid)
-        copy = _copier.cv_copy_start(op, target, remote, src, size, process)
+        if segments is None:
+            copy = _copier.cv_copy_start(op, target, remote, src, size, process)
+        else:
+            copy = _copier.cv_copy_start_list(op, target, segments, len(segments) // 2, src, size, process)
         if copy != _ffi.NULL:
             return copy, process
         err = _ffi.errno
