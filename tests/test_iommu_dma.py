@@ -154,6 +154,39 @@ def test_a_scatter_list_moves_in_one_pass_one_copy_per_run_contiguous_in_client_
     assert space.dma_readv([], device=DEV) == b""
 
 
+def test_runs_in_one_client_memory_move_in_one_copy_and_a_failed_copy_goes_run_by_run(c):
+    a = c.map(0x100000, PAGE)
+    b = c.map(0x200000, PAGE)
+    space = c.iommu.dma_space
+    memory = c.memory
+    copies = []
+
+    def readv(pieces):
+        copies.append(pieces)
+        return b"".join(memory.read(addr, n) for addr, n in pieces)
+
+    def writev(pieces, data):
+        copies.append(pieces)
+        pos = 0
+        for addr, n in pieces:
+            memory.write(addr, bytes(data[pos:pos + n]))
+            pos += n
+        return True
+
+    memory.readv, memory.writev = readv, writev
+    sg = [(0x100000, 16), (0x200800, 8), (0x100100, 4)]
+    data = b"A" * 16 + b"B" * 8 + b"C" * 4
+    space.dma_writev(sg, data, device=DEV)
+    assert copies == [[(a, 16), (b + 0x800, 8), (a + 0x100, 4)]]
+    assert space.dma_readv(sg, device=DEV) == data and len(copies) == 2
+    assert space.dma_readv([(0x100000, 16)], device=DEV) == b"A" * 16 and len(copies) == 2  # one run: a copy
+    # The copy fails (the second mapping's memory is gone): run by run, the fault names that run.
+    memory.readv = lambda pieces: None
+    memory.free(b)
+    f = fault_of(space.dma_readv, sg, device=DEV)
+    assert f.reason == CLIENT_MEMORY and f.iova == 0x200800 and f.size == 8
+
+
 def test_a_scatter_list_write_keeps_what_precedes_a_refused_entry(c):
     vaddr = c.map(0x100000, PAGE)
     space = c.iommu.dma_space

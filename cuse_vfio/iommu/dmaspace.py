@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from typing import TYPE_CHECKING, Iterable, List, NoReturn, Optional, Tuple
+from typing import TYPE_CHECKING, Iterable, List, Optional, Tuple
 
 from .dma import U64_MASK, DmaMapping
 from .faults import (
@@ -12,7 +11,7 @@ from .faults import (
     UNMAPPED,
     VADDR_INVALIDATED,
     WRITE_NOT_PERMITTED,
-    Fault,
+    FaultLogged,
     IommuFault,
 )
 
@@ -20,7 +19,7 @@ if TYPE_CHECKING:
     from .type1 import Type1Iommu
 
 
-class Type1DmaSpace:
+class Type1DmaSpace(FaultLogged):
     """The container's IOMMU as a device sees it (``core.ops.DmaSpace``).
 
     A transfer is translated in full before any byte moves: every page must
@@ -96,11 +95,9 @@ class Type1DmaSpace:
             runs, refused = self._runs(segments, False, device)
             if refused is not None:
                 raise refused
-            joined = self._in_one_copy(runs, "readv")
-            if joined is not None:
-                data = joined()
-                if data is not None:
-                    return data
+            data = self._in_one_copy(runs, "readv")
+            if data is not None:
+                return data
             chunks = []
             for memory, vaddr, n, first in runs:
                 try:
@@ -121,12 +118,8 @@ class Type1DmaSpace:
         with iommu.lock:
             runs, refused = self._runs(segments, True, device)
             pos = 0
-            joined = self._in_one_copy(runs, "writev")
-            if joined is not None and joined(view[:sum(run[2] for run in runs)]):
-                runs_left = []
-            else:
-                runs_left = runs
-            for memory, vaddr, n, first in runs_left:
+            done = self._in_one_copy(runs, "writev", view[:sum(run[2] for run in runs)])
+            for memory, vaddr, n, first in () if done else runs:
                 try:
                     memory.write(vaddr, view[pos:pos + n])
                 except OSError as e:
@@ -140,19 +133,17 @@ class Type1DmaSpace:
                 raise refused
 
     @staticmethod
-    def _in_one_copy(runs, verb: str):
-        """The client memory's ``readv``/``writev`` of every run, when there are several and all are
-        in one memory that has it (one hand-off to the copier instead of one a run); else None."""
+    def _in_one_copy(runs, verb: str, *data):
+        """Every run moved by the client memory's ``readv``/``writev`` (one hand-off to the copier
+        instead of one a run), when there are several, all in one memory that has it: what that
+        returns; None otherwise (the caller goes run by run, as it does when the copy fails)."""
         if len(runs) < 2:
             return None
         memory = runs[0][0]
-        if any(run[0] is not memory for run in runs):
-            return None
         method = getattr(memory, verb, None)
-        if method is None:
+        if method is None or any(run[0] is not memory for run in runs):
             return None
-        pieces = [(vaddr, n) for _, vaddr, n, _ in runs]
-        return lambda *data: method(pieces, *data)
+        return method([(vaddr, n) for _, vaddr, n, _ in runs], *data)
 
     def _runs(self, segments, write: bool, device: Optional[str]):
         """``(runs, fault)``: the translated entries up to the first refused one, merged into runs
@@ -185,14 +176,6 @@ class Type1DmaSpace:
         dma, off, _ = pieces[0]
         self._fault(CLIENT_MEMORY, dma.iova + off, n, write, device, self._memory_text(dma, off, n, error))
 
-    def record_fault(self, *, iova: int, size: int, write: bool, reason: str,
-                     device: Optional[str] = None, detail: str = "") -> Fault:
-        """A fault seen before the IOMMU (DmaPort: bus master disabled) goes in the same log."""
-        return self.fault_log.record_fault(iova=iova, size=size, write=write, reason=reason,
-                                           device=device, detail=detail)
-
-    def faults(self) -> List[Fault]:
-        return self.fault_log.faults()
 
     # -- translation -------------------------------------------------------------
     def _translate(self, iova: int, size: int, write: bool, device: Optional[str]):
@@ -231,10 +214,6 @@ class Type1DmaSpace:
                 dma = dmas.successor(dma)
         return segments
 
-    def _fault(self, reason: str, iova: int, size: int, write: bool, device: Optional[str], detail: str) -> NoReturn:
-        fault = self.fault_log.record(Fault(time.time(), device, iova, size, "write" if write else "read",
-                                            reason, detail))
-        raise IommuFault(fault)
 
     @staticmethod
     def _memory_text(dma: DmaMapping, off: int, n: int, error: OSError) -> str:

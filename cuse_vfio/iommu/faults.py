@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Deque, List, Optional
+from typing import Callable, Deque, List, NoReturn, Optional
 
 from ..errors import VfioError
 
@@ -128,3 +128,23 @@ class FaultLog:
                     self._subscribers.remove(subscriber)
 
         return unsubscribe
+
+
+class FaultLogged:
+    """What a DMA space that keeps its faults in ``self.fault_log`` answers: the faults seen before it
+    (DmaPort's bus-master check) go in the same log, and a refused DMA is recorded and raised."""
+
+    fault_log: FaultLog
+
+    def record_fault(self, *, iova: int, size: int, write: bool, reason: str,
+                     device: Optional[str] = None, detail: str = "") -> Fault:
+        return self.fault_log.record_fault(iova=iova, size=size, write=write, reason=reason,
+                                           device=device, detail=detail)
+
+    def faults(self) -> List[Fault]:
+        return self.fault_log.faults()
+
+    def _fault(self, reason: str, addr: int, size: int, write: bool, device: Optional[str], detail: str) -> NoReturn:
+        """Record the refusal of a DMA of ``size`` bytes at ``addr`` and raise it."""
+        raise IommuFault(self.fault_log.record_fault(iova=addr, size=size, write=write, reason=reason,
+                                                     device=device, detail=detail))

@@ -25,12 +25,11 @@ import logging
 import os
 import struct
 import threading
-import time
-from typing import TYPE_CHECKING, Any, Dict, List, NoReturn, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from ..errors import VfioError
 from ..uapi import VFIO_CHECK_EXTENSION, VFIO_NOIOMMU_IOMMU
-from .faults import CLIENT_MEMORY, UNMAPPED, Fault, FaultLog, IommuFault
+from .faults import CLIENT_MEMORY, UNMAPPED, FaultLog, FaultLogged
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +124,7 @@ class NoIommu:
                                       "has no DMA mappings)")
 
 
-class PagemapDmaSpace:
+class PagemapDmaSpace(FaultLogged):
     """A noiommu device's DMA (``core.ops.DmaSpace``): physical addresses of the opener's pages.
 
     ``/proc/<pid>/pagemap`` gives, per virtual page, the frame behind it
@@ -168,13 +167,6 @@ class PagemapDmaSpace:
             self._fault(CLIENT_MEMORY, addr, size, write, device,
                         f"pid {self.opener.pid} memory at vaddr 0x{vaddr:x}+{n}: {e.strerror or e}")
 
-    def record_fault(self, *, iova: int, size: int, write: bool, reason: str,
-                     device: Optional[str] = None, detail: str = "") -> Fault:
-        return self.fault_log.record_fault(iova=iova, size=size, write=write, reason=reason,
-                                           device=device, detail=detail)
-
-    def faults(self) -> List[Fault]:
-        return self.fault_log.faults()
 
     # -- physical -> the opener's virtual ---------------------------------------
     def _translate(self, addr: int, size: int, write: bool, device: Optional[str]) -> List[Tuple[int, int]]:
@@ -229,7 +221,3 @@ class PagemapDmaSpace:
             log.warning("noiommu DMA: cannot read the page map of pid %s: %s", pid, e.strerror)
         return found
 
-    def _fault(self, reason: str, addr: int, size: int, write: bool, device: Optional[str], detail: str) -> NoReturn:
-        fault = self.fault_log.record(Fault(time.time(), device, addr, size, "write" if write else "read",
-                                            reason, detail))
-        raise IommuFault(fault)

@@ -369,17 +369,12 @@ class ProcessImage:
         pos = addr
         need = PROCMAP_QUERY_VMA_WRITABLE if write else PROCMAP_QUERY_VMA_READABLE
         while pos < end:
-            q.size, q.query_flags, q.query_addr = ctypes.sizeof(q), 0, pos
-            q.vma_name_size = q.build_id_size = 0
-            try:
-                fcntl.ioctl(maps_fd, PROCMAP_QUERY, q)
-            except OSError as e:
-                if e.errno in (errno.ENOTTY, errno.EINVAL):
-                    global _have_procmap_query
-                    _have_procmap_query = False
-                    return False
-                if e.errno == errno.ESRCH:
-                    raise self._gone() from None
+            err = self._ask(maps_fd, q, pos)
+            if err in (errno.ENOTTY, errno.EINVAL):
+                return False
+            if err == errno.ESRCH:
+                raise self._gone()
+            if err:
                 q.vma_flags = 0  # ENOENT: no mapping covers pos
             if not q.vma_flags & need:
                 raise VfioError(errno.EFAULT, f"pid {self.pid}: 0x{pos:x} (in [0x{addr:x}, 0x{end:x})) is not "
@@ -387,22 +382,32 @@ class ProcessImage:
             pos = q.vma_end
         return True
 
+    @staticmethod
+    def _ask(maps_fd: int, q: "_ProcmapQuery", pos: int) -> int:
+        """One PROCMAP_QUERY at ``pos`` into ``q``: 0, or its errno (ENOTTY, EINVAL: this kernel has
+        none, remembered; ESRCH: the address space is gone; ENOENT: nothing is mapped at pos)."""
+        q.size, q.query_flags, q.query_addr = ctypes.sizeof(q), 0, pos
+        q.vma_name_size = q.build_id_size = 0
+        try:
+            fcntl.ioctl(maps_fd, PROCMAP_QUERY, q)
+        except OSError as e:
+            if e.errno in (errno.ENOTTY, errno.EINVAL):
+                global _have_procmap_query
+                _have_procmap_query = False
+            return e.errno or errno.EIO
+        return 0
+
     def current(self, addr: int) -> bool:
         """Whether this image is still the process's.  Its maps fd tells without touching a page
         (PROCMAP_QUERY: ESRCH once the address space is gone).  Else any ``addr`` tells: a live
         address space gives a byte (mapped) or EIO (unmapped); a gone one (exit, exec) gives nothing."""
         if self._maps_fd is not None and _have_procmap_query:
-            q = _ProcmapQuery()
-            q.size, q.query_flags, q.query_addr = ctypes.sizeof(q), 0, addr
-            try:
-                fcntl.ioctl(self._maps_fd, PROCMAP_QUERY, q)
+            err = self._ask(self._maps_fd, _ProcmapQuery(), addr)
+            if err == errno.ESRCH:
+                return False
+            if err in (0, errno.ENOENT):  # ENOENT: nothing mapped at addr, in a live address space
                 return True
-            except OSError as e:
-                if e.errno == errno.ESRCH:
-                    return False
-                if e.errno == errno.ENOENT:  # nothing mapped at addr, in a live address space
-                    return True
-                # ENOTTY, EINVAL: no PROCMAP_QUERY here; the copy below tells
+            # ENOTTY, EINVAL: no PROCMAP_QUERY here; the copy below tells
         try:
             done = self._copy(_copier.CV_COPY_PREAD, bytearray(1), addr, 1, brief=True)
         except VfioError:

@@ -29,7 +29,6 @@ because every VFIO handler reads all of its input before it acts.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import logging
 import os
@@ -262,7 +261,7 @@ class IoctlPath:
             if fdput is not None:
                 fdput()
 
-        req = dataclasses.replace(req, rq=_ReplyLast(req.rq, put_back))
+        req.rq = _ReplyLast(req.rq, put_back)  # (this request is run's own: no copy on every ioctl)
         try:
             if not req.cuse:
                 # FUSE: a restricted ioctl, the argument is read where it lies,
