@@ -146,28 +146,19 @@ static void ll_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 
 static void ll_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
 {
-	struct cv_request r;
+	struct cv_session *s = fuse_req_userdata(req);
 
-	cv_fill(&r, req, CV_OP_READ);
-	r.ino = ino;
-	r.fh = fi->fh;
-	r.size = (int64_t)size;
-	r.off = off;
-	cv_py_request(&r);
+	(void)ino;
+	cv_py_read(s->sid, req, fi->fh, size, off, fuse_req_ctx(req)->pid);
 }
 
 static void ll_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
 		     struct fuse_file_info *fi)
 {
-	struct cv_request r;
+	struct cv_session *s = fuse_req_userdata(req);
 
-	cv_fill(&r, req, CV_OP_WRITE);
-	r.ino = ino;
-	r.fh = fi->fh;
-	r.in_buf = buf;
-	r.in_size = size;
-	r.off = off;
-	cv_py_request(&r);
+	(void)ino;
+	cv_py_write(s->sid, req, fi->fh, buf, size, off, fuse_req_ctx(req)->pid);
 }
 
 static void ll_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -204,7 +195,7 @@ static void ll_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void *arg
 	r.in_buf = in_buf;
 	r.in_size = in_bufsz;
 	r.out_size = out_bufsz;
-	cv_py_request(&r);
+	cv_py_ioctl(&r);
 }
 
 static void ll_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,

@@ -4,9 +4,10 @@
  * libfuse3 glue for two kinds of session (a CUSE character device, a FUSE
  * mount served with the low-level API), one serving loop that owns every
  * session, and the reply helpers Python calls, among them the CUSE
- * unrestricted-ioctl retry reply.  Every request becomes one
- * `struct cv_request` handed to Python (cv_py_request); all VFIO logic is
- * there.
+ * unrestricted-ioctl retry reply.  A read or write reaches Python as its
+ * decoded fields (cv_py_read, cv_py_write), an ioctl as one `struct
+ * cv_request` (cv_py_ioctl), every other request as one `struct cv_request`
+ * too (cv_py_request); all VFIO logic is there.
  *
  * Everything between the cffi-cdef markers below is also the cdef of the
  * Python binding (_build_shim.py reads it from here), so it stays in the C
@@ -114,8 +115,16 @@ int cv_reply_ioctl(fuse_req_t req, int result, const void *buf, size_t size);
 #define CV_IOCTL_MAX_IOV 256       /* FUSE_IOCTL_MAX_IOV */
 #define CV_IOCTL_MAX_BYTES 131072  /* 128 KiB: CUSE never raises max_pages, 32 pages per direction */
 
-/* Every request, and the loop's log lines (level as Python's logging). */
+/* The requests, and the loop's log lines (level as Python's logging).  Reads
+ * and writes, the hot path of a device fd, come decoded: which session, the
+ * request to answer, the open (fh), the bytes, the offset and the calling
+ * thread; the data of a write is valid only during the call.  Ioctls come as
+ * a cv_request of their own kind, everything else through cv_py_request. */
 CV_PYTHON void cv_py_request(struct cv_request *r);
+CV_PYTHON void cv_py_ioctl(struct cv_request *r);
+CV_PYTHON void cv_py_read(int sid, fuse_req_t req, uint64_t fh, size_t size, int64_t off, int32_t pid);
+CV_PYTHON void cv_py_write(int sid, fuse_req_t req, uint64_t fh, const char *buf, size_t size, int64_t off,
+			   int32_t pid);
 CV_PYTHON void cv_py_log(int level, const char *message);
 
 /* cffi-cdef: end */

@@ -31,6 +31,7 @@ from cuse_vfio.machine import Machine
 from serving_support import CLIENT_TIMEOUT, TRANSPORT, parse_values, serving, unmount
 from cuse_vfio.machine.topology import load
 from cuse_vfio.dispatch import GroupNode
+from cuse_vfio.transport import handles
 from cuse_vfio.transport.server import Server
 
 
@@ -578,14 +579,19 @@ def test_preloaded_client_that_cannot_reach_the_socket_is_told_so(client, server
 
 
 def test_exception_inside_the_server_is_eio_and_serving_goes_on(client, server, monkeypatch):
-    original = server.dispatcher.read
+    original = handles.region_ops
 
-    def broken(file_object, size, offset):
-        if offset == (7 << 40) + 0x10:
-            raise RuntimeError("a bug in the server")
-        return original(file_object, size, offset)
+    def broken_ops(file_object):
+        # the read op an open binds: one offset of it fails with a bug of the server
+        read, write = original(file_object)
 
-    monkeypatch.setattr(server.dispatcher, "read", broken)
+        def broken(size, offset):
+            if offset == (7 << 40) + 0x10:
+                raise RuntimeError("a bug in the server")
+            return read(size, offset)
+        return broken, write
+
+    monkeypatch.setattr(handles, "region_ops", broken_ops)
     v = run(client, server, "eio")
     assert v["device"] >= 3
     assert v["broken_read"] == -errno.EIO

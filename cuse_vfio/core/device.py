@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-from typing import TYPE_CHECKING, Any, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Tuple
 
 from ..errors import VfioError
 from ..uapi import VFIO_DEVICE_FEATURE, device_feature_header
@@ -109,6 +109,12 @@ class DeviceFile:
         with awake() if awake is not None else contextlib.nullcontext():
             flags, argsz = device_feature_header(arg)
             return feature(flags, arg, argsz)
+
+    def region_ops(self) -> Tuple[Callable[[int, int], bytes], Callable[[bytes, int], int]]:
+        """``(read, write)`` for a transport to bind when it opens this fd: the driver's region
+        access itself, or this file's read and write where the driver has none (they say why).
+        Bound for as long as the open lasts, which ends before ``release`` closes the file."""
+        return self._read or self.read, self._write or self.write
 
     def read(self, size: int, offset: int) -> bytes:
         read = self._read

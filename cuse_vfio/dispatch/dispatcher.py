@@ -12,6 +12,7 @@ import errno
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from ..core import Container, DeviceFile, Group, Vfio
@@ -134,6 +135,16 @@ _ROUTES: Dict[type, Tuple[NodeKind, Dict[int, Callable[[Any, IoctlArg], int]], C
 
 def node_kind(file_object: object) -> NodeKind:
     return _ROUTES[type(file_object)][0]
+
+
+def region_ops(file_object: object) -> Tuple[Callable[[int, int], bytes], Callable[[bytes, int], int]]:
+    """``(read, write)`` of an open, looked up once for a transport to bind when it opens: what
+    ``Dispatcher.read`` and ``Dispatcher.write`` reach on every call.  A device fd hands out its
+    driver's region access (``DeviceFile.region_ops``); anything else answers through the dispatcher."""
+    own = getattr(file_object, "region_ops", None)
+    if own is not None:
+        return own()
+    return partial(Dispatcher.read, file_object), partial(Dispatcher.write, file_object)
 
 
 class Dispatcher:

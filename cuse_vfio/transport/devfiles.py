@@ -16,12 +16,11 @@ import logging
 import os
 import stat
 import threading
-from functools import partial
 from typing import TYPE_CHECKING, Dict, Optional
 
 from ..errors import VfioError
 from ..memory import tgid_of
-from .fsops import FUSE_OPTIONS, NODE_TIMEOUT, ROOT_INO, FileOps, Inode, serve
+from .fsops import FUSE_OPTIONS, NODE_TIMEOUT, ROOT_INO, FileOps, Inode
 from .shim import Request, Session, name_of
 
 if TYPE_CHECKING:
@@ -57,7 +56,7 @@ class DeviceFiles(FileOps):
 
     def mount(self) -> Session:
         self.session = Session.fuse(self.mountpoint, FUSE_OPTIONS.format(name="cuse-vfio-devices"),
-                                    partial(serve, self))
+                                    self)
         return self.session
 
     def offer(self, pid: int, devfile: object) -> int:

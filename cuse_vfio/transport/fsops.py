@@ -2,11 +2,12 @@
 
 As libfuse's ``fuse_lowlevel_ops``: each of our file systems (the CUSE node
 devices, the FUSE mount of the nodes, the FUSE mount of device files) is a
-``FileOps`` subclass with a method per kind of request, and ``serve`` routes
-every request of its sessions to it.  What every file system answers the
-same way is here: reads and writes go to the dispatcher, RELEASE to the
-handle table, ioctls to the ioctl path; anything a file system does not
-implement is ENOSYS.
+``FileOps`` subclass with a method per kind of request; the shim calls its
+``read``, ``write`` and ``ioctl`` directly and ``serve`` for every other
+kind.  What every file system answers the same way is here: reads and
+writes go to the ops their open bound (``Handle.read``/``write``, the
+dispatcher's ``region_ops``), RELEASE to the handle table, ioctls to the
+ioctl path; anything a file system does not implement is ENOSYS.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from .shim import (
     Request,
     Session,
     is_null,
-    payload,
+    reply_buf,
+    reply_err,
+    reply_write,
 )
 
 if TYPE_CHECKING:
@@ -64,7 +67,10 @@ class FileOps:
         self.server = server
         #: request kind -> this table's bound method, looked up once (``serve`` runs for every request)
         self._methods = {op: getattr(self, name) for op, name in _METHODS.items()}
-        self._handles = server.handles
+        #: fh -> Handle or None (the handle table's own lookup)
+        self._get = server.handles.get
+        ioctls = server.ioctls
+        self._ioctl = ioctls.unrestricted if self.unrestricted_ioctls else ioctls.restricted
 
     # -- what a file system answers itself (ENOSYS unless it does) ---------------------
     def lookup(self, rq: Request, r) -> None:
@@ -89,46 +95,54 @@ class FileOps:
     #: CUSE ioctls are unrestricted (the argument comes with retries); a FUSE file's are restricted
     unrestricted_ioctls = False
 
-    def ioctl(self, rq: Request, r) -> None:
-        handle = self._handles.get(r.fh)
-        if handle is None:
-            rq.err(errno.EBADF)
-            return
-        if handle.kind is NodeKind.GROUP:
-            # close() of a device fd returns once its release is queued (the
-            # hand-off closed our copy before the client got it: CV_HANDOFF_CLOSED);
-            # the kernel's has run vfio_device_fops_release by then, so a group
-            # ioctl right after (UNSET_CONTAINER) must see the device closed.
-            self._complete_device_releases()
-        if self.unrestricted_ioctls:
-            self.server.ioctls.unrestricted(rq, r, handle)
-        else:
-            self.server.ioctls.restricted(rq, r, handle)
+    def ioctl(self, r) -> None:
+        rq = Request(r.req)
+        try:
+            handle = self._get(r.fh)
+            if handle is None:
+                rq.err(errno.EBADF)
+                return
+            if handle.kind is NodeKind.GROUP:
+                # close() of a device fd returns once its release is queued (the
+                # hand-off closed our copy before the client got it: CV_HANDOFF_CLOSED);
+                # the kernel's has run vfio_device_fops_release by then, so a group
+                # ioctl right after (UNSET_CONTAINER) must see the device closed.
+                self._complete_device_releases()
+            self._ioctl(rq, r, handle)
+        except Exception:
+            log.exception("request %d (pid %d) failed inside the server", OP_IOCTL, r.pid)
+            if not rq.replied:
+                rq.err(errno.EIO)
 
-    def read(self, rq: Request, r) -> None:
-        handle = self._handles.get(r.fh)
+    # A read or a write is answered once, in line: no Request object.
+    def read(self, req, fh: int, size: int, off: int, pid: int) -> None:
+        handle = self._get(fh)
         if handle is None:
-            rq.err(errno.EBADF)
+            reply_err(req, errno.EBADF)
             return
         try:
-            data = self.server.dispatcher.read(handle.file_object, r.size, r.off)
+            data = handle.read(size, off)
+            if type(data) is not bytes:
+                data = bytes(data)
+            reply_buf(req, data, len(data))
         except VfioError as e:
-            rq.err(e.errno)
-            return
-        rq.buf(bytes(data))
+            reply_err(req, e.errno)
+        except Exception:
+            log.exception("request %d (pid %d) failed inside the server", OP_READ, pid)
+            reply_err(req, errno.EIO)
 
-    def write(self, rq: Request, r) -> None:
-        handle = self._handles.get(r.fh)
+    def write(self, req, fh: int, data: bytes, off: int, pid: int) -> None:
+        handle = self._get(fh)
         if handle is None:
-            rq.err(errno.EBADF)
+            reply_err(req, errno.EBADF)
             return
-        data = payload(r.in_buf, r.in_size)
         try:
-            count = self.server.dispatcher.write(handle.file_object, data, r.off)
+            reply_write(req, handle.write(data, off))
         except VfioError as e:
-            rq.err(e.errno)
-            return
-        rq.write(count)
+            reply_err(req, e.errno)
+        except Exception:
+            log.exception("request %d (pid %d) failed inside the server", OP_WRITE, pid)
+            reply_err(req, errno.EIO)
 
     def release(self, rq: Request, r) -> None:
         self.server.release(rq, r.fh, r.sid)
@@ -160,29 +174,28 @@ class FileOps:
         rq.open(handle.fh, direct_io=True, nonseekable=True)
 
 
-#: request kind -> the FileOps method that answers it
+    def serve(self, r) -> None:
+        """Every request but read, write and ioctl (the shim calls those methods directly)."""
+        op = r.op
+        method = self._methods.get(op)
+        if method is None:
+            if op == OP_INIT_DONE:
+                self.init_done(r)
+            elif op == OP_SESSION_END:
+                self.session_end(r)
+            else:
+                Request(r.req).err(errno.ENOSYS)
+            return
+        rq = Request(r.req)
+        try:
+            method(rq, r)
+        except Exception:
+            log.exception("request %d (pid %d) failed inside the server", r.op, r.pid)
+            if not rq.replied and not is_null(r.req):
+                rq.err(errno.EIO)
+
+
+#: request kind -> the FileOps method that answers it (through ``serve``)
 _METHODS = {
-    OP_LOOKUP: "lookup", OP_GETATTR: "getattr", OP_READDIR: "readdir", OP_OPEN: "open",
-    OP_IOCTL: "ioctl", OP_READ: "read", OP_WRITE: "write", OP_RELEASE: "release",
+    OP_LOOKUP: "lookup", OP_GETATTR: "getattr", OP_READDIR: "readdir", OP_OPEN: "open", OP_RELEASE: "release",
 }
-
-
-def serve(ops: FileOps, r) -> None:
-    """The one router: request ``r`` of the loop to the method of its file system's table."""
-    op = r.op
-    method = ops._methods.get(op)
-    if method is None:
-        if op == OP_INIT_DONE:
-            ops.init_done(r)
-        elif op == OP_SESSION_END:
-            ops.session_end(r)
-        else:
-            Request(r.req).err(errno.ENOSYS)
-        return
-    rq = Request(r.req)
-    try:
-        method(rq, r)
-    except Exception:
-        log.exception("request %d (pid %d) failed inside the server", r.op, r.pid)
-        if not rq.replied and not is_null(r.req):
-            rq.err(errno.EIO)

@@ -1,7 +1,10 @@
 """The handle table: every open of one of our files, as the kernel's ``struct file`` holds ``private_data``.
 
 A handle is created by an OPEN reply (its ``fh`` is what the kernel sends
-back with every later request on that open) and ends with RELEASE.  A
+back with every later request on that open) and ends with RELEASE.  What a
+pread and a pwrite of the open reach is bound when it is made (the
+dispatcher's ``region_ops``): no request finds a handle whose file was
+released, so the ops bound then stay right for as long as it exists.  A
 request running on a worker holds its handle busy, as ``fdget`` holds a
 file: a RELEASE that overtakes it is answered at once and carried out when
 the last such request ends.
@@ -13,19 +16,21 @@ import itertools
 import threading
 from typing import Callable, Dict, Optional
 
-from ..dispatch import node_kind
+from ..dispatch import node_kind, region_ops
 from ..uapi.ioctls import NodeKind
 
 
 class Handle:
     """One open of one of our files."""
 
-    __slots__ = ("fh", "file_object", "kind", "session", "ino", "busy", "released")
+    __slots__ = ("fh", "file_object", "kind", "read", "write", "session", "ino", "busy", "released")
 
     def __init__(self, fh: int, file_object: object, session, ino: int = 0):
         self.fh = fh
         self.file_object = file_object
         self.kind = node_kind(file_object)
+        #: ``read(size, offset) -> bytes`` and ``write(data, offset) -> count``: a pread's and a pwrite's op
+        self.read, self.write = region_ops(file_object)
         self.session = session
         self.ino = ino
         self.busy = 0          # requests running on workers, like fdget references

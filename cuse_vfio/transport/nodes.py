@@ -15,11 +15,10 @@ import os
 import stat
 import threading
 import time
-from functools import partial
 from typing import TYPE_CHECKING, Callable, Dict, Iterable, Optional, Set
 
 from ..dispatch import GroupNode, Node
-from .fsops import FUSE_OPTIONS, NODE_TIMEOUT, ROOT_INO, FileOps, Inode, serve
+from .fsops import FUSE_OPTIONS, NODE_TIMEOUT, ROOT_INO, FileOps, Inode
 from .shim import Request, Session, TransportError, name_of
 
 if TYPE_CHECKING:
@@ -60,7 +59,7 @@ class CuseNodes(FileOps):
             raise TransportError(f"{container} already exists (the vfio module?): "
                                  "choose another --dev-dir such as /dev/cuse-vfio")
         for inode in self._inodes:
-            session = Session.cuse(f"{prefix}/{inode.name}", partial(serve, self))
+            session = Session.cuse(f"{prefix}/{inode.name}", self)
             self._by_sid[session.sid] = inode
             self._sessions[session.sid] = session
             self._ready[session.sid] = threading.Event()
@@ -114,7 +113,7 @@ class NodeFiles(FileOps):
 
     def mount(self) -> Session:
         session = self.session = Session.fuse(self.dev_dir, FUSE_OPTIONS.format(name="cuse-vfio"),
-                                              partial(serve, self))
+                                              self)
         return session
 
     # -- FileOps -----------------------------------------------------------------------

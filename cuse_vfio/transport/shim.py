@@ -1,8 +1,10 @@
 """Python face of the C shim (``_shim``, built from csrc/): sessions, the loop, replies.
 
-C errors become ``TransportError`` here, at the boundary; requests arrive as
-``struct cv_request`` through one callback and are routed by session id to
-whoever created the session.
+C errors become ``TransportError`` here, at the boundary; requests arrive
+through four callbacks and are routed by session id to the ``SessionOps``
+that created the session: reads and writes with their fields decoded by the
+shim (the hot path of a device fd), ioctls and every other kind as ``struct
+cv_request``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import errno
 import itertools
 import logging
 import threading
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 
 try:
     from ._shim import ffi, lib
@@ -42,8 +44,30 @@ class TransportError(RuntimeError):
 
 
 # -- the callbacks ------------------------------------------------------------------
-_handlers: Dict[int, Callable[[object], None]] = {}
+class SessionOps(Protocol):
+    """What serves a session's requests (a file system's ``FileOps``); each answers its request."""
+
+    def serve(self, r) -> None:
+        """Every kind but read, write and ioctl: ``r`` is the ``struct cv_request``."""
+
+    def ioctl(self, r) -> None:
+        """An ioctl, as a ``struct cv_request``."""
+
+    def read(self, req, fh: int, size: int, off: int, pid: int) -> None:
+        """A read of ``size`` bytes at ``off`` of open ``fh``, by thread ``pid``; ``req`` is answered
+        with ``reply_buf`` or ``reply_err``."""
+
+    def write(self, req, fh: int, data: bytes, off: int, pid: int) -> None:
+        """A write of ``data`` at ``off`` of open ``fh``; answered with ``reply_write`` or ``reply_err``."""
+
+
+_handlers: Dict[int, SessionOps] = {}
 _sids = itertools.count(1)
+
+#: The plain replies, as the C functions themselves (a read or write is answered exactly once, in line)
+reply_err = lib.fuse_reply_err
+reply_buf = lib.fuse_reply_buf
+reply_write = lib.fuse_reply_write
 
 
 @ffi.def_extern()
@@ -54,17 +78,54 @@ def cv_py_log(level, message):
     _libfuse_log.log(py_level, "libfuse: %s", text)
 
 
+# Each callback is the last line of defence: the handlers answer their own failures, so the loop survives.
 @ffi.def_extern()
 def cv_py_request(r):
-    handler = _handlers.get(r.sid)
-    if handler is None:
+    ops = _handlers.get(r.sid)
+    if ops is None:
         if r.req != ffi.NULL:
             lib.fuse_reply_err(r.req, errno.EIO)
         return
     try:
-        handler(r)
+        ops.serve(r)
     except BaseException:
-        # Handlers answer their own failures; this is the last line so the loop survives.
+        log.exception("request handler failed")
+
+
+@ffi.def_extern()
+def cv_py_ioctl(r):
+    ops = _handlers.get(r.sid)
+    if ops is None:
+        lib.fuse_reply_err(r.req, errno.EIO)
+        return
+    try:
+        ops.ioctl(r)
+    except BaseException:
+        log.exception("request handler failed")
+
+
+@ffi.def_extern()
+def cv_py_read(sid, req, fh, size, off, pid):
+    ops = _handlers.get(sid)
+    if ops is None:
+        lib.fuse_reply_err(req, errno.EIO)
+        return
+    try:
+        ops.read(req, fh, size, off, pid)
+    except BaseException:
+        log.exception("request handler failed")
+
+
+@ffi.def_extern()
+def cv_py_write(sid, req, fh, buf, size, off, pid):
+    ops = _handlers.get(sid)
+    if ops is None:
+        lib.fuse_reply_err(req, errno.EIO)
+        return
+    try:
+        # the bytes, copied out of libfuse's buffer (valid only during this call)
+        ops.write(req, fh, ffi.unpack(buf, size) if size else b"", off, pid)
+    except BaseException:
         log.exception("request handler failed")
 
 
@@ -167,9 +228,9 @@ class Session:
         self.device: Optional[Tuple[int, int]] = None
 
     @classmethod
-    def fuse(cls, mountpoint: str, options: str, handler: Callable) -> "Session":
+    def fuse(cls, mountpoint: str, options: str, ops: SessionOps) -> "Session":
         sid = next(_sids)
-        _handlers[sid] = handler
+        _handlers[sid] = ops
         err = ffi.new("char[]", 512)
         ptr = lib.cv_fuse_session_new(sid, mountpoint.encode(), options.encode(), err, 512)
         if ptr == ffi.NULL:
@@ -178,9 +239,9 @@ class Session:
         return cls("fuse", ptr, sid, mountpoint)
 
     @classmethod
-    def cuse(cls, devname: str, handler: Callable) -> "Session":
+    def cuse(cls, devname: str, ops: SessionOps) -> "Session":
         sid = next(_sids)
-        _handlers[sid] = handler
+        _handlers[sid] = ops
         err = ffi.new("char[]", 512)
         ptr = lib.cv_cuse_session_new(sid, devname.encode(), err, 512)
         if ptr == ffi.NULL:
@@ -245,5 +306,6 @@ def is_null(ptr) -> bool:
 
 
 __all__: List[str] = [
-    "Loop", "Request", "Session", "TransportError", "payload", "name_of", "is_null",
+    "Loop", "Request", "Session", "SessionOps", "TransportError", "payload", "name_of", "is_null",
+    "reply_buf", "reply_err", "reply_write",
 ]
