@@ -20,7 +20,7 @@ change and a function reset to the device (:mod:`.core`).
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from ...errors import VfioError
 from ...uapi import VFIO_PCI_MSI_IRQ_INDEX
@@ -230,6 +230,8 @@ class VirtualConfig:
         self.msi_perm: Optional[_Perm] = None
         self.extended_caps = False
         self.bardirty = True
+        #: per offset, what an access there does (``_plan``), worked out at the first access
+        self._plans: List[Optional[tuple]] = [None] * self.size
         for i in range(PCI_STD_HEADER_SIZEOF):
             self.map[i] = PCI_CAP_ID_BASIC
         self._fill(0, PCI_STD_HEADER_SIZEOF)
@@ -396,11 +398,16 @@ class VirtualConfig:
         if pos < 0 or pos >= self.size or pos + count > self.size:
             raise VfioError(errno.EFAULT, f"{self.vdev.name}: config access of {count} bytes at 0x{pos:x} "
                                           f"is beyond the {self.size}-byte config space")
-        out = bytearray()
-        done = 0
+        guarded, access = self.vdev.guarded, self.access
+        value = None if data is None else int.from_bytes(data[:4].ljust(4, b"\0"), "little")
+        n, got = guarded(access, pos, count, value)
+        if n == count:  # one chunk: a driver's register access
+            return got.to_bytes(n, "little") if data is None else n
+        out = bytearray(got.to_bytes(n, "little") if data is None else b"")
+        done = n
         while done < count:
             value = None if data is None else int.from_bytes(data[done:done + 4].ljust(4, b"\0"), "little")
-            n, got = self.vdev.guarded(self.access, pos + done, count - done, value)
+            n, got = guarded(access, pos + done, count - done, value)
             if data is None:
                 out += got.to_bytes(n, "little")
             done += n
@@ -409,11 +416,26 @@ class VirtualConfig:
     # -- one access (vfio_config_do_rw) ----------------------------------------
     def access(self, pos: int, count: int, value: Optional[int]) -> tuple:
         """Do the first chunk of an access at ``pos``; returns (bytes done, value read)."""
+        plan = self._plans[pos]
+        if plan is None:
+            plan = self._plans[pos] = self._plan(pos)
+        span, perm, offset, reader, writer = plan
+        if count > span:
+            count = span
+        count = 4 if count >= 4 and not pos % 4 else 2 if count >= 2 and not pos % 2 else 1
+        if value is not None:
+            if writer is not None:
+                writer(self, pos, count, perm, offset, value & ((1 << 8 * count) - 1))
+            return count, 0
+        return count, reader(self, pos, count, perm, offset)
+
+    def _plan(self, pos: int) -> tuple:
+        """What an access at ``pos`` does, the same for every access there (the map and the permissions
+        are fixed once built): (bytes up to the dword's end that share its capability, the permission
+        bits, the offset into the capability, the read function, the write function or None)."""
         i = 1
         while (pos + i) % 4 and pos + i < self.size and self.map[pos + i] == self.map[pos]:
             i += 1
-        count = min(count, i)
-        count = 4 if count >= 4 and not pos % 4 else 2 if count >= 2 and not pos % 2 else 1
         cap = self.map[pos]
         if cap == PCI_CAP_ID_INVALID:
             perm, start = _UNASSIGNED, pos
@@ -427,15 +449,16 @@ class VirtualConfig:
                 else _CAP_PERMS.get(cap, _DIRECT_RO)
             start = self._find_cap_start(pos) if cap != PCI_CAP_ID_BASIC else 0
         offset = pos - start
-        if value is not None:
-            if perm.writer is not None:
-                getattr(self, perm.writer)(pos, count, perm, offset, value & ((1 << 8 * count) - 1))
-            return count, 0
-        return count, getattr(self, perm.reader)(pos, count, perm, offset)
+        cls = type(self)
+        reader = getattr(cls, perm.reader)
+        if reader is VirtualConfig._read_msi or reader is VirtualConfig._read_basic and not _is_bar(offset):
+            reader = cls._read_default  # what they come to there
+        writer = getattr(cls, perm.writer) if perm.writer is not None else None
+        return i, perm, offset, reader, writer
 
     # -- read functions ----------------------------------------------------------
     def _read_default(self, pos, count, perm, offset) -> int:
-        val = self._vget(pos, count)
+        val = int.from_bytes(self.vconfig[pos:pos + count], "little")  # (_vget, spelled out: the common read)
         virt, _ = perm.masks(offset, count)
         if virt != (1 << 8 * count) - 1:
             val = (self._phys_read(pos, count) & ~virt) | (val & virt)

@@ -69,6 +69,7 @@ from .power import RuntimePm
 from .rdwr import (
     BAR_IO_WIDTH,
     Ioeventfds,
+    region_table,
     vfio_pci_rw,
 )
 from .regions import Regions
@@ -161,6 +162,8 @@ class VfioPciDevice:
         self.irqs.pci_2_3 = not nointxmask and self.intx_mask_supported
         pci_enable_device(self.function)  # ...and vfio-pci's probe enabled it
         self.vconfig = VirtualConfig(self)
+        #: region index -> its access (.rdwr.region_table), made anew with each virtual config
+        self.region_rw = region_table(self)
         self.runtime_pm.probe()
 
     def __repr__(self) -> str:
@@ -198,6 +201,7 @@ class VfioPciDevice:
             if self.irqs.pci_2_3 and self.function.command() & PCI_COMMAND_INTX_DISABLE:
                 self.function.config_write(PCI_COMMAND, 2, self.function.command() & ~PCI_COMMAND_INTX_DISABLE)
             self.vconfig = VirtualConfig(self)
+            self.region_rw = region_table(self)
 
     def release(self) -> None:
         """Last close (vfio_pci_core_disable + close_device): quiet the device, restore it."""

@@ -65,13 +65,14 @@ class RuntimePm:
         #: low-power mode the user asked for (VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY*)
         self.engaged = False
         self.wake_eventfd = None
-        self._suspended: Optional[tuple] = None
+        #: (the saved config state, whether suspending masked INTx) while suspended, else None
+        self.suspend_state: Optional[tuple] = None
         #: the usage count; local_pci_probe holds one while the driver probes
         self.usage = 1
 
     @property
     def suspended(self) -> bool:
-        return self._suspended is not None
+        return self.suspend_state is not None
 
     # -- the driver's lifecycle --------------------------------------------------------
     def probe(self) -> None:
@@ -99,7 +100,7 @@ class RuntimePm:
     def get(self) -> None:
         """pm_runtime_resume_and_get: awake until the matching put()."""
         self.usage += 1
-        if self._suspended is not None:
+        if self.suspend_state is not None:
             self.resume()
 
     def put(self) -> None:
@@ -112,7 +113,7 @@ class RuntimePm:
     def suspend(self) -> None:
         """vfio_pci_core_runtime_suspend, then the PCI core: D0, INTx masked, state saved, D3hot."""
         vdev = self.vdev
-        if self._suspended is not None:
+        if self.suspend_state is not None:
             return
         vdev.power_up()  # the user may have put it in D3hot through config space
         irqs = vdev.irqs
@@ -120,15 +121,15 @@ class RuntimePm:
         saved = vdev.save_state()
         if vdev.function.pm is not None:
             vdev.set_power_state(vdev.function.pm.offset, PCI_D3HOT)
-        self._suspended = (saved, intx_masked)
+        self.suspend_state = (saved, intx_masked)
 
     def resume(self) -> None:
         """pci_pm_runtime_resume, then vfio_pci_core_runtime_resume."""
-        if self._suspended is None:
+        if self.suspend_state is None:
             return
         vdev = self.vdev
-        saved, intx_masked = self._suspended
-        self._suspended = None
+        saved, intx_masked = self.suspend_state
+        self.suspend_state = None
         vdev.power_up()
         vdev.restore_state(saved)
         if self.wake_eventfd is not None:

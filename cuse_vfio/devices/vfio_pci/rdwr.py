@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import logging
 from functools import partial
-from typing import TYPE_CHECKING, Dict, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from ...errors import VfioError
 from ...uapi import (
@@ -60,54 +60,81 @@ def vfio_pci_rw(vdev: "VfioPciDevice", offset: int, count: int, data: Optional[b
     """vfio_pci_rw: a pread (``data`` None: the bytes read) or pwrite (the count written) of the device fd.
 
     What ``awake()`` does around it is spelled out here, as every region access comes this way:
-    the device lock, and the device awake (pm_runtime_resume_and_get) for the access.
+    the device lock, and the device awake (pm_runtime_resume_and_get) for the access; a device
+    already awake with a usage count held skips the get/put pair, which would change nothing.
+    The region is ``vdev.region_rw[index]`` (:func:`region_table`).
     """
     index = offset >> VFIO_PCI_OFFSET_SHIFT
     pm = vdev.runtime_pm
     with vdev.lock:
         if index >= VFIO_PCI_NUM_REGIONS:
             raise VfioError(errno.EINVAL, f"{vdev.name}: offset 0x{offset:x} is in no region")
+        if pm.usage > 0 and pm.suspend_state is None:
+            return vdev.region_rw[index](offset & VFIO_PCI_OFFSET_MASK, count, data)
         pm.get()
         try:
-            if index <= VFIO_PCI_BAR5_REGION_INDEX:
-                return bar_rw(vdev, index, offset & VFIO_PCI_OFFSET_MASK, count, data)
-            return region_rw(vdev, index, offset, count, data)
+            return vdev.region_rw[index](offset & VFIO_PCI_OFFSET_MASK, count, data)
         finally:
             pm.put()
 
 
-def region_rw(vdev: "VfioPciDevice", index: int, offset: int, count: int, data: Optional[bytes]):
-    """vfio_pci_rw's choice of region: bytes read (``data`` None), or the count written."""
-    pos = offset & VFIO_PCI_OFFSET_MASK
-    if index <= VFIO_PCI_BAR5_REGION_INDEX:
-        return bar_rw(vdev, index, pos, count, data)
-    if index == VFIO_PCI_CONFIG_REGION_INDEX:
-        assert vdev.vconfig is not None  # made when the device is opened
-        return vdev.vconfig.rw(pos, count, data)
-    if index == VFIO_PCI_ROM_REGION_INDEX:
-        if data is not None:
-            raise VfioError(errno.EINVAL, f"{vdev.name}: the ROM is read-only")
-        return rom_read(vdev, pos, count)
-    if index == VFIO_PCI_VGA_REGION_INDEX:
-        raise VfioError(errno.EINVAL, f"{vdev.name} has no VGA region")
-    return bar_rw(vdev, index, pos, count, data)
+def region_table(vdev: "VfioPciDevice") -> List[Callable[[int, int, Optional[bytes]], Any]]:
+    """vfio_pci_rw's choice of region, made once an open has its virtual config: index ->
+    ``rw(pos, count, data)``, bytes read (``data`` None) or the count written.
 
-
-def bar_rw(vdev: "VfioPciDevice", index: int, pos: int, count: int, data: Optional[bytes]):
-    """vfio_pci_bar_rw: the MSI-X table is excluded, the rest goes to the function."""
+    A BAR's entry carries what its accesses never change (the BAR, the MSI-X table range to
+    exclude, the function's accessors); config is the virtual config of this open.
+    """
+    assert vdev.vconfig is not None  # made when the device is probed and opened
     fn = vdev.function
-    bar = fn.bars[index]
+    table: List[Callable[[int, int, Optional[bytes]], Any]] = []
+    for index in range(VFIO_PCI_BAR5_REGION_INDEX + 1):
+        x_start = x_end = 0
+        msix = fn.msix
+        if msix is not None and msix.table_bar == index:
+            x_start, x_end = msix.table_offset, msix.table_offset + msix.table_size
+        table.append(partial(bar_rw, vdev, index, fn.bars[index], x_start, x_end,
+                             partial(fn.bar_read, index), partial(fn.bar_write, index)))
+    table.insert(VFIO_PCI_ROM_REGION_INDEX, partial(rom_rw, vdev))
+    table.insert(VFIO_PCI_CONFIG_REGION_INDEX, vdev.vconfig.rw)
+    table.insert(VFIO_PCI_VGA_REGION_INDEX, partial(vga_rw, vdev))
+    assert len(table) == VFIO_PCI_NUM_REGIONS
+    return table
+
+
+def bar_rw(vdev: "VfioPciDevice", index: int, bar, x_start: int, x_end: int, read, write,
+           pos: int, count: int, data: Optional[bytes]):
+    """vfio_pci_bar_rw: the MSI-X table (``x_start``..``x_end``) is excluded, the rest goes to the function."""
     if bar is None or not bar.address:
         raise VfioError(errno.EINVAL, f"{vdev.name}: BAR{index} is not implemented")
-    if pos >= bar.size:
+    size = bar.size
+    if pos >= size:
         raise VfioError(errno.EINVAL, f"{vdev.name}: 0x{pos:x} is beyond BAR{index}")
-    count = min(count, bar.size - pos)
-    x_start = x_end = 0
-    msix = fn.msix
-    if msix is not None and msix.table_bar == index:
-        x_start, x_end = msix.table_offset, msix.table_offset + msix.table_size
-    return do_io_rw(vdev, pos, count, data, x_start, x_end, vdev.io_width, not bar.io,
-                    partial(fn.bar_read, index), partial(fn.bar_write, index))
+    if count > size - pos:
+        count = size - pos
+    if 0 < count <= vdev.io_width and not count & (count - 1) and not pos & (count - 1) and \
+            (pos >= x_end or pos + count <= x_start):
+        # One naturally aligned access outside the excluded range (a driver's register
+        # access): do_io_rw's loop would take it in one step.
+        vconfig = vdev.vconfig
+        assert vconfig is not None  # made when the device is opened
+        if not bar.io and not vconfig.memory_enabled():
+            raise VfioError(errno.EIO, f"{vdev.name}: memory access with memory decode disabled")
+        if data is None:
+            return vdev.guarded(read, pos, count).to_bytes(count, "little")
+        vdev.guarded(write, pos, count, int.from_bytes(data[:count], "little"))
+        return count
+    return do_io_rw(vdev, pos, count, data, x_start, x_end, vdev.io_width, not bar.io, read, write)
+
+
+def rom_rw(vdev: "VfioPciDevice", pos: int, count: int, data: Optional[bytes]) -> bytes:
+    if data is not None:
+        raise VfioError(errno.EINVAL, f"{vdev.name}: the ROM is read-only")
+    return rom_read(vdev, pos, count)
+
+
+def vga_rw(vdev: "VfioPciDevice", pos: int, count: int, data: Optional[bytes]):
+    raise VfioError(errno.EINVAL, f"{vdev.name} has no VGA region")
 
 
 def rom_read(vdev: "VfioPciDevice", pos: int, count: int) -> bytes:
@@ -126,17 +153,6 @@ def rom_read(vdev: "VfioPciDevice", pos: int, count: int) -> bytes:
 
 def do_io_rw(vdev: "VfioPciDevice", pos, count, data, x_start, x_end, max_width, test_mem, read, write=None):
     """vfio_pci_core_do_io_rw: naturally aligned accesses, an excluded range, EIO when memory is off."""
-    if 0 < count <= max_width and not count & (count - 1) and not pos & (count - 1) and \
-            (pos >= x_end or pos + count <= x_start):
-        # One naturally aligned access outside the excluded range (a driver's register
-        # access): the loop below would take it in one step.
-        assert vdev.vconfig is not None  # made when the device is opened
-        if test_mem and not vdev.vconfig.memory_enabled():
-            raise VfioError(errno.EIO, f"{vdev.name}: memory access with memory decode disabled")
-        if data is None:
-            return vdev.guarded(read, pos, count).to_bytes(count, "little")
-        vdev.guarded(write, pos, count, int.from_bytes(data[:count], "little"))
-        return count
     out = bytearray()
     done = 0
     while done < count:
