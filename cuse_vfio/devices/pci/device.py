@@ -351,9 +351,8 @@ class PciDevice:
 
     def _decodes(self, bar: Bar) -> bool:
         bit = PCI_COMMAND_IO if bar.io else PCI_COMMAND_MEMORY
-        # (config.get spelled out: every BAR access asks)
-        command = int.from_bytes(self.config.data[PCI_COMMAND:PCI_COMMAND + 2], "little")
-        return bool(command & bit) and self.power_state < PCI_D3HOT
+        # (config.get spelled out, and only the low byte that holds both bits: every BAR access asks)
+        return self.config.data[PCI_COMMAND] & bit != 0 and self.power_state < PCI_D3HOT
 
     def _msix_region(self, index: int, offset: int, size: int):
         msix = self.msix

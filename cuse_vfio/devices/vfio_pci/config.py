@@ -20,6 +20,7 @@ change and a function reset to the device (:mod:`.core`).
 from __future__ import annotations
 
 import errno
+import struct
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from ...errors import VfioError
@@ -114,27 +115,31 @@ class _Perm:
         #: the VirtualConfig methods that read and write through these bits (None: writes dropped)
         self.reader = "_read_" + read
         self.writer = None if write is None else "_write_" + write
-        self._masks: Dict[int, Tuple[int, int]] = {}  # (offset << 3 | count) -> masks(offset, count)
+        #: (offset << 3 | count) -> masks(offset, count), as far as asked
+        self.known: Dict[int, Tuple[int, int]] = {}
 
     def set(self, offset: int, size: int, virt: int, write: int) -> "_Perm":
         self.virt[offset:offset + size] = (virt & ((1 << 8 * size) - 1)).to_bytes(size, "little")
         self.write[offset:offset + size] = (write & ((1 << 8 * size) - 1)).to_bytes(size, "little")
-        self._masks.clear()
+        self.known.clear()
         return self
 
     def masks(self, offset: int, count: int) -> Tuple[int, int]:
         """(virtual bits, writable bits) of ``count`` bytes at ``offset``; remembered, as the bits never
         change once the tables are built and every config access asks."""
         key = offset << 3 | count
-        masks = self._masks.get(key)
+        masks = self.known.get(key)
         if masks is None:
             virt = int.from_bytes(self.virt[offset:offset + count].ljust(count, b"\0"), "little")
             write = int.from_bytes(self.write[offset:offset + count].ljust(count, b"\0"), "little")
-            masks = self._masks[key] = (virt, write)
+            masks = self.known[key] = (virt, write)
         return masks
 
 
 ALL = 0xFFFFFFFF
+
+#: size (1, 2, 4) -> unpack_from of a little-endian value that long
+_UNPACK = {1: struct.Struct("<B").unpack_from, 2: struct.Struct("<H").unpack_from, 4: struct.Struct("<I").unpack_from}
 
 
 def _basic_perm() -> _Perm:
@@ -458,8 +463,9 @@ class VirtualConfig:
 
     # -- read functions ----------------------------------------------------------
     def _read_default(self, pos, count, perm, offset) -> int:
-        val = int.from_bytes(self.vconfig[pos:pos + count], "little")  # (_vget, spelled out: the common read)
-        virt, _ = perm.masks(offset, count)
+        # (_vget and perm.masks spelled out: the common read; count is 1, 2 or 4 here)
+        val = _UNPACK[count](self.vconfig, pos)[0]
+        virt, _ = perm.known.get(offset << 3 | count) or perm.masks(offset, count)
         if virt != (1 << 8 * count) - 1:
             val = (self._phys_read(pos, count) & ~virt) | (val & virt)
         return val
@@ -594,7 +600,6 @@ class VirtualConfig:
 
     def memory_enabled(self) -> bool:
         """``__vfio_pci_memory_enabled``: the user's memory-enable bit, and not in D3hot."""
-        # (_vget spelled out: every BAR access asks)
-        return self.vdev.function.power_state < PCI_D3HOT and \
-            bool(int.from_bytes(self.vconfig[PCI_COMMAND:PCI_COMMAND + 2], "little") & PCI_COMMAND_MEMORY)
+        # (_vget spelled out, and only the command register's low byte, which holds the bit: every BAR access asks)
+        return self.vconfig[PCI_COMMAND] & PCI_COMMAND_MEMORY != 0 and self.vdev.function.power_state < PCI_D3HOT
 

@@ -52,6 +52,9 @@ BAR_IO_WIDTH = Rule(
         "read of edu's 0x80 returns the whole DMA source address instead of 0xffffffff above it.")
 
 
+_from_bytes = int.from_bytes  # (looked up once: a BAR write decodes its value with it)
+
+
 def VFIO_PCI_INDEX_TO_OFFSET(index: int) -> int:
     return index << VFIO_PCI_OFFSET_SHIFT
 
@@ -66,7 +69,9 @@ def vfio_pci_rw(vdev: "VfioPciDevice", offset: int, count: int, data: Optional[b
     """
     index = offset >> VFIO_PCI_OFFSET_SHIFT
     pm = vdev.runtime_pm
-    with vdev.lock:
+    lock = vdev.lock
+    lock.acquire()  # (a with statement, spelled out: it costs more than the access)
+    try:
         if index >= VFIO_PCI_NUM_REGIONS:
             raise VfioError(errno.EINVAL, f"{vdev.name}: offset 0x{offset:x} is in no region")
         if pm.usage > 0 and pm.suspend_state is None:
@@ -76,6 +81,8 @@ def vfio_pci_rw(vdev: "VfioPciDevice", offset: int, count: int, data: Optional[b
             return vdev.region_rw[index](offset & VFIO_PCI_OFFSET_MASK, count, data)
         finally:
             pm.put()
+    finally:
+        lock.release()
 
 
 def region_table(vdev: "VfioPciDevice") -> List[Callable[[int, int, Optional[bytes]], Any]]:
@@ -122,7 +129,7 @@ def bar_rw(vdev: "VfioPciDevice", index: int, bar, x_start: int, x_end: int, rea
             raise VfioError(errno.EIO, f"{vdev.name}: memory access with memory decode disabled")
         if data is None:
             return vdev.guarded(read, pos, count).to_bytes(count, "little")
-        vdev.guarded(write, pos, count, int.from_bytes(data[:count], "little"))
+        vdev.guarded(write, pos, count, _from_bytes(data if count == len(data) else data[:count], "little"))
         return count
     return do_io_rw(vdev, pos, count, data, x_start, x_end, vdev.io_width, not bar.io, read, write)
 
