@@ -152,8 +152,21 @@ class Dispatcher:
 
     def __init__(self, vfio: Vfio, trace: Optional[Callable[[dict], None]] = None):
         self.vfio = vfio
-        #: receives one decoded record per ioctl when set (``--trace``)
+        self._sink: Optional[Callable[[dict], None]] = None
+        #: ``make_arg(value, caller, memory=None)``: the IoctlArg of one ioctl, which records its bytes
+        #: while tracing is on (the class itself otherwise: made once per ioctl)
+        self.make_arg: Callable[..., IoctlArg] = IoctlArg
         self.trace = trace
+
+    @property
+    def trace(self) -> Optional[Callable[[dict], None]]:
+        """Receives one decoded record per ioctl when set (``--trace``)."""
+        return self._sink
+
+    @trace.setter
+    def trace(self, sink: Optional[Callable[[dict], None]]) -> None:
+        self._sink = sink
+        self.make_arg = IoctlArg if sink is None else partial(IoctlArg, record=True)
 
     # -- open / release --------------------------------------------------
     def open(self, node: Node, caller=None) -> object:
@@ -172,7 +185,8 @@ class Dispatcher:
     def ioctl(self, file_object: object, cmd: int, arg: IoctlArg) -> int:
         """The result the client's ioctl() returns: >= 0, or -errno."""
         kind, table, rest = _ROUTES[type(file_object)]
-        started = time.time() if self.trace is not None else 0.0
+        sink = self._sink
+        started = time.time() if sink is not None else 0.0
         try:
             handler = table.get(cmd)
             result = handler(file_object, arg) if handler is not None else rest(file_object, cmd, arg)
@@ -185,13 +199,9 @@ class Dispatcher:
             log.exception("pid %s: %s on %r failed inside the server", getattr(arg.caller, "pid", "?"),
                           _name(kind, cmd), file_object)
             result = -errno.EIO
-        if self.trace is not None:
-            self._trace(started, kind, file_object, cmd, arg, result)
+        if sink is not None:
+            self._trace(sink, started, kind, file_object, cmd, arg, result)
         return result
-
-    def make_arg(self, value: int, caller, memory=None) -> IoctlArg:
-        """An IoctlArg that records its bytes when tracing is on."""
-        return IoctlArg(value, caller, memory, record=self.trace is not None)
 
     # -- read / write ----------------------------------------------------
     @staticmethod
@@ -208,14 +218,14 @@ class Dispatcher:
             raise VfioError(errno.EINVAL, f"{file_object!r} cannot be written")
         return op(data, offset)
 
-    def _trace(self, started, kind, file_object, cmd, arg, result) -> None:
+    @staticmethod
+    def _trace(sink, started, kind, file_object, cmd, arg, result) -> None:
         in_data = bytes(arg.copied_in) if arg.copied_in else arg.value
         out_data = bytes(arg.copied_out) if arg.copied_out else None
         record = decode(kind, cmd, in_data, out_data, result)
         record.update(time=started, pid=getattr(arg.caller, "pid", None), node=_node_name(file_object))
         try:
-            if self.trace is not None:
-                self.trace(record)
+            sink(record)
         except Exception:
             log.exception("trace sink failed; tracing stays on")
 
