@@ -403,16 +403,18 @@ class VirtualConfig:
         if pos < 0 or pos >= self.size or pos + count > self.size:
             raise VfioError(errno.EFAULT, f"{self.vdev.name}: config access of {count} bytes at 0x{pos:x} "
                                           f"is beyond the {self.size}-byte config space")
-        guarded, access = self.vdev.guarded, self.access
         value = None if data is None else int.from_bytes(data[:4].ljust(4, b"\0"), "little")
-        n, got = guarded(access, pos, count, value)
+        try:  # (vdev.guarded, spelled out for the first chunk)
+            n, got = self.access(pos, count, value)
+        except Exception as e:
+            raise self.vdev.model_failure(e) from None
         if n == count:  # one chunk: a driver's register access
             return got.to_bytes(n, "little") if data is None else n
         out = bytearray(got.to_bytes(n, "little") if data is None else b"")
         done = n
         while done < count:
             value = None if data is None else int.from_bytes(data[done:done + 4].ljust(4, b"\0"), "little")
-            n, got = guarded(access, pos + done, count - done, value)
+            n, got = self.vdev.guarded(self.access, pos + done, count - done, value)
             if data is None:
                 out += got.to_bytes(n, "little")
             done += n

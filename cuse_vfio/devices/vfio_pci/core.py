@@ -397,15 +397,21 @@ class VfioPciDevice:
 
         Whatever the model raises -- a bug, or a VfioError such as a DMA fault
         it did not handle -- fails this access with EIO, logged with its
-        traceback; the device, its lock and the server carry on.
+        traceback; the device, its lock and the server carry on.  (The region
+        accesses spell this out around their model call: ``model_failure``.)
         """
         try:
             return fn(*args)
-        except (ModelFailure, RetryRequest):
-            raise
-        except Exception:
-            log.exception("%s: the device model failed an access; it keeps running", self.name)
-            raise ModelFailure(errno.EIO, f"{self.name}: the device model failed (see the server log)") from None
+        except Exception as e:
+            raise self.model_failure(e) from None
+
+    def model_failure(self, e: Exception) -> Exception:
+        """What ``guarded`` fails an access with when model code raised ``e`` (call it in the except
+        clause): ``e`` itself when it is a ModelFailure or a RetryRequest, else EIO, logged."""
+        if isinstance(e, (ModelFailure, RetryRequest)):
+            return e
+        log.exception("%s: the device model failed an access; it keeps running", self.name)
+        return ModelFailure(errno.EIO, f"{self.name}: the device model failed (see the server log)")
 
     def region_memory(self, index: int) -> SharedMemory:
         """The shared memory behind a mappable region (a plain-memory BAR, or one with windows), for a transport.

@@ -127,9 +127,12 @@ def bar_rw(vdev: "VfioPciDevice", index: int, bar, x_start: int, x_end: int, rea
         assert vconfig is not None  # made when the device is opened
         if not bar.io and not vconfig.memory_enabled():
             raise VfioError(errno.EIO, f"{vdev.name}: memory access with memory decode disabled")
-        if data is None:
-            return vdev.guarded(read, pos, count).to_bytes(count, "little")
-        vdev.guarded(write, pos, count, _from_bytes(data if count == len(data) else data[:count], "little"))
+        try:  # (vdev.guarded, spelled out)
+            if data is None:
+                return read(pos, count).to_bytes(count, "little")
+            write(pos, count, _from_bytes(data if count == len(data) else data[:count], "little"))
+        except Exception as e:
+            raise vdev.model_failure(e) from None
         return count
     return do_io_rw(vdev, pos, count, data, x_start, x_end, vdev.io_width, not bar.io, read, write)
 
