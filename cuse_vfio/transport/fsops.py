@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ROOT_INO = 1
+_GROUP = NodeKind.GROUP  # (an enum's member is costly to look up on every ioctl)
 NODE_TIMEOUT = 3600.0  # nodes never change behind the kernel's back
 FUSE_OPTIONS = "allow_other,default_permissions,fsname={name},subtype=vfio"
 
@@ -102,7 +103,7 @@ class FileOps:
             if handle is None:
                 rq.err(errno.EBADF)
                 return
-            if handle.kind is NodeKind.GROUP:
+            if handle.kind is _GROUP:
                 # close() of a device fd returns once its release is queued (the
                 # hand-off closed our copy before the client got it: CV_HANDOFF_CLOSED);
                 # the kernel's has run vfio_device_fops_release by then, so a group

@@ -100,7 +100,9 @@ def region_table(vdev: "VfioPciDevice") -> List[Callable[[int, int, Optional[byt
         msix = fn.msix
         if msix is not None and msix.table_bar == index:
             x_start, x_end = msix.table_offset, msix.table_offset + msix.table_size
-        table.append(partial(bar_rw, vdev, index, fn.bars[index], x_start, x_end,
+        bar = fn.bars[index]
+        test_mem = bar is not None and not bar.io
+        table.append(partial(bar_rw, vdev, index, bar, test_mem, x_start, x_end,
                              partial(fn.bar_read, index), partial(fn.bar_write, index)))
     table.insert(VFIO_PCI_ROM_REGION_INDEX, partial(rom_rw, vdev))
     table.insert(VFIO_PCI_CONFIG_REGION_INDEX, vdev.vconfig.rw)
@@ -109,9 +111,10 @@ def region_table(vdev: "VfioPciDevice") -> List[Callable[[int, int, Optional[byt
     return table
 
 
-def bar_rw(vdev: "VfioPciDevice", index: int, bar, x_start: int, x_end: int, read, write,
+def bar_rw(vdev: "VfioPciDevice", index: int, bar, test_mem: bool, x_start: int, x_end: int, read, write,
            pos: int, count: int, data: Optional[bytes]):
-    """vfio_pci_bar_rw: the MSI-X table (``x_start``..``x_end``) is excluded, the rest goes to the function."""
+    """vfio_pci_bar_rw: the MSI-X table (``x_start``..``x_end``) is excluded, the rest goes to the function;
+    a memory BAR (``test_mem``) is reached only with memory decode enabled."""
     if bar is None or not bar.address:
         raise VfioError(errno.EINVAL, f"{vdev.name}: BAR{index} is not implemented")
     size = bar.size
@@ -125,7 +128,7 @@ def bar_rw(vdev: "VfioPciDevice", index: int, bar, x_start: int, x_end: int, rea
         # access): do_io_rw's loop would take it in one step.
         vconfig = vdev.vconfig
         assert vconfig is not None  # made when the device is opened
-        if not bar.io and not vconfig.memory_enabled():
+        if test_mem and not vconfig.memory_enabled():
             raise VfioError(errno.EIO, f"{vdev.name}: memory access with memory decode disabled")
         try:  # (vdev.guarded, spelled out)
             if data is None:
@@ -134,7 +137,7 @@ def bar_rw(vdev: "VfioPciDevice", index: int, bar, x_start: int, x_end: int, rea
         except Exception as e:
             raise vdev.model_failure(e) from None
         return count
-    return do_io_rw(vdev, pos, count, data, x_start, x_end, vdev.io_width, not bar.io, read, write)
+    return do_io_rw(vdev, pos, count, data, x_start, x_end, vdev.io_width, test_mem, read, write)
 
 
 def rom_rw(vdev: "VfioPciDevice", pos: int, count: int, data: Optional[bytes]) -> bytes:
