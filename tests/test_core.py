@@ -544,3 +544,23 @@ def test_external_user_holds_the_container(topo):
     assert group.container is not None  # KVM still uses it
     topo.vfio.group_put_external_user(ext)
     assert group.container is None
+
+
+def test_an_open_binds_the_region_ops_a_pread_and_pwrite_reach(topo):
+    """dispatch.region_ops, what a transport binds when a file opens: a device fd's are its driver's
+    own read and write; a file without them answers through the dispatcher, with its sentence."""
+    from cuse_vfio.dispatch import region_ops
+
+    p, cfd, gfd = ready(topo)
+    dfd = p.ioctl(gfd, VFIO_GROUP_GET_DEVICE_FD, DEV.encode() + b"\0")
+    read, write = region_ops(p.resolve_fd_os(dfd))
+    ops = topo.ops[DEV]
+    assert read == ops.read and write == ops.write
+    assert read(3, 0) == bytes(3) and write(b"xy", 0) == 2
+    read, write = region_ops(p.resolve_fd_os(gfd))
+    with pytest.raises(VfioError) as e:
+        read(4, 0)
+    assert e.value.errno == errno.EINVAL and "cannot be read" in e.value.strerror
+    with pytest.raises(VfioError) as e:
+        write(b"x", 0)
+    assert e.value.errno == errno.EINVAL and "cannot be written" in e.value.strerror
