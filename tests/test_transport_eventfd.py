@@ -132,6 +132,31 @@ def test_a_non_blocking_eventfd_is_signalled_before_signal_returns():
     os.close(client_side)
 
 
+def test_a_blocking_eventfd_with_room_is_signalled_before_signal_returns():
+    # A blocking file with room for the count is written from the raising thread too.
+    poller = EventfdPoller()
+    client_side = os.eventfd(0)
+    efd = ClientEventfd(fetch_fd(os.getpid(), client_side), poller)
+    try:
+        efd.signal()
+        assert select.select([client_side], [], [], 0)[0], "the signal went through another thread"
+        assert os.eventfd_read(client_side) == 1
+        # One short of full: the first signal fills it, the next waits at the writer for the read.
+        os.eventfd_write(client_side, FULL - 1)
+        efd.signal()
+        assert returns_within(efd.signal, 1.0)
+        assert os.eventfd_read(client_side) == FULL
+        total, deadline = 0, time.monotonic() + BOUND
+        while total < 1 and time.monotonic() < deadline:
+            if select.select([client_side], [], [], 0.05)[0]:
+                total += os.eventfd_read(client_side)
+        assert total == 1
+    finally:
+        efd.release()
+        poller.stop()
+    os.close(client_side)
+
+
 def test_an_inline_signal_a_client_blocks_is_freed(monkeypatch):
     # The client clears O_NONBLOCK and fills its counter between the server's
     # check and its write: the write blocks, and the writer thread consumes the

@@ -13,16 +13,23 @@ serves every eventfd with two threads:
   description, shared with the client, so the server must not change it;
   ``RWF_NOWAIT`` is refused for eventfd writes) and a client that fills the
   counter to 2^64-2 would block a write for ever.  So ``signal()`` writes
-  inline, from the raising thread, only when the file is non-blocking (QEMU,
-  DPDK and SPDK make theirs so) and nothing is pending for it: a full counter
-  then answers EAGAIN and the count goes to the writer, which polls
-  ``POLLOUT`` and writes only what fits.  A blocking file always goes through
-  the writer.  A client that clears ``O_NONBLOCK`` and fills its counter
-  between the check and the write would block the raising thread: the writer
-  wakes every second, and an inline write older than that has the client's
-  counter consumed (through the server's duplicate) so it completes; a
-  client that races its own writes can at worst stall the writer thread and
-  lose its count, never hold the serving loop or a device lock.
+  inline, from the raising thread, whenever the counter has room and nothing
+  is pending for it: a non-blocking file (QEMU, DPDK and SPDK make theirs
+  so) is written at once, a full counter answering EAGAIN; a blocking one
+  is asked first whether it has room for the count (``POLLOUT``: room for 1).
+  What does not fit goes to the writer, which polls ``POLLOUT`` and writes
+  only what fits, so nothing is lost and a client that reads its counter
+  finds every signal, coalesced.  A client that clears ``O_NONBLOCK`` (or
+  fills its counter) between the check and the write would block the
+  raising thread: the writer wakes every second, and an inline write older
+  than that has the client's counter consumed (through the server's
+  duplicate) so it completes; a client that races its own writes can at
+  worst stall the writer thread and lose its count, never hold the serving
+  loop or a device lock.
+
+The inline path is the interrupt's hot path: no thread hop, no lock but the
+eventfd's own, two system calls (``F_GETFL``, the write) for a non-blocking
+file.
 
 Each thread works on its own duplicate of the eventfd and is the only one to
 close it, so ``release()`` and ``cancel()`` close nothing another thread may
@@ -46,6 +53,9 @@ from ..errors import VfioError
 
 log = logging.getLogger(__name__)
 _COUNT = struct.Struct("<Q")
+_ONE = _COUNT.pack(1)
+_F_GETFL = fcntl.F_GETFL
+_O_NONBLOCK = os.O_NONBLOCK
 #: The largest counter an eventfd holds; a write that would pass it blocks.
 _EFD_MAX = (1 << 64) - 2
 #: How long an inline write may block before the writer consumes the counter it waits on.
@@ -87,19 +97,46 @@ class ClientEventfd:
         self.owner = owner
         self._watches: List[Callable[[], None]] = []
         self._lock = threading.Lock()
+        #: what the writer thread still has to deliver to it (None: never had any)
+        self._pending: Optional[_Signalled] = None
+        self._room_poll: Optional[select.poll] = None
 
     def __repr__(self) -> str:
         return f"ClientEventfd(fd={self.fd}{', ' + self.owner if self.owner else ''})"
 
     def signal(self, value: int = 1) -> None:
-        """Add ``value`` to the client's counter, soon; never blocks."""
+        """Add ``value`` to the client's counter: now when it has room, else soon; never blocks."""
         with self._lock:
-            if self.fd < 0:
+            fd = self.fd
+            if fd < 0 or value <= 0:
                 return
-            try:
-                self.poller.signal(self, self.fd, value)
-            except OSError as e:
-                log.warning("%r: signal failed: %s", self, e.strerror)
+            poller = self.poller
+            pending = self._pending
+            if pending is None or not pending.count:
+                # Listed while the write is under way, for the writer to unblock (see the module).
+                if not poller.guarding and not poller.start_writer():
+                    return  # the server is stopping
+                inline = poller.inline
+                inline[self] = (fd, time.monotonic())
+                try:
+                    if fcntl.fcntl(fd, _F_GETFL) & _O_NONBLOCK or (value == 1 and self._has_room(fd)):
+                        os.write(fd, _ONE if value == 1 else _COUNT.pack(value))
+                        return
+                except BlockingIOError:
+                    pass  # the counter is full: the writer waits for room
+                except OSError as e:
+                    log.warning("%r: signal failed: %s", self, e.strerror)
+                    return
+                finally:
+                    del inline[self]
+            self._pending = poller.later(self, fd, value)
+
+    def _has_room(self, fd: int) -> bool:
+        """A blocking file: whether a write of 1 would not block (eventfd's POLLOUT)."""
+        if self._room_poll is None:
+            self._room_poll = select.poll()
+            self._room_poll.register(fd, select.POLLOUT)
+        return bool(self._room_poll.poll(0))
 
     def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` each time the client writes the eventfd; returns the cancel function.
@@ -169,8 +206,12 @@ class EventfdPoller:
         self._wwake_r, self._wwake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._writer: Optional[threading.Thread] = None
         self._writer_exited = False
-        #: inline writes under way: key -> (fd, when it started)
-        self._inline: Dict[object, Tuple[int, float]] = {}
+        #: inline writes under way: key -> (fd, when it started).  Their writers add and remove
+        #: entries without the lock (the key's own lock orders them); the writer thread reads it
+        #: under the lock, which keeps a listed fd open (release() forgets under it first).
+        self.inline: Dict[object, Tuple[int, float]] = {}
+        #: the writer thread runs and watches over inline writes (until the server stops)
+        self.guarding = False
 
     # -- watches -----------------------------------------------------------------------
     def add(self, fd: int, callback: Callable[[], None], key: object = None) -> Callable[[], None]:
@@ -262,42 +303,29 @@ class EventfdPoller:
             return False
 
     # -- signals -----------------------------------------------------------------------
-    def signal(self, key: object, fd: int, value: int = 1) -> None:
-        """Add ``value`` to eventfd ``fd`` (identified by ``key``): inline when it cannot block, else later."""
-        if value <= 0:
-            return
+    def later(self, key: object, fd: int, value: int) -> Optional[_Signalled]:
+        """Add ``value`` to what the writer thread delivers to ``fd`` once it has room; its entry."""
         with self._lock:
             if self._stopping:
-                return
-            entry = self._signalled.get(key)
-            inline = entry is None or entry.count == 0
-            if inline:
-                self._inline[key] = (fd, time.monotonic())
-                if self._writer is None:
-                    self._start_writer()  # it watches over inline writes too
-        if inline:
-            try:
-                if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK:
-                    os.write(fd, _COUNT.pack(value))
-                    return
-            except BlockingIOError:
-                pass  # the counter is full: the writer waits for room
-            finally:
-                with self._lock:
-                    self._inline.pop(key, None)
-        self._later(key, fd, value)
-
-    def _later(self, key: object, fd: int, value: int) -> None:
-        """Add ``value`` to what the writer thread delivers to ``fd`` once it has room."""
-        with self._lock:
-            if self._stopping:
-                return
+                return None
             entry = self._signalled.get(key)
             if entry is None or entry.released:
                 entry = self._signalled[key] = _Signalled(os.dup(fd))
             entry.count = min(entry.count + value, _EFD_MAX)
             self._start_writer()
         _wake(self._wwake_w)
+        return entry
+
+    def start_writer(self) -> bool:
+        """The writer thread runs from the first signal on: it also watches over inline writes.
+
+        False once the server is stopping (``guarding`` is then False for good).
+        """
+        with self._lock:
+            if not self._stopping:
+                self._start_writer()
+                self.guarding = True
+            return self.guarding
 
     def _start_writer(self) -> None:
         if self._writer is None:  # lock held
@@ -335,7 +363,7 @@ class EventfdPoller:
                 writable = set()
                 # A timeout, so an inline write a client blocks is seen (see the module).
                 ready = poller.poll(_INLINE_PATIENCE * 1000)
-                if self._inline:
+                if self.inline:
                     self._unblock_inline()
                 for fd, mask in ready:
                     if fd == self._wwake_r:
@@ -362,11 +390,11 @@ class EventfdPoller:
     def _unblock_inline(self) -> None:
         """Consume the counter an inline write has waited on too long, so the write completes."""
         stale = time.monotonic() - _INLINE_PATIENCE
-        # Under the lock: an fd still listed is still open (signal() unlists it
-        # before it returns, and only then can the eventfd be released).  The
-        # read never blocks.
+        # Under the lock: an fd listed now stays open until it is released (release()
+        # forgets its eventfd under this lock before it closes the fd).  The read never
+        # blocks.  A snapshot: inline writers add and remove entries without the lock.
         with self._lock:
-            for key, (fd, since) in self._inline.items():
+            for key, (fd, since) in list(self.inline.items()):
                 if since < stale:
                     log.warning("%r: a signal waited on a full counter for over %.0f s (the client made its "
                                 "eventfd blocking and filled it); its count is consumed", key, _INLINE_PATIENCE)
@@ -392,6 +420,7 @@ class EventfdPoller:
     def stop(self) -> None:
         with self._lock:
             self._stopping = True
+            self.guarding = False
             threads = [(self._thread, self._wake_r, self._wake_w), (self._writer, self._wwake_r, self._wwake_w)]
         for _, _, w in threads:
             _wake(w)
