@@ -28,6 +28,11 @@
  *             are not timed                          |
  *   intx_cycle the whole of it: raise, eventfd, ack, | msi's, a null pwrite and a null ioctl
  *             unmask (VFIO_DEVICE_SET_IRQS)          |
+ *   msi_fuse, the same as msi and intx, against the  | a pwrite of the raise-IRQ register to the
+ *   intx_fuse same transport's floor                 |   null server (NULL_RW), which signals an
+ *                                                    |   eventfd of the client's (fetched as
+ *                                                    |   cuse-vfio fetches SET_IRQS's) before it
+ *                                                    |   answers; the eventfd polled and read
  *   dma_*     one command of dma-bench: COUNT DMA    | the same copies of the client's buffer by
  *             copies of SIZE bytes of the client's   |   another process, process_vm_readv or
  *             buffer (MAP_DMA'd), read (memory to    |   _writev (a scatter list: one remote
@@ -60,6 +65,8 @@
 #define EDU_IRQ_RAISE 0x60
 #define EDU_IRQ_ACK 0x64
 #define MAPPINGS 65535 /* type1's default dma_entry_limit */
+/* The null server's interrupt: its eventfd set by this ioctl (the same in tests/bench/null-server.c). */
+#define NULL_SERVER_SET_EVENTFD _IO('N', 1)
 /* dma-bench's registers (tests/bench/dma_model.py) */
 #define DMA_IOVA_LO 0x00
 #define DMA_IOVA_HI 0x04
@@ -72,7 +79,7 @@
 #define DMA_BUF_IOVA ((uint64_t)1 << 32) /* above what the other mappings take */
 #define DMA_MAX_SEGMENTS (DMA_BUF_SIZE / 4096)
 
-static int null_fd, null_rw_fd, container, group, device, efd, floor_efd, floor_pipe;
+static int null_fd, null_rw_fd, container, group, device, efd, floor_efd, floor_pipe, fuse_efd;
 static int dma_device, dma_cmd_pipe, dma_done_pipe;
 static void *page, *dma_buf;
 /* Time an operation spent on what it does but is not measuring (the INTx ack and unmask). */
@@ -165,6 +172,7 @@ static int wait_eventfd(int fd)
 
 static int msi(void) { return write4(device, EDU_IRQ_RAISE, 1) || wait_eventfd(efd); }
 static int null_msi(void) { return write(floor_pipe, "x", 1) != 1 || wait_eventfd(floor_efd); }
+static int null_fuse_msi(void) { return write4(null_rw_fd, EDU_IRQ_RAISE, 1) || wait_eventfd(fuse_efd); }
 
 /* What a client does after an INTx: the device's interrupt acknowledged (its
  * line lowered), then VFIO's automask lifted, as QEMU does without KVM. */
@@ -429,15 +437,21 @@ int main(int argc, char **argv)
 	open_dma(argv[8], argv[9]);
 	start_signaller();
 	start_dma_floor();
+	if ((fuse_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) < 0)
+		die("eventfd");
+	if (ioctl(null_rw_fd, NULL_SERVER_SET_EVENTFD, fuse_efd))
+		die("NULL_SERVER_SET_EVENTFD");
 
 	measure("api", null_ioctl, api, n, rounds);
 	measure("status", null_status, status, n, rounds);
 	measure("cfg_read", null_read, cfg_read, n, rounds);
 	measure("bar_write", null_write, bar_write, n, rounds);
 	measure("msi", null_msi, msi, n, rounds);
+	measure("msi_fuse", null_fuse_msi, msi, n, rounds);
 	set_irq(VFIO_PCI_MSI_IRQ_INDEX, -1, "VFIO_DEVICE_SET_IRQS (MSI off)");
 	set_irq(VFIO_PCI_INTX_IRQ_INDEX, efd, "VFIO_DEVICE_SET_IRQS (INTx)");
 	measure("intx", null_msi, intx, n, rounds);
+	measure("intx_fuse", null_fuse_msi, intx, n, rounds);
 	measure("intx_cycle", null_intx_cycle, intx_cycle, n, rounds);
 	/* DMA: 1 MiB a command at 4 KiB a copy, 4 MiB at 1 MiB. */
 	long nd = n / 100 > 5 ? n / 100 : 5;
@@ -454,6 +468,8 @@ int main(int argc, char **argv)
 		if (map_at(0x10000000 + (i << 12)))
 			die("MAP_DMA (filling the container)");
 	measure("map_full", null_two, map_unmap, n / 4, rounds);
+	if (ioctl(null_rw_fd, NULL_SERVER_SET_EVENTFD, -1))
+		die("NULL_SERVER_SET_EVENTFD (-1)");
 	close(floor_pipe);
 	close(dma_cmd_pipe);
 	while (wait(NULL) > 0)
