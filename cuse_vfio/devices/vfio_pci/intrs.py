@@ -67,6 +67,9 @@ if TYPE_CHECKING:
     from .core import VfioPciDevice
 
 log = logging.getLogger(__name__)
+#: the minsz of GET_IRQ_INFO and SET_IRQS (offsetofend(..., count), as the kernel's)
+_IRQ_INFO_MINSZ = offsetofend(vfio_irq_info, "count")
+_IRQ_SET_MINSZ = offsetofend(vfio_irq_set, "count")
 
 
 # MSI and MSI-X vectors exist only with the capability: SET_IRQS checked the count against irq_count().
@@ -417,7 +420,7 @@ class Interrupts(IntxMasking):
         return 0
 
     def get_irq_info(self, arg) -> int:
-        minsz = offsetofend(vfio_irq_info, "count")
+        minsz = _IRQ_INFO_MINSZ
         info = arg.fetch_struct(vfio_irq_info, minsz)
         if info.index >= VFIO_PCI_NUM_IRQS:
             raise VfioError(errno.EINVAL, f"{self.name}: no irq index {info.index}")
@@ -434,7 +437,7 @@ class Interrupts(IntxMasking):
 
     # -- SET_IRQS ------------------------------------------------------------------
     def set_irqs(self, arg) -> int:
-        minsz = offsetofend(vfio_irq_set, "count")
+        minsz = _IRQ_SET_MINSZ
         hdr = arg.fetch_struct(vfio_irq_set, minsz)
         size = set_irqs_validate_and_prepare(hdr, self.irq_count(hdr.index), VFIO_PCI_NUM_IRQS, minsz)
         data = arg.read(minsz, hdr.count * size) if size else b""
