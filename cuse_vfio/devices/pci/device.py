@@ -188,7 +188,7 @@ class PciDevice:
         c = self.config
         c.init(PCI_VENDOR_ID, 2, self.vendor_id)
         c.init(PCI_DEVICE_ID, 2, self.device_id)
-        c.on_write(PCI_COMMAND, 2, lambda o, s: self._update_intx())
+        c.on_write(PCI_COMMAND, 2, self._update_intx)
         c.init(PCI_COMMAND, 2, 0, wmask=self._command_wmask())
         c.init(PCI_STATUS, 2, 0, w1c=PCI_STATUS_RW1C)
         c.init(PCI_REVISION_ID, 1, self.revision)
@@ -419,8 +419,9 @@ class PciDevice:
         if self.irq_sink is not None:
             self.irq_sink.error_signal()
 
-    def _update_intx(self) -> None:
+    def _update_intx(self, offset: int = PCI_COMMAND, size: int = 2) -> None:
         # The Interrupt Status bit is the level; the line is the level unless INTx is disabled.
+        # (Also the hook of a command register write: offset and size say which.)
         data = self.config.data
         if self._intx_level:
             data[_INTR_AT] |= _INTR_BIT
