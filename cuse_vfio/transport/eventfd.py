@@ -47,7 +47,7 @@ import select
 import struct
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 from ..errors import VfioError
 
@@ -117,7 +117,7 @@ class ClientEventfd:
                 if not poller.guarding and not poller.start_writer():
                     return  # the server is stopping
                 inline = poller.inline
-                inline[self] = (fd, time.monotonic())
+                inline[self] = time.monotonic()
                 try:
                     if fcntl.fcntl(fd, _F_GETFL) & _O_NONBLOCK or (value == 1 and self._has_room(fd)):
                         os.write(fd, _ONE if value == 1 else _COUNT.pack(value))
@@ -206,10 +206,10 @@ class EventfdPoller:
         self._wwake_r, self._wwake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._writer: Optional[threading.Thread] = None
         self._writer_exited = False
-        #: inline writes under way: key -> (fd, when it started).  Their writers add and remove
-        #: entries without the lock (the key's own lock orders them); the writer thread reads it
-        #: under the lock, which keeps a listed fd open (release() forgets under it first).
-        self.inline: Dict[object, Tuple[int, float]] = {}
+        #: inline writes under way: eventfd -> when it started.  Their writers add and remove
+        #: entries without the lock (the eventfd's own lock orders them); the writer thread reads
+        #: it under the lock, which keeps a listed fd open (release() forgets under it first).
+        self.inline: Dict[ClientEventfd, float] = {}
         #: the writer thread runs and watches over inline writes (until the server stops)
         self.guarding = False
 
@@ -394,8 +394,9 @@ class EventfdPoller:
         # forgets its eventfd under this lock before it closes the fd).  The read never
         # blocks.  A snapshot: inline writers add and remove entries without the lock.
         with self._lock:
-            for key, (fd, since) in list(self.inline.items()):
-                if since < stale:
+            for key, since in list(self.inline.items()):
+                fd = key.fd  # -1: released since, so that write is over
+                if since < stale and fd >= 0:
                     log.warning("%r: a signal waited on a full counter for over %.0f s (the client made its "
                                 "eventfd blocking and filled it); its count is consumed", key, _INLINE_PATIENCE)
                     self._consume(fd)
