@@ -45,7 +45,7 @@ import select
 import struct
 import threading
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from ..errors import VfioError
 
@@ -172,13 +172,13 @@ class ClientEventfd:
 
 
 class _Watched:
-    """One watched eventfd: the watch thread's duplicate and the callbacks."""
+    """One watched eventfd: the watch thread's duplicate and the callbacks (replaced, never changed)."""
 
     __slots__ = ("fd", "callbacks")
 
     def __init__(self, fd: int):
         self.fd = fd
-        self.callbacks: List[Callable[[], None]] = []
+        self.callbacks: Tuple[Callable[[], None], ...] = ()
 
 
 class EventfdPoller:
@@ -193,6 +193,7 @@ class EventfdPoller:
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._thread: Optional[threading.Thread] = None
         self._watch_exited = False
+        self._watch_set_changed = False  # for the watch thread to update its poll set
         # The guard thread.
         self._gwake_r, self._gwake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._guard: Optional[threading.Thread] = None
@@ -213,7 +214,8 @@ class EventfdPoller:
             watched = self._watched.get(key)
             if watched is None:
                 watched = self._watched[key] = _Watched(os.dup(fd))
-            watched.callbacks.append(callback)
+                self._watch_set_changed = True
+            watched.callbacks += (callback,)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="cuse-vfio-eventfd", daemon=True)
                 self._thread.start()
@@ -225,10 +227,12 @@ class EventfdPoller:
             with self._lock:
                 if self._watched.get(key) is not watched or callback not in watched.callbacks:
                     return
-                watched.callbacks.remove(callback)
+                i = watched.callbacks.index(callback)
+                watched.callbacks = watched.callbacks[:i] + watched.callbacks[i + 1:]
                 if watched.callbacks:
                     return
                 del self._watched[key]
+                self._watch_set_changed = True
                 if self._watch_exited:
                     _close(watched.fd)
                     return
@@ -238,19 +242,28 @@ class EventfdPoller:
         return cancel
 
     def _run(self) -> None:
+        # One poll set, changed only when the watched eventfds change (not each interrupt).
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        by_fd: Dict[int, _Watched] = {}
         try:
             while True:
                 with self._lock:
                     closing, self._unwatched = self._unwatched, []
                     if self._stopping:
                         break
-                    by_fd = {w.fd: w for w in self._watched.values()}
-                for fd in closing:  # not in this round's poll set, nor any later one
+                    now = None
+                    if self._watch_set_changed:
+                        self._watch_set_changed = False
+                        now = {w.fd: w for w in self._watched.values()}
+                if now is not None:
+                    for fd in by_fd.keys() - now.keys():
+                        poller.unregister(fd)
+                    for fd in now.keys() - by_fd.keys():
+                        poller.register(fd, select.POLLIN)
+                    by_fd = now
+                for fd in closing:  # out of the poll set above, nor in any later one
                     _close(fd)
-                poller = select.poll()
-                poller.register(self._wake_r, select.POLLIN)
-                for fd in by_fd:
-                    poller.register(fd, select.POLLIN)
                 for fd, mask in poller.poll():
                     if fd == self._wake_r:
                         _drain(self._wake_r)
@@ -261,7 +274,7 @@ class EventfdPoller:
                         # returned, a later write stays unread by the server.
                         if watched.fd in self._unwatched or not self._consume(fd):
                             continue
-                        callbacks = list(watched.callbacks)
+                        callbacks = watched.callbacks
                     for callback in callbacks:
                         try:
                             callback()
