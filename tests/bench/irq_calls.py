@@ -19,6 +19,8 @@ from collections import Counter
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from devices_fakes import FakeArg, cfg_write, fds, irq_set  # noqa: E402
+
 from cuse_vfio.devices.edu import REG_IRQ_ACK, REG_IRQ_RAISE, Edu  # noqa: E402
 from cuse_vfio.devices.vfio_pci import VfioPciDevice  # noqa: E402
 from cuse_vfio.memory import fetch_fd  # noqa: E402
@@ -32,7 +34,6 @@ from cuse_vfio.uapi import (  # noqa: E402
     VFIO_PCI_INTX_IRQ_INDEX,
     VFIO_PCI_MSI_IRQ_INDEX,
 )
-from devices_fakes import FakeArg, cfg_write, fds, irq_set  # noqa: E402
 
 #: where the interrupt's own work starts
 INNER = {"mmio_write", "set_irqs"}
@@ -103,7 +104,8 @@ def main() -> None:
                     if label.startswith("raise") and os.eventfd_read(efd) != 1:
                         raise SystemExit(f"irq_calls: the {name} raise did not signal its eventfd once")
                     total += n
-                    lines.append(f"  {name + ' ' + label:30} {n['py']:7} {n['c']:5} | {n['inner py']:7} {n['inner c']:5}")
+                    lines.append(f"  {name + ' ' + label:30} {n['py']:7} {n['c']:5} | "
+                                 f"{n['inner py']:7} {n['inner c']:5}")
             print("\n".join(lines))
             if len(steps) > 1:
                 print(f"  {name + ' whole cycle':30} {total['py']:7} {total['c']:5} | "
