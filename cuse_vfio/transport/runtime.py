@@ -114,6 +114,11 @@ class Runtime:
         self.loop.add(session)
 
     def run_loop(self) -> None:
+        self.start_loop_thread()
+
+    def start_loop_thread(self) -> None:
+        """A thread that serves the loop: the first, or one that takes over from a thread that stalled
+        in a request (which leaves the loop once that request ends: ``retire_loop_thread``)."""
         self.loop_thread = threading.Thread(target=self._serve, name="cuse-vfio-loop", daemon=True)
         self.loop_thread.start()
 
@@ -124,11 +129,21 @@ class Runtime:
             rc = self.loop.run()
         finally:
             serving_thread(False)
-        if rc != 0 and not self.stopping:
+        if rc < 0 and not self.stopping:
             log.error("the serving loop stopped: %s", os.strerror(-rc))
 
     def on_loop_thread(self) -> bool:
         return self.loop is not None and threading.get_ident() == self.loop.thread_ident
+
+    def leave_loop(self) -> None:
+        """No thread serves the loop until the next ``start_loop_thread`` runs."""
+        if self.loop is not None:
+            self.loop.thread_ident = None
+
+    def retire_loop_thread(self) -> None:
+        """This thread (another serves the loop now) leaves the loop once its request ends."""
+        if self.loop is not None:
+            self.loop.retire()
 
     def accepts_work(self) -> bool:
         return not self.stopping and self.workers is not None
