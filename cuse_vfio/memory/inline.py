@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 #: the guard samples every GUARD_PERIOD: a copy is declared stalled after one to two periods
 GUARD_PERIOD = STALL_CHECK / 2
-#: added to the result of a copy that was declared stalled while it ran
+#: added to the result (bytes moved or -errno) of a copy that was declared stalled while it ran
 STALLED = _copier.CV_INLINE_STALLED
 #: the result of a copy that was not made (another runs, or one is stalled): use the copier
 NOT_MADE = -errno.ENOKEY

@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING, Optional, Tuple
 
 from ..errors import VfioError
@@ -153,6 +154,9 @@ class _Stall:
 class InlineArgs:
     """Reads and write-backs of ``WINDOWED`` arguments on the loop thread of ``runtime``."""
 
+    #: seconds between looks at whether the runtime stops, while a stalled copy is waited for
+    STOP_CHECK = 0.1
+
     def __init__(self, runtime: "Runtime"):
         self.runtime = runtime
         self._lock = threading.Lock()
@@ -204,7 +208,7 @@ class InlineArgs:
             return inline.NOT_MADE
         self._inflight = (rq, pid, remote, size, op == inline.WRITE)
         n = inline.copy(op, pid, remote, local, size, self.owner)
-        if n >= inline.STALLED:
+        if n > inline.STALLED >> 1:  # (the flag is added to -errno too)
             n -= inline.STALLED
             self._came_back(rq)
         return n
@@ -249,8 +253,15 @@ class InlineArgs:
         fuse = process.fuse_backing(st.pid, st.remote, st.size)
         if fuse is not None:
             self._answer(st, f"it is {fuse}")
-        elif not st.event.wait(process.STALL_LIMIT - process.STALL_CHECK):
-            self._answer(st, f"it did not move in {process.STALL_LIMIT:g} s")
+            return
+        deadline = time.monotonic() + process.STALL_LIMIT - process.STALL_CHECK
+        while not st.event.wait(min(self.STOP_CHECK, max(0.0, deadline - time.monotonic()))):
+            if self.runtime.stopping:
+                self._answer(st, "the server is stopping")
+                return
+            if time.monotonic() >= deadline:
+                self._answer(st, f"it did not move in {process.STALL_LIMIT:g} s")
+                return
 
     def _answer(self, st: _Stall, why: str) -> None:
         with self._lock:
