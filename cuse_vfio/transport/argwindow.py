@@ -23,12 +23,11 @@ leaves the action done and answers EFAULT, as a failing copy_to_user does.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Iterator, Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 from ..errors import VfioError
 from ..memory import PAGE_SIZE, CopyStalled, ProcessMemory, inline, process
@@ -167,23 +166,15 @@ class InlineArgs:
         self._stall: Optional[_Stall] = None
         #: a stalled thread came back before the guard's hand-over: nothing to take over
         self._early = False
-        #: requests served inside another one's (a drain) never copy inline: a stall would hold both
-        self._depth = 0
+        #: > 0 while the loop serves requests inside another one's (a drain): those never copy
+        #: inline, since a stall would hold both
+        self.depth = 0
         self.owner = inline.watch(self._on_stall)
 
     def close(self) -> None:
         inline.unwatch(self.owner)
 
     # -- the loop's side --------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def nested(self) -> Iterator[None]:
-        """Requests the loop serves in here are served inside another one's: no inline copy."""
-        self._depth += 1
-        try:
-            yield
-        finally:
-            self._depth -= 1
-
     def fetch(self, rq: "Request", pid: int, arg: int) -> ProcessMemory:
         """The memory for ``rq``'s handler: an ``ArgWindow`` when the argument could be read inline."""
         size = min(WINDOW, PAGE_SIZE - (arg & (PAGE_SIZE - 1)))
@@ -216,7 +207,7 @@ class InlineArgs:
         return result
 
     def _copy(self, rq: "Request", op: int, pid: int, remote: int, local, size: int) -> int:
-        if self._depth or not self.runtime.on_loop_thread():  # nested, or a thread the loop left
+        if self.depth or not self.runtime.on_loop_thread():  # nested, or a thread the loop left
             return inline.NOT_MADE
         self._inflight = (rq, pid, remote, size, op == inline.WRITE)
         n = inline.copy(op, pid, remote, local, size, self.owner)
