@@ -20,7 +20,9 @@ except on a thread that must go on serving (``serving_thread``: the loop and
 every thread that runs handlers): there ``CopyStalled`` hands the copy,
 still running, to whoever can wait for it with nothing held, and a DMA
 (``ProcessImage``) faults.  A copy that does not finish fails as a faulting
-copy does (EFAULT) and is left to its copier.
+copy does (EFAULT) and is left to its copier.  The one exception, copies a
+thread makes on its own while it holds nothing, watched by a guard instead,
+is :mod:`.inline`.
 """
 
 from __future__ import annotations
