@@ -708,9 +708,14 @@ _capget.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
 
 def has_capability(pid: int, cap: int) -> bool:
     """Whether thread or process ``pid`` has ``cap`` in its effective set now (capget(2))."""
-    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, pid)
-    data = (_CapData * 2)()
-    if _capget(ctypes.addressof(header), ctypes.addressof(data)) != 0:
+    try:
+        header, data, args = _thread.capget
+    except AttributeError:  # this thread's first: its own buffers, made once
+        header, data = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0), (_CapData * 2)()
+        args = (ctypes.addressof(header), ctypes.addressof(data))
+        _thread.capget = header, data, args
+    header.version, header.pid = _LINUX_CAPABILITY_VERSION_3, pid
+    if _capget(*args) != 0:
         return False
     return bool(data[cap // 32].effective >> (cap % 32) & 1)
 
