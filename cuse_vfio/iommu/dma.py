@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import bisect
 import errno
-from typing import Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Iterator, List, Optional, Tuple
 
 from ..errors import VfioError
 from ..uapi import VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE
+
+if TYPE_CHECKING:
+    from ..memory.shared import SharedWindow
 
 #: C's 64-bit unsigned arithmetic: IOVA sums that wrap in the kernel wrap here too
 U64_MASK = (1 << 64) - 1
@@ -22,7 +25,8 @@ U64_MASK = (1 << 64) - 1
 class DmaMapping:
     """One MAP_DMA: ``size`` bytes at ``iova`` backed by ``owner``'s memory at ``vaddr``."""
 
-    __slots__ = ("iova", "size", "vaddr", "prot", "owner", "vaddr_invalid", "dirty", "pinned_in", "iommu_pgsizes")
+    __slots__ = ("iova", "size", "vaddr", "prot", "owner", "vaddr_invalid", "dirty", "pinned_in", "iommu_pgsizes",
+                 "shared")
 
     def __init__(self, iova: int, size: int, vaddr: int, prot: int, owner):
         self.iova = iova
@@ -40,6 +44,22 @@ class DmaMapping:
         self.pinned_in = None
         #: the page sizes the IOMMU's page table may use for it (superpages unless disable_hugepages)
         self.iommu_pgsizes = 0
+        #: the server's own mapping of the pages when they are a shared file of memory
+        #: (``memory.shared.SharedWindow``, addressed by offset in the mapping): DMA goes there
+        self.shared: Optional[SharedWindow] = None
+
+    def memory_at(self, offset: int):
+        """(memory, address) where DMA to ``offset`` in the mapping goes (IOMMU lock held)."""
+        window = self.shared
+        if window is not None:
+            return window, offset
+        return self.owner.memory, self.vaddr + offset
+
+    def drop_shared(self) -> None:
+        """The server's mapping of the pages goes (the IOVA no longer reaches them through it)."""
+        window, self.shared = self.shared, None
+        if window is not None:
+            window.close()
 
     @property
     def end(self) -> int:

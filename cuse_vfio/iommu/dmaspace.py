@@ -49,8 +49,9 @@ class Type1DmaSpace(FaultLogged):
             segments = self._translate(iova, size, False, device)
             chunks = []
             for dma, off, n in segments:
+                memory, addr = dma.memory_at(off)
                 try:
-                    chunks.append(dma.owner.memory.read(dma.vaddr + off, n))
+                    chunks.append(memory.read(addr, n))
                 except OSError as e:
                     self._fault(CLIENT_MEMORY, iova, size, False, device, self._memory_text(dma, off, n, e))
             return b"".join(chunks)
@@ -67,14 +68,16 @@ class Type1DmaSpace(FaultLogged):
             segments = self._translate(iova, len(data), True, device)
             if len(segments) > 1:
                 for dma, off, n in segments:
+                    memory, addr = dma.memory_at(off)
                     try:
-                        dma.owner.memory.read(dma.vaddr + off, 1)
+                        memory.read(addr, 1)
                     except OSError as e:
                         self._fault(CLIENT_MEMORY, iova, len(data), True, device, self._memory_text(dma, off, n, e))
             pos = 0
             for dma, off, n in segments:
+                memory, addr = dma.memory_at(off)
                 try:
-                    dma.owner.memory.write(dma.vaddr + off, data[pos:pos + n])
+                    memory.write(addr, data[pos:pos + n])
                 except OSError as e:
                     self._fault(CLIENT_MEMORY, iova, len(data), True, device, self._memory_text(dma, off, n, e))
                 pos += n
@@ -162,7 +165,7 @@ class Type1DmaSpace(FaultLogged):
                 if translated:
                     held = translated[-1][0]
             for dma, off, n in translated:
-                memory, vaddr = dma.owner.memory, dma.vaddr + off
+                memory, vaddr = dma.memory_at(off)
                 if runs:
                     last = runs[-1]
                     if last[0] is memory and last[1] + last[2] == vaddr:
