@@ -46,6 +46,15 @@ class Type1DmaSpace(FaultLogged):
         """The device reads ``size`` bytes of memory at ``iova`` (needs VFIO_DMA_MAP_FLAG_READ)."""
         iommu = self._iommu
         with iommu.lock:
+            dma = iommu.dmas.containing(iova)
+            if dma is not None and dma.shared is not None and 0 < size <= dma.end - iova and dma.readable:
+                # One mapping, served by the server's own window onto the pages (which exists only while
+                # the mapping is in the container with a valid vaddr): what _translate would allow.
+                try:
+                    return dma.shared.read(iova - dma.iova, size)
+                except OSError as e:
+                    self._fault(CLIENT_MEMORY, iova, size, False, device, self._memory_text(dma, iova - dma.iova,
+                                                                                             size, e))
             segments = self._translate(iova, size, False, device)
             chunks = []
             for dma, off, n in segments:
@@ -61,6 +70,16 @@ class Type1DmaSpace(FaultLogged):
         iommu = self._iommu
         data = bytes(data)
         with iommu.lock:
+            dma = iommu.dmas.containing(iova)
+            if dma is not None and dma.shared is not None and 0 < len(data) <= dma.end - iova and dma.writable:
+                off = iova - dma.iova  # one mapping with a window, as in dma_read
+                try:
+                    dma.shared.write(off, data)
+                except OSError as e:
+                    self._fault(CLIENT_MEMORY, iova, len(data), True, device, self._memory_text(dma, off, len(data), e))
+                if iommu.dirty_page_tracking:
+                    iommu.mark_dirty(dma, off, len(data))
+                return
             # Every segment is translated and permitted, and its memory is there,
             # before a byte moves.  Past that, as on hardware, what is written
             # stays written: memory vanishing part way faults the rest, and

@@ -96,9 +96,8 @@ class SharedWindow:
         return int(_ffi.cast("uintptr_t", self._base)) if self._span else 0
 
     def read(self, addr: int, size: int) -> bytes:
-        if size == 0:
-            return b""
-        self._check(addr, size, "read")
+        if size <= 0 or addr < 0 or addr + size > self.size or not self._span:
+            return self._refuse(addr, size, "read")
         buf = bytearray(size)
         if _lib.cv_shared_copy(_ffi.from_buffer(buf), self._base + addr, size) != size:
             raise self._bus_error(addr, size, "read")
@@ -106,11 +105,9 @@ class SharedWindow:
 
     def write(self, addr: int, data) -> None:
         size = len(data)
-        if size == 0:
+        if size <= 0 or addr < 0 or addr + size > self.size or not self._span or not self.writable:
+            self._refuse(addr, size, "written")
             return
-        self._check(addr, size, "written")
-        if not self.writable:
-            raise VfioError(errno.EFAULT, f"pid {self.pid}: the window onto vaddr 0x{self.vaddr + addr:x} is read-only")
         if _lib.cv_shared_copy(self._base + addr, _ffi.from_buffer(data), size) != size:
             raise self._bus_error(addr, size, "written")
 
@@ -146,10 +143,14 @@ class SharedWindow:
     def _fits(self, pieces: Sequence[Tuple[int, int]]) -> bool:
         return bool(self._span) and all(0 <= a and n >= 0 and a + n <= self.size for a, n in pieces)
 
-    def _check(self, addr: int, size: int, verb: str) -> None:
-        if not self._span or addr < 0 or addr + size > self.size:
-            raise VfioError(errno.EFAULT, f"pid {self.pid}: {size} bytes at vaddr 0x{self.vaddr + addr:x} cannot "
-                                          f"be {verb}: outside the shared window of {self.size} bytes")
+    def _refuse(self, addr: int, size: int, verb: str) -> bytes:
+        """Nothing to move (b""), or the EFAULT of a copy the window cannot make."""
+        if size == 0:
+            return b""
+        why = "it is read-only" if self._span and verb == "written" and not self.writable else (
+            f"it is outside the shared window of {self.size} bytes" if self._span else "the window is closed")
+        raise VfioError(errno.EFAULT, f"pid {self.pid}: {size} bytes at vaddr 0x{self.vaddr + addr:x} cannot be "
+                                      f"{verb}: {why}")
 
     def _bus_error(self, addr: int, size: int, verb: str) -> VfioError:
         return VfioError(errno.EFAULT, f"pid {self.pid}: {size} bytes at vaddr 0x{self.vaddr + addr:x} cannot be "
