@@ -103,12 +103,19 @@ long cv_shared_copy(void *dst, const void *src, size_t len)
 	return (long)len;
 }
 
-long cv_shared_copy_list(char *local, char *base, const uint64_t *segs, size_t nsegs, int to_window)
+long cv_shared_copy_list(char *local, char *base, uint64_t origin, uint64_t limit, const uint64_t *segs,
+			 size_t nsegs, int to_window)
 {
 	sigjmp_buf jump;
 	volatile size_t moved = 0;   /* read after the jump: what the pieces before the failing one moved */
 	size_t i;
 
+	for (i = 0; i < nsegs; i++) {
+		uint64_t at = segs[2 * i] - origin, len = segs[2 * i + 1];
+
+		if (segs[2 * i] < origin || at > limit || len > limit - at)
+			return -ERANGE;
+	}
 	if (sigsetjmp(jump, 0)) {
 		cv_guard_caught();
 		return (long)moved;
@@ -116,7 +123,7 @@ long cv_shared_copy_list(char *local, char *base, const uint64_t *segs, size_t n
 	cv_guard_jump = &jump;
 	__atomic_signal_fence(__ATOMIC_SEQ_CST);
 	for (i = 0; i < nsegs; i++) {
-		char *window = base + segs[2 * i];
+		char *window = base + (segs[2 * i] - origin);
 		size_t len = segs[2 * i + 1];
 
 		if (to_window)

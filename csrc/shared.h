@@ -34,10 +34,12 @@ int cv_shared_guard(void);
 /* len bytes from src to dst under the guard: len, or -EFAULT when a page of either raised SIGBUS
  * (the bytes before it may have moved). */
 long cv_shared_copy(void *dst, const void *src, size_t len);
-/* nsegs pieces (offset from base, length pairs) of the window at base, in order, to local
- * (to_window 0) or from it (to_window 1): the bytes moved up to the first piece that raised
- * SIGBUS (that piece may be partly moved). */
-long cv_shared_copy_list(char *local, char *base, const uint64_t *segs, size_t nsegs, int to_window);
+/* nsegs pieces (address, length pairs) of the window of limit bytes at base, where address origin
+ * is, in order, to local (to_window 0) or from it (to_window 1): the bytes moved up to the first
+ * piece that raised SIGBUS (that piece may be partly moved); -ERANGE, and nothing moved, when some
+ * piece is not all inside the window. */
+long cv_shared_copy_list(char *local, char *base, uint64_t origin, uint64_t limit, const uint64_t *segs,
+			 size_t nsegs, int to_window);
 /* The file of the mapping [start, end) of process pid, opened read-only or read-write, if it is
  * the regular file (dev_major:dev_minor, ino) and its file system's magic is one of magics
  * (nmagics): an fd, -ESTALE when it is another file, -EMEDIUMTYPE another file system, or -errno.

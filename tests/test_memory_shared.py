@@ -209,6 +209,24 @@ def test_after_map_dma_the_pages_stay_reached_whatever_the_client_maps_at_the_va
     assert iommu.dma_space.dma_read(IOVA, 12) == b"pinned bytes"
 
 
+def test_a_scatter_list_that_leaves_the_window_is_moved_entry_by_entry(client, iommu):
+    c, anon = client("memfd"), client("anon")
+    iommu.map(IOVA, 1 << 20, c.addr, RW, c)
+    iommu.map(IOVA + (1 << 20), 1 << 20, anon.addr, RW, anon)  # right after it, through the copier
+    space = iommu.dma_space
+    assert space.dma_readv([(IOVA, 6), (IOVA + (1 << 20) + 7, 5)]) == b"clientbytes"
+    space.dma_writev([(IOVA + 0x100, 2), (IOVA + (1 << 20) - 1, 2), (IOVA + (1 << 20) + 0x100, 2)], b"AAxyBB")
+    assert c.peek(0x100, 2) == b"AA" and c.peek((1 << 20) - 1, 1) == b"x"
+    assert anon.peek(0, 1) == b"y" and anon.peek(0x100, 2) == b"BB"
+    print("an entry the IOMMU refuses: what precedes it is written, then the fault")
+    with pytest.raises(VfioError) as e:
+        space.dma_writev([(IOVA + 0x200, 2), (0x9000000, 2)], b"CCDD")
+    assert e.value.reason == UNMAPPED and c.peek(0x200, 2) == b"CC"
+    with pytest.raises(VfioError) as e:
+        space.dma_readv([(IOVA, 2), (0x9000000, 2)])
+    assert e.value.reason == UNMAPPED
+
+
 def test_a_truncated_memfd_faults_the_dma_and_the_server_goes_on(client, iommu):
     c = client("memfd")
     iommu.map(IOVA, 1 << 20, c.addr, RW, c)

@@ -114,6 +114,11 @@ class Type1DmaSpace(FaultLogged):
         refuses faults the read, as ``dma_read`` would.
         """
         with self._iommu.lock:
+            window, dma = self._one_window(segments, False)
+            if window is not None:
+                data = window.readv(segments, dma.iova)
+                if data is not None:
+                    return data
             runs, refused = self._runs(segments, False, device)
             if refused is not None:
                 raise refused
@@ -138,6 +143,12 @@ class Type1DmaSpace(FaultLogged):
         view = memoryview(data).cast("B")
         iommu = self._iommu
         with iommu.lock:
+            window, dma = self._one_window(segments, True)
+            if window is not None and window.writev(segments, view, dma.iova):
+                if iommu.dirty_page_tracking:
+                    for iova, n in segments:
+                        iommu.mark_dirty(dma, iova - dma.iova, n)
+                return
             runs, refused = self._runs(segments, True, device)
             pos = 0
             done = self._in_one_copy(runs, "writev", view[:sum(run[2] for run in runs)])
@@ -153,6 +164,16 @@ class Type1DmaSpace(FaultLogged):
                         iommu.mark_dirty(dma, off, n)
             if refused is not None:
                 raise refused
+
+    def _one_window(self, segments, write: bool):
+        """``(window, mapping)`` when the mapping of the scatter list's first entry has a window onto
+        the client's pages (it exists only while the mapping is in the container with a valid vaddr)
+        and allows the direction: the window moves the whole list in one call if every entry is
+        inside that mapping, which it checks before a byte moves; ``(None, None)`` otherwise."""
+        dma = self._iommu.dmas.containing(segments[0][0]) if segments else None
+        if dma is None or dma.shared is None or not (dma.writable if write else dma.readable):
+            return None, None
+        return dma.shared, dma
 
     @staticmethod
     def _in_one_copy(runs, verb: str, *data):

@@ -156,14 +156,20 @@ def _pin(owner, vaddr: int, size: int, write: bool) -> Optional[SharedWindow]:
     return None
 
 
-def _account(owner, size: int):
+def _account(owner, size: int, dma: Optional[DmaMapping] = None):
     """vfio_lock_acct: the owner's memory counts ``size`` more pinned bytes (ENOMEM past its
-    RLIMIT_MEMLOCK); returns that memory, or None for memory that keeps no account."""
+    RLIMIT_MEMLOCK); returns that memory, or None for memory that keeps no account.  When it
+    fails, the window ``_pin`` made for ``dma`` goes."""
     memory = owner.memory
     account = getattr(memory, "account_pinned", None)
     if account is None:
         return None
-    account(size)
+    try:
+        account(size)
+    except VfioError:
+        if dma is not None:
+            dma.drop_shared()
+        raise
     return memory
 
 
@@ -498,17 +504,12 @@ class Type1Iommu:
             if not self._iova_valid(iova, iova + size - 1):
                 raise VfioError(errno.EINVAL, f"MAP_DMA: [0x{iova:x}, 0x{iova + size - 1:x}] is not inside one "
                                               f"valid IOVA range {self._ranges_text()}")
-            window = _pin(owner, vaddr, size, bool(prot & VFIO_DMA_MAP_FLAG_WRITE))
             dma = DmaMapping(iova, size, vaddr, prot, owner)
-            dma.shared = window
+            dma.shared = _pin(owner, vaddr, size, bool(prot & VFIO_DMA_MAP_FLAG_WRITE))
             # vfio_pin_pages_remote: with disable_hugepages every page is pinned
             # and given to iommu_map alone, so no superpage ever backs it
             dma.iommu_pgsizes = pgsize if self.driver.disable_hugepages else self.pgsize_bitmap
-            try:
-                dma.pinned_in = _account(owner, size)
-            except VfioError:
-                dma.drop_shared()
-                raise
+            dma.pinned_in = _account(owner, size, dma)
             self._recent_memory = dma.pinned_in
             if self.dirty_page_tracking:
                 dma.dirty = dirty.new_bitmap(self, dma)

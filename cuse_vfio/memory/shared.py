@@ -28,7 +28,9 @@ makes anyway; private anonymous memory pays nothing.
 
 from __future__ import annotations
 
+import array
 import errno
+import itertools
 import logging
 import os
 import threading
@@ -111,25 +113,38 @@ class SharedWindow:
         if _lib.cv_shared_copy(self._base + addr, _ffi.from_buffer(data), size) != size:
             raise self._bus_error(addr, size, "written")
 
-    def readv(self, pieces: Sequence[Tuple[int, int]]) -> Optional[bytes]:
+    def readv(self, pieces: Sequence[Tuple[int, int]], origin: int = 0) -> Optional[bytes]:
         """[(addr, size), ...] read in order in one call: their bytes joined, or None when not every
-        byte could be (the caller goes piece by piece to tell which failed, and why)."""
+        byte could be (the caller goes piece by piece to tell which failed, and why).  With
+        ``origin``, the addresses are ``origin`` plus the offset in the window (IOVAs, say)."""
         size = sum(n for _, n in pieces)
-        if not self._fits(pieces):
+        flat = self._flat(pieces)
+        if flat is None:
             return None
         buf = bytearray(size)
-        flat = [x for piece in pieces for x in piece]
-        if _lib.cv_shared_copy_list(_ffi.from_buffer(buf), self._base, flat, len(pieces), 0) != size:
+        if _lib.cv_shared_copy_list(_ffi.from_buffer(buf), self._base, origin, self.size, flat, len(pieces), 0) != size:
             return None
         return bytes(buf)
 
-    def writev(self, pieces: Sequence[Tuple[int, int]], data) -> bool:
+    def writev(self, pieces: Sequence[Tuple[int, int]], data, origin: int = 0) -> bool:
         """``data`` written over [(addr, size), ...] in order; False when not all of it was (what
-        precedes the piece that failed is written; the caller goes on piece by piece)."""
-        if not self.writable or not self._fits(pieces):
+        precedes the piece that failed is written; the caller goes on piece by piece).  Nothing is
+        written when some piece is not inside the window.  ``origin`` as for ``readv``."""
+        flat = self._flat(pieces)
+        if flat is None or not self.writable:
             return False
-        flat = [x for piece in pieces for x in piece]
-        return _lib.cv_shared_copy_list(_ffi.from_buffer(data), self._base, flat, len(pieces), 1) == len(data)
+        return _lib.cv_shared_copy_list(_ffi.from_buffer(data), self._base, origin, self.size, flat, len(pieces),
+                                        1) == len(data)
+
+    def _flat(self, pieces: Sequence[Tuple[int, int]]):
+        """The pieces as C's (address, length) pairs; None when the window is closed or a number is
+        not an unsigned 64-bit one (C checks each piece is inside the window)."""
+        if not self._span:
+            return None
+        try:
+            return _ffi.from_buffer("uint64_t[]", array.array("Q", itertools.chain.from_iterable(pieces)))
+        except (OverflowError, TypeError):
+            return None
 
     def close(self) -> None:
         """Unmap it from the server (once; later calls do nothing)."""
@@ -139,9 +154,6 @@ class SharedWindow:
             err = _lib.cv_shared_unmap(_ffi.cast("void *", span), self._span_len)
             if err:
                 log.error("%r: munmap: %s", self, os.strerror(-err))
-
-    def _fits(self, pieces: Sequence[Tuple[int, int]]) -> bool:
-        return bool(self._span) and all(0 <= a and n >= 0 and a + n <= self.size for a, n in pieces)
 
     def _refuse(self, addr: int, size: int, verb: str) -> bytes:
         """Nothing to move (b""), or the EFAULT of a copy the window cannot make."""
