@@ -95,6 +95,8 @@ class DmaList:
         self._keys: List[List[int]] = []      # the iovas of each chunk
         self._chunks: List[List[DmaMapping]] = []
         self._len = 0
+        #: the mapping ``containing`` found last (a device's DMA mostly stays in one): never a removed one
+        self._hit: Optional[DmaMapping] = None
 
     def __len__(self) -> int:
         return self._len
@@ -158,8 +160,14 @@ class DmaList:
 
     def containing(self, iova: int) -> Optional[DmaMapping]:
         """The mapping that contains ``iova``."""
+        dma = self._hit
+        if dma is not None and dma.iova <= iova < dma.iova + dma.size:
+            return dma
         dma = self._at(self._floor(iova))
-        return dma if dma is not None and dma.end > iova else None
+        if dma is None or dma.end <= iova:
+            return None
+        self._hit = dma
+        return dma
 
     def successor(self, dma: DmaMapping) -> Optional[DmaMapping]:
         """The mapping after ``dma`` (which must be in the list)."""
@@ -205,6 +213,8 @@ class DmaList:
         pos = self._floor(dma.iova)
         if pos is None or self._at(pos) is not dma:
             raise KeyError(f"{dma!r} is not in this list")
+        if self._hit is dma:
+            self._hit = None
         c, i = pos
         del self._keys[c][i], self._chunks[c][i]
         self._len -= 1
@@ -216,4 +226,5 @@ class DmaList:
     def clear(self) -> List[DmaMapping]:
         gone = list(self)
         self._firsts, self._keys, self._chunks, self._len = [], [], [], 0
+        self._hit = None
         return gone

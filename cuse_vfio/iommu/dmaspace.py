@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable, List, Optional, Tuple
 
+from ..uapi import VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE
 from .dma import U64_MASK, DmaMapping
 from .faults import (
     CLIENT_MEMORY,
@@ -47,7 +48,8 @@ class Type1DmaSpace(FaultLogged):
         iommu = self._iommu
         with iommu.lock:
             dma = iommu.dmas.containing(iova)
-            if dma is not None and dma.shared is not None and 0 < size <= dma.end - iova and dma.readable:
+            if dma is not None and dma.shared is not None and 0 < size <= dma.iova + dma.size - iova and \
+                    dma.prot & VFIO_DMA_MAP_FLAG_READ:
                 # One mapping, served by the server's own window onto the pages (which exists only while
                 # the mapping is in the container with a valid vaddr): what _translate would allow.
                 try:
@@ -71,7 +73,8 @@ class Type1DmaSpace(FaultLogged):
         data = bytes(data)
         with iommu.lock:
             dma = iommu.dmas.containing(iova)
-            if dma is not None and dma.shared is not None and 0 < len(data) <= dma.end - iova and dma.writable:
+            if dma is not None and dma.shared is not None and 0 < len(data) <= dma.iova + dma.size - iova and \
+                    dma.prot & VFIO_DMA_MAP_FLAG_WRITE:
                 off = iova - dma.iova  # one mapping with a window, as in dma_read
                 try:
                     dma.shared.write(off, data)
