@@ -218,6 +218,9 @@ def test_a_scatter_list_that_leaves_the_window_is_moved_entry_by_entry(client, i
     space.dma_writev([(IOVA + 0x100, 2), (IOVA + (1 << 20) - 1, 2), (IOVA + (1 << 20) + 0x100, 2)], b"AAxyBB")
     assert c.peek(0x100, 2) == b"AA" and c.peek((1 << 20) - 1, 1) == b"x"
     assert anon.peek(0, 1) == b"y" and anon.peek(0x100, 2) == b"BB"
+    space.dma_writev([(IOVA + 0x300, 2)], b"EEEE")  # more data than entries: what they cover
+    assert c.peek(0x300, 4) == b"EE\0\0"
+    assert space.dma_readv(iter([(IOVA + 7, 5), (IOVA, 6)])) == b"bytesclient"  # any iterable
     print("an entry the IOMMU refuses: what precedes it is written, then the fault")
     with pytest.raises(VfioError) as e:
         space.dma_writev([(IOVA + 0x200, 2), (0x9000000, 2)], b"CCDD")

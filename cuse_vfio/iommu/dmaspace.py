@@ -116,6 +116,7 @@ class Type1DmaSpace(FaultLogged):
         instead of a transfer per page.  An entry the IOMMU
         refuses faults the read, as ``dma_read`` would.
         """
+        segments = segments if isinstance(segments, (list, tuple)) else list(segments)
         with self._iommu.lock:
             window, dma = self._one_window(segments, False)
             if window is not None:
@@ -144,6 +145,7 @@ class Type1DmaSpace(FaultLogged):
         one write of client memory per contiguous run, as ``dma_readv``.
         """
         view = memoryview(data).cast("B")
+        segments = segments if isinstance(segments, (list, tuple)) else list(segments)
         iommu = self._iommu
         with iommu.lock:
             window, dma = self._one_window(segments, True)

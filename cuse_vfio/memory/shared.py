@@ -129,9 +129,10 @@ class SharedWindow:
     def writev(self, pieces: Sequence[Tuple[int, int]], data, origin: int = 0) -> bool:
         """``data`` written over [(addr, size), ...] in order; False when not all of it was (what
         precedes the piece that failed is written; the caller goes on piece by piece).  Nothing is
-        written when some piece is not inside the window.  ``origin`` as for ``readv``."""
+        written when some piece is not inside the window, or ``data`` is not as long as the pieces.
+        ``origin`` as for ``readv``."""
         flat = self._flat(pieces)
-        if flat is None or not self.writable:
+        if flat is None or not self.writable or sum(n for _, n in pieces) != len(data):
             return False
         return _lib.cv_shared_copy_list(_ffi.from_buffer(data), self._base, origin, self.size, flat, len(pieces),
                                         1) == len(data)
