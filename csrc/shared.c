@@ -193,10 +193,13 @@ void *cv_shared_reserve(size_t len, size_t align)
 		errno = EINVAL;
 		return NULL;
 	}
-	span = len + align;
+	/* Anything mmap gives is page-aligned: more than that needs room to move. */
+	span = align > (size_t)sysconf(_SC_PAGESIZE) ? len + align : len;
 	area = mmap(NULL, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
 	if (area == MAP_FAILED)
 		return NULL;
+	if (span == len)
+		return area;
 	at = (char *)(((uintptr_t)area + align - 1) & ~(uintptr_t)(align - 1));
 	/* Only [at, at + len) stays: one mapping, not three, in the server's map count. */
 	if (at > area)
@@ -206,17 +209,23 @@ void *cv_shared_reserve(size_t len, size_t align)
 	return at;
 }
 
-int cv_shared_place(void *addr, size_t len, int writable, int fd, uint64_t offset)
+void *cv_shared_map(void *addr, size_t len, int writable, int fd, uint64_t offset)
 {
-	void *got = mmap(addr, len, PROT_READ | (writable ? PROT_WRITE : 0), MAP_SHARED | MAP_FIXED, fd,
-			 (off_t)offset);
+	char *got = mmap(addr, len, PROT_READ | (writable ? PROT_WRITE : 0), MAP_SHARED | (addr ? MAP_FIXED : 0),
+			 fd, (off_t)offset);
+	int err;
 
 	if (got == MAP_FAILED)
-		return -errno;
+		return NULL;
 	/* A child the server forks (and does not exec) must not keep the client's pages. */
-	if (madvise(addr, len, MADV_DONTFORK))
-		return -errno;
-	return 0;
+	if (madvise(got, len, MADV_DONTFORK)) {
+		err = errno;
+		if (!addr)
+			munmap(got, len);   /* (one in a reservation goes with it) */
+		errno = err;
+		return NULL;
+	}
+	return got;
 }
 
 int cv_shared_unmap(void *addr, size_t len)

@@ -49,9 +49,9 @@ int cv_shared_open(int pid, uint64_t start, uint64_t end, uint32_t dev_major, ui
 /* len bytes of address space reserved (no access, no memory), aligned to align: the address, or
  * NULL with errno. */
 void *cv_shared_reserve(size_t len, size_t align);
-/* len bytes of fd at offset mapped shared at addr (inside a reservation), never inherited by a
- * child: 0 or -errno. */
-int cv_shared_place(void *addr, size_t len, int writable, int fd, uint64_t offset);
+/* len bytes of fd at offset mapped shared, at addr (inside a reservation) or where the kernel
+ * likes (addr NULL), never inherited by a child: the address, or NULL with errno. */
+void *cv_shared_map(void *addr, size_t len, int writable, int fd, uint64_t offset);
 /* Unmap [addr, addr + len): 0 or -errno. */
 int cv_shared_unmap(void *addr, size_t len);
 

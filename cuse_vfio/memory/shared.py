@@ -310,12 +310,37 @@ def _window(pid: int, vaddr: int, size: int, write: bool, vmas: List[Vma]) -> Op
         log.info("%s: the server already maps %d pieces of client files: DMA goes through the copier",
                  where, MAX_WINDOW_VMAS)
         return None
+    fds: List[int] = []
+    try:
+        magic = _ffi.new("long *")
+        for start, stop, offset, inode, major, minor, page in vmas:
+            fd = _lib.cv_shared_open(pid, start, stop, major, minor, inode, int(write), _MAGICS, len(_MAGICS), magic)
+            if fd < 0:
+                _release(len(vmas))
+                log.debug("%s: the file of [0x%x, 0x%x) (inode %d) not opened: %s: DMA goes through the copier",
+                          where, start, stop, inode, os.strerror(-fd))
+                return None
+            fds.append(fd)
+        return _place(pid, vaddr, size, write, vmas, fds, where)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _place(pid: int, vaddr: int, size: int, write: bool, vmas: List[Vma], fds: List[int],
+           where: str) -> Optional[SharedWindow]:
+    """The files' pages mapped here, at the same distances from each other as in the client."""
     # Each piece is mapped whole pages of its own size: hugetlbfs maps only at huge page boundaries,
     # of the file and of the address, so the server's addresses keep the client's alignment to the
     # largest page (a VMA's bounds are aligned to its page size, so no piece grows into another).
     align = max(vma[6] for vma in vmas)
     lo, hi = vaddr & ~(align - 1), (vaddr + size + align - 1) & ~(align - 1)
-    span = _lib.cv_shared_reserve(hi - lo, align)
+    pieces = [(max(start, vaddr) & ~(page - 1), (min(stop, vaddr + size) + page - 1) & ~(page - 1))
+              for start, stop, _, _, _, _, page in vmas]
+    if len(vmas) == 1:  # one piece: where the kernel puts it (aligned to its page, for hugetlbfs too)
+        span = _lib.cv_shared_map(_ffi.NULL, hi - lo, int(write), fds[0], vmas[0][2] + lo - vmas[0][0])
+    else:
+        span = _lib.cv_shared_reserve(hi - lo, align)
     if span == _ffi.NULL:
         _release(len(vmas))
         log.info("%s: no address space for a window (%s): DMA goes through the copier", where,
@@ -323,25 +348,13 @@ def _window(pid: int, vaddr: int, size: int, write: bool, vmas: List[Vma]) -> Op
         return None
     at = int(_ffi.cast("uintptr_t", span))
     window = SharedWindow(pid, vaddr, size, write, at, hi - lo, at + vaddr - lo, len(vmas))
-    magic = _ffi.new("long *")
-    for start, stop, offset, inode, major, minor, page in vmas:
-        first = max(start, vaddr) & ~(page - 1)
-        last = (min(stop, vaddr + size) + page - 1) & ~(page - 1)
-        fd = _lib.cv_shared_open(pid, start, stop, major, minor, inode, int(write), _MAGICS, len(_MAGICS), magic)
-        if fd < 0:
-            window.close()
-            log.debug("%s: the file of [0x%x, 0x%x) (inode %d) not opened: %s: DMA goes through the copier",
-                      where, start, stop, inode, os.strerror(-fd))
-            return None
-        try:
-            err = _lib.cv_shared_place(_ffi.cast("void *", at + first - lo), last - first, int(write), fd,
-                                       offset + first - start)
-        finally:
-            os.close(fd)
-        if err:
+    for (start, _, offset, _, _, _, _), (first, last), fd in zip(vmas, pieces, fds):
+        if len(vmas) > 1 and _lib.cv_shared_map(_ffi.cast("void *", at + first - lo), last - first, int(write), fd,
+                                                offset + first - start) == _ffi.NULL:
+            err = _ffi.errno
             window.close()
             log.debug("%s: the file of [0x%x, 0x%x) not mapped: %s: DMA goes through the copier",
-                      where, start, stop, os.strerror(-err))
+                      where, first, last, os.strerror(err))
             return None
     log.debug("%s: a shared file (%d piece%s), mapped here: DMA without the copier", where, len(vmas),
               "" if len(vmas) == 1 else "s")
