@@ -38,7 +38,8 @@ IOVA = 0x100000
 # A client with SIZE bytes of DMA memory made as argv[1] says, its first bytes "client bytes" (but a
 # "file" as it is); it
 # prints the address, then answers lines: "peek OFF N" (hex), "poke OFF HEX", "truncate N",
-# "remap" (other memory at the same address), "map" (a second mapping of the same pages).
+# "remap" (other memory at the same address), "map" (a second mapping of the same pages), "split"
+# (another memfd over the second half).
 CHILD = r"""
 import ctypes, mmap, os, sys
 kind, size = sys.argv[1], int(sys.argv[2])
@@ -77,6 +78,12 @@ for line in sys.stdin:
         print("ok", flush=True)
     elif cmd[0] == "map":
         print(libc.mmap(None, size, 3, mmap.MAP_SHARED, fd, 0), flush=True)
+    elif cmd[0] == "split":  # a second memfd over the second half: two VMAs of two files
+        second = os.memfd_create("dma-ram-2")
+        os.ftruncate(second, size // 2)
+        assert libc.mmap(addr + size // 2, size // 2, 3, mmap.MAP_SHARED | 0x10, second, 0) == addr + size // 2
+        ctypes.memmove(addr + size // 2, b"second file", 11)
+        print("ok", flush=True)
 """
 
 
@@ -207,6 +214,22 @@ def test_after_map_dma_the_pages_stay_reached_whatever_the_client_maps_at_the_va
     assert c.peek(0, 12) == bytes(12)  # the new anonymous memory at the old vaddr is untouched
     assert c.peek(second - c.addr, 12) == b"pinned bytes"
     assert iommu.dma_space.dma_read(IOVA, 12) == b"pinned bytes"
+
+
+def test_a_range_over_two_files_gets_one_window_of_two_pieces(client, iommu):
+    c = client("memfd")
+    assert c.ask("split") == "ok"
+    half = 1 << 19
+    iommu.map(IOVA, 1 << 20, c.addr, RW, c)
+    window = iommu.mappings()[0].shared
+    assert window is not None and window.vmas == 2 and len(server_maps("/memfd:dma-ram")) == 2
+    space = iommu.dma_space
+    assert space.dma_read(IOVA + half, 11) == b"second file"
+    space.dma_write(IOVA + half - 2, b"ACROSS")  # the end of the first file, the start of the second
+    assert c.peek(half - 2, 13) == b"ACROSSnd file"
+    assert space.dma_readv([(IOVA, 6), (IOVA + half + 4, 7)]) == b"clientnd file"
+    iommu.unmap(IOVA, 1 << 20)
+    assert server_maps("/memfd:dma-ram") == [] and shared.windows_vmas() == 0
 
 
 def test_a_scatter_list_that_leaves_the_window_is_moved_entry_by_entry(client, iommu):
