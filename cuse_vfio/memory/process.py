@@ -85,7 +85,8 @@ class _TgidCache:
             return False
         try:
             signal.pidfd_send_signal(fd, 0)
-            os.stat(f"/proc/{tgid}/task/{tid}")
+            if tid != tgid:  # a leader's tid is its tgid as long as the pidfd's process lives
+                os.stat(f"/proc/{tgid}/task/{tid}")
         except OSError:
             return False
         return True

@@ -40,6 +40,7 @@ from ..dispatch import Dispatcher, RetryRequest
 from ..errors import VfioError
 from ..memory import CopyStalled, ProcessMemory, ResumedMemory, tgid_of
 from ..uapi.ioctls import VFIO_DEVICE_PCI_HOT_RESET, VFIO_GROUP_GET_DEVICE_FD, VFIO_GROUP_SET_CONTAINER, NodeKind
+from .argwindow import WINDOWED, Answered, ArgWindow, InlineArgs
 from .handles import Handle, HandleTable
 from .retry import CuseIoctlArg, RetryMemory, RetryState
 from .shim import Request, payload
@@ -136,6 +137,10 @@ class IoctlPath:
         self.secret = secret
         self._lock = threading.Lock()
         self._retries: Dict[Tuple[int, int], RetryState] = {}
+        self.args = InlineArgs(runtime)
+
+    def close(self) -> None:
+        self.args.close()
 
     # -- entry points ----------------------------------------------------------------------
     def restricted(self, rq: Request, r, handle: Handle) -> None:
@@ -145,14 +150,20 @@ class IoctlPath:
             self.submit(IoctlRequest.from_kernel(rq, r, handle, cuse=False))
             return
         tid = r.pid
-        caller = self.make_caller(tid, r.uid)
-        memory = ProcessMemory(tid)
         try:
-            result = self.dispatch(handle, cmd, r.arg, caller, memory)
-        finally:
-            caller.done()
-        if memory.stalled is None and not memory.pending:
-            rq.ioctl(result)
+            memory = self.args.fetch(rq, tid, r.arg) if cmd in WINDOWED[handle.kind] else ProcessMemory(tid)
+            caller = self.make_caller(tid, r.uid)
+            try:
+                result = self.dispatch(handle, cmd, r.arg, caller, memory)
+            finally:
+                caller.done()
+            if memory.stalled is None and not memory.pending:
+                if type(memory) is ArgWindow:
+                    result = self.args.write_back(rq, memory, result)
+                if not memory.pending:
+                    rq.ioctl(result)
+                    return
+        except Answered:
             return
         self.stalled(IoctlRequest.from_kernel(rq, r, handle, cuse=False), memory, result)
 
