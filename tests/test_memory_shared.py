@@ -19,7 +19,7 @@ import pytest
 
 from cuse_vfio.errors import VfioError
 from cuse_vfio.iommu import Type1Driver
-from cuse_vfio.iommu.faults import CLIENT_MEMORY, UNMAPPED, WRITE_NOT_PERMITTED
+from cuse_vfio.iommu.faults import CLIENT_MEMORY, UNMAPPED, VADDR_INVALIDATED, WRITE_NOT_PERMITTED
 from cuse_vfio.memory import process, process_image, shared
 from cuse_vfio.uapi import (
     VFIO_DMA_MAP_FLAG_READ,
@@ -293,6 +293,9 @@ def test_every_way_a_mapping_goes_drops_the_window(client, iommu):
     print("UNMAP_DMA with VADDR invalidates: no window until MAP_DMA with VADDR gives a new one")
     assert iommu.unmap(2 * IOVA, 1 << 20, VFIO_DMA_UNMAP_FLAG_VADDR) == 1 << 20
     assert len(server_maps()) == 2 and iommu.dmas.containing(2 * IOVA).shared is None
+    with pytest.raises(VfioError) as e:
+        iommu.dma_space.dma_read(2 * IOVA, 6)
+    assert e.value.reason == VADDR_INVALIDATED
     iommu.map(2 * IOVA, 1 << 20, c.addr + 3 * (1 << 20), VFIO_DMA_MAP_FLAG_VADDR, c)
     assert len(server_maps()) == 3
     c.ask(f"poke {3 << 20} {b'fourth'.hex()}")
