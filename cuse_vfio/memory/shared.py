@@ -23,7 +23,8 @@ A window lives as long as its mapping: UNMAP_DMA, unmap-all, the container's
 release, a vaddr invalidated (and made again when the vaddr is updated), the
 client's exit (its container goes) drop it (``iommu/type1.py``).  Only a MAP_DMA
 whose VMAs are all shared and file-backed pays for more than the probe it
-makes anyway; private anonymous memory pays nothing.
+makes anyway; private anonymous memory pays nothing.  The VMAs come from that
+probe's PROCMAP_QUERY (Linux 6.11): on an older kernel no window is made.
 """
 
 from __future__ import annotations
