@@ -34,19 +34,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: /proc/PID
 
 
 
-def kernel_has_procmap_query():
-    """Whether this kernel answers PROCMAP_QUERY (Linux 6.11), which MAP_DMA asks about the client's VMAs."""
-    fd = os.open("/proc/self/maps", os.O_RDONLY)
-    try:
-        return process.ProcessImage._ask(fd, process._ProcmapQuery(), id(fd)) not in (errno.ENOTTY, errno.EINVAL)
-    finally:
-        os.close(fd)
-
-
-#: what a test that expects a window needs of the kernel
-needs_windows = pytest.mark.skipif(not kernel_has_procmap_query(), reason="no PROCMAP_QUERY (Linux 6.11+) in this "
-                                   "kernel: windows are made only with it, the copier serves every DMA here")
-
 RW = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE
 IOVA = 0x100000
 
@@ -146,6 +133,13 @@ def iommu():
     assert shared.windows_vmas() == 0, "a window outlived its container"
 
 
+@pytest.fixture(params=[True, False], ids=["PROCMAP_QUERY", "maps-file"])
+def vma_source(request, monkeypatch):
+    """The test twice: MAP_DMA learns the client's VMAs from PROCMAP_QUERY (Linux 6.11), and from
+    /proc/PID/maps as on an older kernel (only that, on one)."""
+    monkeypatch.setattr(process, "_have_procmap_query", request.param and process._have_procmap_query)
+
+
 def no_copier(monkeypatch):
     """Every copy through the copier fails the test: what follows must not use it."""
     def refuse(*args, **kwargs):
@@ -159,8 +153,7 @@ def server_maps(name="/memfd:dma-ram"):
         return [line.split()[:2] for line in maps if name in line]
 
 
-@needs_windows
-def test_dma_to_a_memfd_is_a_copy_in_the_server_that_the_client_sees(client, iommu, monkeypatch):
+def test_dma_to_a_memfd_is_a_copy_in_the_server_that_the_client_sees(vma_source, client, iommu, monkeypatch):
     c = client("memfd")
     iommu.map(IOVA, 1 << 20, c.addr, RW, c)
     window = iommu.mappings()[0].shared
@@ -194,7 +187,6 @@ def test_dma_to_a_memfd_is_a_copy_in_the_server_that_the_client_sees(client, iom
     iommu.stop_dirty_tracking()
 
 
-@needs_windows
 def test_a_read_only_mapping_gets_a_read_only_window(client, iommu):
     c = client("memfd")
     iommu.map(IOVA, 1 << 20, c.addr, VFIO_DMA_MAP_FLAG_READ, c)
@@ -206,8 +198,7 @@ def test_a_read_only_mapping_gets_a_read_only_window(client, iommu):
     assert c.peek(0, 6) == b"client"
 
 
-@needs_windows
-def test_shared_anonymous_memory_and_dev_shm_files_get_windows(client, iommu, tmp_path):
+def test_shared_anonymous_memory_and_dev_shm_files_get_windows(vma_source, client, iommu, tmp_path):
     anon = client("anon-shared")  # MAP_SHARED|MAP_ANONYMOUS: shmem too (the nvme client's memory)
     iommu.map(IOVA, 1 << 20, anon.addr, RW, anon)
     path = f"/dev/shm/cuse-vfio-test-{os.getpid()}"
@@ -222,7 +213,6 @@ def test_shared_anonymous_memory_and_dev_shm_files_get_windows(client, iommu, tm
     assert anon.peek(0, 12) == b"ANONnt bytes" and shm.peek(0, 12) == b"SHM!nt bytes"
 
 
-@needs_windows
 def test_after_map_dma_the_pages_stay_reached_whatever_the_client_maps_at_the_vaddr(client, iommu):
     # The kernel pinned them at MAP_DMA: the device keeps reaching those pages, not the new memory.
     c = client("memfd")
@@ -235,8 +225,7 @@ def test_after_map_dma_the_pages_stay_reached_whatever_the_client_maps_at_the_va
     assert iommu.dma_space.dma_read(IOVA, 12) == b"pinned bytes"
 
 
-@needs_windows
-def test_a_range_over_two_files_gets_one_window_of_two_pieces(client, iommu):
+def test_a_range_over_two_files_gets_one_window_of_two_pieces(vma_source, client, iommu):
     c = client("memfd")
     assert c.ask("split") == "ok"
     half = 1 << 19
@@ -252,7 +241,6 @@ def test_a_range_over_two_files_gets_one_window_of_two_pieces(client, iommu):
     assert server_maps("/memfd:dma-ram") == [] and shared.windows_vmas() == 0
 
 
-@needs_windows
 def test_a_scatter_list_that_leaves_the_window_is_moved_entry_by_entry(client, iommu):
     c, anon = client("memfd"), client("anon")
     iommu.map(IOVA, 1 << 20, c.addr, RW, c)
@@ -274,7 +262,6 @@ def test_a_scatter_list_that_leaves_the_window_is_moved_entry_by_entry(client, i
     assert e.value.reason == UNMAPPED
 
 
-@needs_windows
 def test_a_truncated_memfd_faults_the_dma_and_the_server_goes_on(client, iommu):
     c = client("memfd")
     iommu.map(IOVA, 1 << 20, c.addr, RW, c)
@@ -302,8 +289,7 @@ def test_a_truncated_memfd_faults_the_dma_and_the_server_goes_on(client, iommu):
     assert c.peek(0x1FFF, 1) == b"!"
 
 
-@needs_windows
-def test_every_way_a_mapping_goes_drops_the_window(client, iommu):
+def test_every_way_a_mapping_goes_drops_the_window(vma_source, client, iommu):
     c = client("memfd", 4 << 20)
     for i in range(4):
         iommu.map(IOVA * (i + 1), 1 << 20, c.addr + i * (1 << 20), RW, c)
@@ -345,7 +331,7 @@ def test_a_map_that_fails_after_the_probe_leaves_no_window(client, iommu, monkey
     assert server_maps() == [] and shared.windows_vmas() == 0
 
 
-def test_private_and_anonymous_memory_keep_the_copier(client, iommu):
+def test_private_and_anonymous_memory_keep_the_copier(vma_source, client, iommu):
     for kind in ("private", "anon"):
         c = client(kind)
         iommu.map(IOVA, 1 << 20, c.addr, RW, c)
@@ -357,7 +343,7 @@ def test_private_and_anonymous_memory_keep_the_copier(client, iommu):
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
-def test_a_shared_mapping_of_a_fuse_file_keeps_the_copier_and_is_never_opened(client, iommu, tmp_path):
+def test_a_shared_mapping_of_a_fuse_file_keeps_the_copier_and_is_never_opened(vma_source, client, iommu, tmp_path):
     pytest.importorskip("mfusepy")
     from test_transport_stall import stalling_file_system
 
@@ -406,8 +392,7 @@ def a_free_huge_page():
             _set_hugepages(_hugepages("nr_hugepages") - added)
 
 
-@needs_windows
-def test_hugetlbfs_pages_get_a_window_at_their_own_alignment(a_free_huge_page, client, iommu):
+def test_hugetlbfs_pages_get_a_window_at_their_own_alignment(vma_source, a_free_huge_page, client, iommu):
     c = client("hugetlb", 2 << 20)
     # 8 KiB in the middle of the huge page: the window maps the whole page, aligned as the client's
     iommu.map(IOVA, 0x2000, c.addr + 0x1000, RW, c)

@@ -12,7 +12,6 @@ import time
 
 import pytest
 from serving_support import CLIENT_TIMEOUT, TRANSPORT, serving
-from test_memory_shared import needs_windows
 from test_transport_stall import build, read_until
 
 from cuse_vfio.machine import Machine
@@ -125,7 +124,6 @@ def server_maps(name):
         return [line for line in maps if name in line]
 
 
-@needs_windows
 def test_a_clients_memfd_is_reached_without_the_copier_and_let_go_when_it_exits(tmp_path, monkeypatch):
     def no_copier(*args, **kwargs):
         raise AssertionError("a DMA went through the copier")

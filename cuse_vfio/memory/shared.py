@@ -24,7 +24,7 @@ release, a vaddr invalidated (and made again when the vaddr is updated), the
 client's exit (its container goes) drop it (``iommu/type1.py``).  Only a MAP_DMA
 whose VMAs are all shared and file-backed pays for more than the probe it
 makes anyway; private anonymous memory pays nothing.  The VMAs come from that
-probe's PROCMAP_QUERY (Linux 6.11): on an older kernel no window is made.
+probe: PROCMAP_QUERY (Linux 6.11), or /proc/PID/maps on an older kernel.
 """
 
 from __future__ import annotations
@@ -176,9 +176,8 @@ def pin_shared(image: ProcessImage, vaddr: int, size: int, write: bool) -> Optio
     mapped, and writable with ``write``), then, when the range is all shared files of memory, the
     window onto them; None otherwise (and whenever a window cannot be made: the copier serves it)."""
     vmas = _probe(image, vaddr, size, write)
-    if vmas is None:  # no PROCMAP_QUERY here: the image's own probe, and no window
-        image.probe(vaddr, size, write)
-        return None
+    if vmas is None:  # no PROCMAP_QUERY here: the same from /proc/PID/maps
+        vmas = _probe_maps(image, vaddr, size, write)
     if not vmas:
         return None
     return _window(image.pid, vaddr, size, write, vmas)
@@ -191,6 +190,8 @@ def window_for(image: object, vaddr: int, size: int, write: bool) -> Optional[Sh
         return None
     try:
         vmas = _probe(image, vaddr, size, write)
+        if vmas is None:
+            vmas = _probe_maps(image, vaddr, size, write)
     except VfioError:
         return None
     return _window(image.pid, vaddr, size, write, vmas) if vmas else None
@@ -225,6 +226,39 @@ def _probe(image: ProcessImage, addr: int, size: int, write: bool) -> Optional[L
             else:
                 vmas = None  # one private or anonymous VMA: the copier serves the range, only the probe goes on
         pos = q.vma_end
+    return vmas if vmas is not None else []
+
+
+def _probe_maps(image: ProcessImage, addr: int, size: int, write: bool) -> List[Vma]:
+    """The probe of a kernel without PROCMAP_QUERY (``ProcessImage.probe`` then reads /proc/PID/maps,
+    and asks whether the image is still the process's), keeping each VMA as ``_probe`` does; a VMA's
+    page size is not in that file (0 here: ``_memory_devs`` knows it from the file system)."""
+    end, pos = addr + size, addr
+    vmas: Optional[List[Vma]] = []
+    try:
+        with open(f"/proc/{image.pid}/maps", "rb") as maps:
+            for line in maps:
+                fields = line.split(None, 5)
+                start, stop = (int(x, 16) for x in fields[0].split(b"-"))
+                if stop <= pos:
+                    continue
+                if start > pos or fields[1][1 if write else 0] == ord("-"):
+                    break
+                if vmas is not None and fields[1][3] == ord("s") and int(fields[4]):
+                    major, minor = (int(x, 16) for x in fields[3].split(b":"))
+                    vmas.append((start, stop, int(fields[2], 16), int(fields[4]), major, minor, 0))
+                else:
+                    vmas = None
+                pos = stop
+                if pos >= end:
+                    break
+    except OSError:
+        raise image._gone() from None
+    if pos < end:
+        raise VfioError(errno.EFAULT, f"pid {image.pid}: 0x{pos:x} (in [0x{addr:x}, 0x{end:x})) is not mapped"
+                                      + (" writable" if write else " readable"))
+    if not image.current(addr):
+        raise image._gone()
     return vmas if vmas is not None else []
 
 
@@ -269,40 +303,64 @@ def _internal_dev(flags: int) -> Optional[Tuple[int, int]]:
     return os.major(st.st_dev), os.minor(st.st_dev)
 
 
-def _memory_devs(pid: int, vmas: List[Vma]) -> set:
-    """Which of the VMAs' superblocks are tmpfs/shmem or hugetlbfs, known without touching a file: the
-    kernel's internal mounts (the same in every process), then the client's own mountinfo."""
+def _memory_devs(pid: int, vmas: List[Vma]) -> Dict[Tuple[int, int], int]:
+    """Which of the VMAs' superblocks are tmpfs/shmem or hugetlbfs, known without touching a file, and
+    their page sizes: the kernel's internal mounts (the same in every process), then the client's own
+    mountinfo (hugetlbfs says its page size there)."""
     global _shm_dev
+    sizes = {vma[6] for vma in vmas if vma[6] > PAGE_SIZE}
+    if any(not vma[6] for vma in vmas):  # (from /proc/PID/maps) every huge page size the kernel has
+        sizes.update(_huge_page_sizes())
     with _lock:
         if _shm_dev is None:
             _shm_dev = _internal_dev(0)
-        known = {_shm_dev}
-        for page in {vma[6] for vma in vmas if vma[6] > PAGE_SIZE}:
+        known: Dict[Tuple[int, int], int] = {_shm_dev: PAGE_SIZE} if _shm_dev else {}
+        for page in sizes:
             if page not in _hugetlb_devs:
                 _hugetlb_devs[page] = _internal_dev(MFD_HUGETLB | (page.bit_length() - 1) << MFD_HUGE_SHIFT)
-            known.add(_hugetlb_devs[page])
-    wanted = {(vma[4], vma[5]) for vma in vmas} - known
-    if not wanted:
+            dev = _hugetlb_devs[page]
+            if dev is not None:
+                known[dev] = page
+    if not {(vma[4], vma[5]) for vma in vmas} - set(known):
         return known
     try:
         with open(f"/proc/{pid}/mountinfo", "rb") as mountinfo:
             for line in mountinfo:
                 mount, _, fs = line.partition(b" - ")
-                if fs.split(b" ", 1)[0] in _MEMORY_FS_TYPES:
+                fs_type, _, options = fs.rstrip().partition(b" ")
+                if fs_type in _MEMORY_FS_TYPES:
                     major, minor = (int(x) for x in mount.split()[2].split(b":"))
-                    known.add((major, minor))
+                    known[(major, minor)] = _page_size_option(options) if fs_type == b"hugetlbfs" else PAGE_SIZE
     except (OSError, ValueError, IndexError):
         pass
     return known
+
+
+def _huge_page_sizes() -> List[int]:
+    try:
+        return [int(name[len("hugepages-"):-len("kB")]) * 1024 for name in os.listdir("/sys/kernel/mm/hugepages")]
+    except (OSError, ValueError):
+        return []
+
+
+def _page_size_option(options: bytes) -> int:
+    """A hugetlbfs mount's ``pagesize=2M`` (its super options in mountinfo); 0 when it says none."""
+    for option in options.split(b" ")[-1].split(b","):
+        if option.startswith(b"pagesize="):
+            value = option[len(b"pagesize="):]
+            unit = {b"K": 1 << 10, b"M": 1 << 20, b"G": 1 << 30}.get(value[-1:], 1)
+            return int(value.rstrip(b"KMG")) * unit
+    return 0
 
 
 def _window(pid: int, vaddr: int, size: int, write: bool, vmas: List[Vma]) -> Optional[SharedWindow]:
     """The window onto the VMAs (which cover [vaddr, vaddr + size) in order), or None (and why, in the log)."""
     where = f"pid {pid} [0x{vaddr:x}, 0x{vaddr + size:x})"
     memory = _memory_devs(pid, vmas)
-    if any((vma[4], vma[5]) not in memory for vma in vmas):
+    if any(not memory.get((vma[4], vma[5])) for vma in vmas):
         log.debug("%s: shared, but not all on tmpfs or hugetlbfs: DMA goes through the copier", where)
         return None
+    vmas = [vma[:6] + (vma[6] or memory[vma[4], vma[5]],) for vma in vmas]
     err = _lib.cv_shared_guard()
     if err:
         log.warning("%s: no SIGBUS guard (%s): DMA goes through the copier", where, os.strerror(-err))
