@@ -9,7 +9,9 @@ closed and its hold on the open is dropped first (``_ReplyLast``), as the
 kernel's fdputs precede the return of its ioctl.
 
 FUSE ioctls are restricted: the argument is read where it lies, through the
-calling thread (``ProcessMemory``).  No thread that runs handlers (the loop,
+calling thread (``ProcessMemory``); an argument struct is first read inline
+by the loop, with nothing held, and written back after the handler
+(:mod:`.argwindow`).  No thread that runs handlers (the loop,
 the workers, the stall pool: ``memory.serving_thread``) waits for a client's
 memory past ``STALL_CHECK``, since a handler may hold the model's lock; a
 copy still running then costs only its own request, which the runtime's stall
