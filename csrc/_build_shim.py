@@ -72,13 +72,14 @@ ffibuilder.set_source(
     library_dirs=[f[2:] for f in _pkg_config("--libs-only-L") if f.startswith("-L")],
 )
 
-#: The bounded copies of client memory (csrc/copier.h), below the transport: no libfuse in it.
+#: The bounded copies of client memory (csrc/copier.h) and the guarded copies of shared windows
+#: (csrc/shared.h), below the transport: no libfuse in it.
 copier_ffibuilder = FFI()
-copier_ffibuilder.cdef(shim_cdef(os.path.join(HERE, "copier.h")))
+copier_ffibuilder.cdef(shim_cdef(os.path.join(HERE, "copier.h")) + shim_cdef(os.path.join(HERE, "shared.h")))
 copier_ffibuilder.set_source(
     "cuse_vfio.memory._copier",
-    '#include "copier.h"',
-    sources=[_relative(os.path.join(HERE, "copier.c"))],
+    '#include "copier.h"\n#include "shared.h"',
+    sources=[_relative(os.path.join(HERE, "copier.c")), _relative(os.path.join(HERE, "shared.c"))],
     include_dirs=[HERE],
     extra_compile_args=["-Wall", "-O2"],
     libraries=["pthread"],

@@ -15,6 +15,8 @@
 #include "copier.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -388,4 +390,146 @@ int cv_copy_busy(void)
 	n = cv_threads - cv_idle_count;
 	pthread_mutex_unlock(&cv_lock);
 	return n;
+}
+
+/* -- inline copies and their guard (see copier.h) ---------------------------- */
+
+/* One word says what the inline copy in flight is doing: its sequence number
+ * above, its state in the low two bits.  The copying thread moves IDLE->BUSY
+ * (a compare-and-swap: one inline copy at a time) and back; the guard moves
+ * BUSY->STALLED, with cv_lock held, and only a word it saw BUSY a whole period
+ * ago (the same sequence number: the same copy). */
+enum { CV_INLINE_IDLE = 0, CV_INLINE_BUSY = 1, CV_INLINE_STALLED_STATE = 2 };
+
+static int cv_inline_word;            /* a futex word: the guard sleeps on it when idle */
+static int cv_inline_target;
+static int cv_inline_owner;
+static int cv_inline_key = -1;        /* the process a stalled inline copy is charged to */
+static int cv_guard_running;
+static int cv_guard_sleeping;
+
+static ssize_t cv_inline_syscall(int op, int target, uint64_t remote, void *local, size_t len)
+{
+	struct iovec l = { local, len }, r = { (void *)(uintptr_t)remote, len };
+
+	if (op == CV_COPY_READV)
+		return process_vm_readv(target, &l, 1, &r, 1, 0);
+	if (op == CV_COPY_WRITEV)
+		return process_vm_writev(target, &l, 1, &r, 1, 0);
+	errno = EINVAL;
+	return -1;
+}
+
+long cv_inline_copy(int op, int target, uint64_t remote, void *local, size_t len, int owner)
+{
+	int word, busy, old;
+	long result;
+	ssize_t n;
+
+	if (!__atomic_load_n(&cv_guard_running, __ATOMIC_ACQUIRE) ||
+	    __atomic_load_n(&cv_stalled_total, __ATOMIC_ACQUIRE))
+		return -ENOKEY;
+	word = __atomic_load_n(&cv_inline_word, __ATOMIC_RELAXED);
+	if ((word & 3) != CV_INLINE_IDLE)
+		return -ENOKEY;   /* another thread's copy is in flight or stalled */
+	busy = (word & ~3) + 4 + CV_INLINE_BUSY;
+	if (!__atomic_compare_exchange_n(&cv_inline_word, &word, busy, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED))
+		return -ENOKEY;
+	__atomic_store_n(&cv_inline_target, target, __ATOMIC_RELAXED);
+	__atomic_store_n(&cv_inline_owner, owner, __ATOMIC_RELAXED);
+	if (__atomic_load_n(&cv_guard_sleeping, __ATOMIC_SEQ_CST)) {
+		__atomic_store_n(&cv_guard_sleeping, 0, __ATOMIC_RELAXED);
+		cv_futex_wake(&cv_inline_word);
+	}
+	n = cv_inline_syscall(op, target, remote, local, len);
+	result = n < 0 ? -errno : (long)n;
+	old = __atomic_exchange_n(&cv_inline_word, busy & ~3, __ATOMIC_SEQ_CST);
+	if ((old & 3) != CV_INLINE_STALLED_STATE)
+		return result;
+	pthread_mutex_lock(&cv_lock);
+	cv_stalled_total--;
+	if (cv_inline_key >= 0) {
+		int *stalled = cv_stalled_slot(cv_inline_key, 0);
+
+		if (stalled)
+			(*stalled)--;
+	}
+	cv_inline_key = -1;
+	pthread_mutex_unlock(&cv_lock);
+	return result + CV_INLINE_STALLED;
+}
+
+/* The thread group of thread tid (its process), or tid when /proc no longer knows it. */
+static int cv_tgid_of(int tid)
+{
+	char path[64], buf[512], *at;
+	ssize_t n;
+	int fd;
+
+	snprintf(path, sizeof(path), "/proc/%d/status", tid);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd == -1)
+		return tid;
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return tid;
+	buf[n] = 0;
+	at = strstr(buf, "\nTgid:");
+	return at ? atoi(at + 6) : tid;
+}
+
+/* Declare the copy of word w stalled: its owner, or 0 if it ended meanwhile. */
+static int cv_guard_declare(int w)
+{
+	int owner = __atomic_load_n(&cv_inline_owner, __ATOMIC_RELAXED);
+	int key = cv_tgid_of(__atomic_load_n(&cv_inline_target, __ATOMIC_RELAXED)), *stalled;
+
+	pthread_mutex_lock(&cv_lock);
+	if (!__atomic_compare_exchange_n(&cv_inline_word, &w, (w & ~3) | CV_INLINE_STALLED_STATE, 0,
+					 __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+		pthread_mutex_unlock(&cv_lock);
+		return 0;
+	}
+	cv_stalled_total++;
+	stalled = cv_stalled_slot(key, 1);
+	if (stalled) {   /* NULL past CV_COPY_KEYS processes: counted in the total only */
+		(*stalled)++;
+		cv_inline_key = key;
+	}
+	pthread_mutex_unlock(&cv_lock);
+	return owner;
+}
+
+int cv_guard_watch(int period_ms)
+{
+	struct timespec period = { period_ms / 1000, (long)(period_ms % 1000) * 1000000L };
+	int seen = -1, quiet = 0;
+
+	__atomic_store_n(&cv_guard_running, 1, __ATOMIC_RELEASE);
+	for (;;) {
+		int w = __atomic_load_n(&cv_inline_word, __ATOMIC_SEQ_CST);
+
+		if ((w & 3) == CV_INLINE_BUSY && w == seen) {
+			int owner = cv_guard_declare(w);
+
+			if (owner)
+				return owner;
+		}
+		quiet = w == seen ? quiet + 1 : 0;
+		seen = w;
+		if (quiet > 40 && (w & 3) == CV_INLINE_IDLE) {
+			/* Nothing copied inline for a while: sleep until the next copy starts.
+			 * Either it sees cv_guard_sleeping and wakes us, or the word differs
+			 * from w by then and the wait returns at once. */
+			__atomic_store_n(&cv_guard_sleeping, 1, __ATOMIC_SEQ_CST);
+			syscall(SYS_futex, &cv_inline_word, FUTEX_WAIT_PRIVATE, w, NULL, NULL, 0);
+			__atomic_store_n(&cv_guard_sleeping, 0, __ATOMIC_SEQ_CST);
+			quiet = 0;
+			seen = -1;
+			nanosleep(&period, NULL);
+			continue;
+		}
+		nanosleep(&period, NULL);
+	}
 }

@@ -59,6 +59,26 @@ int cv_copy_stalled(int key);
 /* Copier threads running a copy now. */
 int cv_copy_busy(void);
 
+/*
+ * Inline copies: made on the calling thread, watched by a guard.  Only one
+ * thread copies inline at a time (the serving loop's); a copy made with
+ * cv_inline_copy costs its syscall and two atomic operations, no hand-off.
+ * The guard (a thread blocked in cv_guard_watch) samples the copy in flight;
+ * one it finds running across a whole sampling period is declared stalled:
+ * it is charged to its process like a stalled copier copy (cv_copy_stalled),
+ * and cv_guard_watch returns the owner given with it so that the caller can have another
+ * thread take over the stalled thread's work.  While any copy is stalled, no
+ * copy is made inline (-ENOKEY: use the copier).
+ */
+/* A copy of len bytes at remote (op: CV_COPY_READV or CV_COPY_WRITEV; target a pid):
+ * the bytes moved or -errno; plus CV_INLINE_STALLED when the guard declared it
+ * stalled meanwhile.  -ENOKEY, nothing done, when a copy is stalled or no guard watches. */
+long cv_inline_copy(int op, int target, uint64_t remote, void *local, size_t len, int owner);
+/* Watch inline copies, sampling every period_ms (one watcher per process, for good):
+ * the owner (> 0) given with a copy it declared stalled. */
+int cv_guard_watch(int period_ms);
+
+#define CV_INLINE_STALLED 0x10000000000
 #define CV_COPY_MAX_STALLED 4
 #define CV_COPY_MAX_THREADS 64
 

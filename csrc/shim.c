@@ -30,9 +30,7 @@ struct cv_session {
 	int kind;
 	int fd;
 	int ended;
-	int busy;       /* its buffer holds the request being processed */
 	int mounted;    /* a FUSE mount to undo */
-	struct fuse_buf buf;
 };
 
 struct cv_loop {
@@ -427,7 +425,6 @@ void cv_session_free(struct cv_session *s)
 			fuse_session_unmount(s->se);
 		fuse_session_destroy(s->se);
 	}
-	free(s->buf.mem);
 	free(s);
 }
 
@@ -485,25 +482,53 @@ static void cv_session_ended(struct cv_session *s, int err)
 	cv_py_request(&r);
 }
 
+/*
+ * Each thread that serves has its own receive buffers, one per nesting level
+ * (a handler may drain another session: cv_loop_drain), so a thread that
+ * stops in the middle of a request (its client's memory stalled it, and
+ * another thread took over the loop) holds no buffer anyone else needs.
+ */
+#define CV_MAX_DEPTH 4
+static __thread struct fuse_buf cv_bufs[CV_MAX_DEPTH];
+static __thread struct cv_session *cv_serving[CV_MAX_DEPTH];
+static __thread int cv_depth;
+static __thread int cv_retired;
+
+static void cv_free_bufs(void)
+{
+	int i;
+
+	for (i = 0; i < CV_MAX_DEPTH; i++) {
+		free(cv_bufs[i].mem);
+		memset(&cv_bufs[i], 0, sizeof(cv_bufs[i]));
+	}
+}
+
 /* 1: one request processed; 0: nothing queued; -1: the session ended. */
 static int cv_process_one(struct cv_session *s)
 {
+	struct fuse_buf *buf;
 	int res;
 
-	s->busy = 1;
-	res = fuse_session_receive_buf(s->se, &s->buf);
-	if (res == -EAGAIN || res == -EINTR) {
-		s->busy = 0;
+	if (cv_depth == CV_MAX_DEPTH)
 		return 0;
-	}
+	buf = &cv_bufs[cv_depth];
+	res = fuse_session_receive_buf(s->se, buf);
+	if (res == -EAGAIN || res == -EINTR)
+		return 0;
 	if (res <= 0 || fuse_session_exited(s->se)) {
-		s->busy = 0;
 		cv_session_ended(s, res);
 		return -1;
 	}
-	fuse_session_process_buf(s->se, &s->buf);
-	s->busy = 0;
+	cv_serving[cv_depth++] = s;
+	fuse_session_process_buf(s->se, buf);
+	cv_serving[--cv_depth] = NULL;
 	return 1;
+}
+
+void cv_loop_retire(void)
+{
+	cv_retired = 1;
 }
 
 int cv_loop_run(struct cv_loop *l)
@@ -550,10 +575,17 @@ int cv_loop_run(struct cv_loop *l)
 			if (l->stop)
 				break;
 		}
-		for (i = 1; i < n && !l->stop; i++) {
+		for (i = 1; i < n && !l->stop && !cv_retired; i++) {
 			if (pfd[i].revents & (POLLIN | POLLERR | POLLHUP))
 				cv_process_one(polled[i]);
 		}
+		if (cv_retired)
+			break;
+	}
+	cv_free_bufs();
+	if (cv_retired) {
+		cv_retired = 0;
+		return 1;
 	}
 	return 0;
 }
@@ -568,10 +600,15 @@ int cv_loop_drain(struct cv_loop *l, struct cv_session *s)
 {
 	int count = 0;
 
+	int i;
+
 	(void)l;
-	/* Its buffer is in use when s is the session being served right now. */
-	if (s->busy || s->ended)
+	/* Not a session this thread is in the middle of serving: its requests stay in order. */
+	if (s->ended)
 		return 0;
+	for (i = 0; i < cv_depth; i++)
+		if (cv_serving[i] == s)
+			return 0;
 	while (cv_process_one(s) == 1)
 		count++;
 	return count;

@@ -82,10 +82,14 @@ int cv_session_fd(struct cv_session *s);
 void cv_session_free(struct cv_session *s);
 
 /* The serving loop: poll over every session, receive, process, one request
- * at a time, on the thread that calls cv_loop_run (the GIL is released). */
+ * at a time, on the thread that calls cv_loop_run (the GIL is released).
+ * cv_loop_run returns 0 once stopped, -errno on failure, and 1 when a
+ * handler on its thread called cv_loop_retire: another thread serves now. */
 struct cv_loop *cv_loop_new(char *err, size_t errlen);
 int cv_loop_add(struct cv_loop *l, struct cv_session *s);
 int cv_loop_run(struct cv_loop *l);
+/* From a handler: this thread leaves the loop once the request ends. */
+void cv_loop_retire(void);
 void cv_loop_stop(struct cv_loop *l);
 /* From a request handler on the loop thread: process what session s has
  * queued right now, without blocking.  Returns the number processed. */

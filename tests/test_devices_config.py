@@ -9,6 +9,7 @@ from cuse_vfio.devices import (
     ExpressCapability,
     ExtendedCapability,
     IoBar,
+    IrqIndex,
     MmioBar,
     MsiCapability,
     MsixCapability,
@@ -242,6 +243,37 @@ def test_vfio_command_goes_to_the_function_but_intx_disable_is_virtual():
     # ...and a virtual bit the function does not have reads back as the user wrote it.
     fn.config_write(4, 2, fn.command() | 0x400)
     assert not cfg_read(vdev, 4, 2) & 0x400
+
+
+def test_intx_status_line_and_check_and_set_mask():
+    # The Interrupt Status bit is the level; INTx-disable keeps the line down, not the
+    # bit; pci_check_and_{mask,unmask}_intx acts only when that bit agrees.
+    fn = Plain()
+    fn.irq_sink = lines = _LineRecorder()
+    assert not fn.check_and_set_intx_mask(True)  # nothing pending: not its interrupt
+    assert not fn.command() & 0x400
+    fn.raise_irq(IrqIndex.INTX)
+    assert fn.config_read(6, 2) & 0x08 and fn.intx_asserted() and lines.levels == [True]
+    assert not fn.check_and_set_intx_mask(False)  # pending: no unmasking
+    assert fn.check_and_set_intx_mask(True)
+    assert fn.command() & 0x400 and not fn.intx_asserted() and fn.config_read(6, 2) & 0x08
+    assert lines.levels == [True, False]
+    fn.lower_irq()
+    assert not fn.config_read(6, 2) & 0x08 and lines.levels == [True, False]
+    assert fn.check_and_set_intx_mask(False) and not fn.command() & 0x400
+    fn.raise_irq(IrqIndex.INTX)
+    fn.raise_irq(IrqIndex.INTX)  # a level: once is the same as twice
+    assert lines.levels == [True, False, True]
+    fn.config_write(4, 2, fn.command() | 0x400)  # the host masks it itself (pci_intx)
+    assert lines.levels == [True, False, True, False]
+
+
+class _LineRecorder:
+    def __init__(self):
+        self.levels = []
+
+    def intx_line(self, asserted):
+        self.levels.append(asserted)
 
 
 def test_vfio_interrupt_line_virtual_pin_read_only():

@@ -1,4 +1,5 @@
-"""Eventfds fetched from a client: signals never block the caller, cancels never wait."""
+"""Eventfds fetched from a client: signals never block the caller and saturate as eventfd_signal does,
+cancels never wait."""
 
 import os
 import select
@@ -10,6 +11,11 @@ from cuse_vfio.transport.eventfd import ClientEventfd, EventfdPoller
 
 BOUND = 10.0
 FULL = (1 << 64) - 2  # the counter's maximum: any further write blocks (or EAGAIN)
+
+
+def nothing_more(fd, seconds=0.2):
+    """Nothing arrives on ``fd`` for a while (the count that did not fit was dropped)."""
+    return not select.select([fd], [], [], seconds)[0]
 
 
 def open_fds():
@@ -38,20 +44,21 @@ def test_signal_does_not_block_on_a_full_blocking_eventfd():
         assert returns_within(efd.signal, 1.0), "signal() blocked on a full eventfd"
         assert returns_within(lambda: efd.signal(5), 1.0)
         assert os.get_blocking(client_side)
-        # The client reads: what was signalled arrives now, coalesced, in order.
+        # Saturated, as eventfd_signal's counter is: the client reads the top, and that is all.
         assert os.eventfd_read(client_side) == FULL
-        total, deadline = 0, time.monotonic() + BOUND
-        while total < 6 and time.monotonic() < deadline:
-            if select.select([client_side], [], [], 0.05)[0]:
-                total += os.eventfd_read(client_side)
-        assert total == 6
+        assert nothing_more(client_side)
+        # A count larger than the room: what fits is added.
+        os.eventfd_write(client_side, FULL - 2)
+        efd.signal(5)
+        assert os.eventfd_read(client_side) == FULL
+        assert nothing_more(client_side)
     finally:
         efd.release()
         poller.stop()
     os.close(client_side)
 
 
-def test_release_with_pending_signals_neither_blocks_nor_leaks():
+def test_release_after_a_saturated_signal_neither_blocks_nor_leaks():
     poller = EventfdPoller()
     client_side = os.eventfd(0)
     os.eventfd_write(client_side, FULL)
@@ -62,7 +69,7 @@ def test_release_with_pending_signals_neither_blocks_nor_leaks():
     deadline = time.monotonic() + BOUND
     while open_fds() != before and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert open_fds() == before, "the writer kept a duplicate of a released eventfd"
+    assert open_fds() == before, "a duplicate of a released eventfd was kept"
     assert returns_within(poller.stop, BOUND)
     assert os.eventfd_read(client_side) == FULL  # the undeliverable count was dropped
     os.close(client_side)
@@ -117,15 +124,36 @@ def test_a_non_blocking_eventfd_is_signalled_before_signal_returns():
     try:
         efd.signal(2)
         assert os.eventfd_read(client_side) == 2
-        # Full: EAGAIN, and the writer delivers once the client reads.
+        # Full: EAGAIN, and the count is dropped (saturated); one short: what fits.
         os.eventfd_write(client_side, FULL)
         assert returns_within(lambda: efd.signal(4), 1.0)
         assert os.eventfd_read(client_side) == FULL
-        total, deadline = 0, time.monotonic() + BOUND
-        while total < 4 and time.monotonic() < deadline:
-            if select.select([client_side], [], [], 0.05)[0]:
-                total += os.eventfd_read(client_side)
-        assert total == 4
+        assert nothing_more(client_side)
+        os.eventfd_write(client_side, FULL - 1)
+        efd.signal(4)
+        assert os.eventfd_read(client_side) == FULL
+        assert nothing_more(client_side)
+    finally:
+        efd.release()
+        poller.stop()
+    os.close(client_side)
+
+
+def test_a_blocking_eventfd_with_room_is_signalled_before_signal_returns():
+    # A blocking file with room for the count is written from the raising thread too.
+    poller = EventfdPoller()
+    client_side = os.eventfd(0)
+    efd = ClientEventfd(fetch_fd(os.getpid(), client_side), poller)
+    try:
+        efd.signal()
+        assert select.select([client_side], [], [], 0)[0], "the signal went through another thread"
+        assert os.eventfd_read(client_side) == 1
+        # One short of full: the first signal fills it, the next is dropped.
+        os.eventfd_write(client_side, FULL - 1)
+        efd.signal()
+        assert returns_within(efd.signal, 1.0)
+        assert os.eventfd_read(client_side) == FULL
+        assert nothing_more(client_side)
     finally:
         efd.release()
         poller.stop()
@@ -134,7 +162,7 @@ def test_a_non_blocking_eventfd_is_signalled_before_signal_returns():
 
 def test_an_inline_signal_a_client_blocks_is_freed(monkeypatch):
     # The client clears O_NONBLOCK and fills its counter between the server's
-    # check and its write: the write blocks, and the writer thread consumes the
+    # check and its write: the write blocks, and the guard thread consumes the
     # counter it waits on, so the raising thread goes on.
     from cuse_vfio.transport import eventfd
 

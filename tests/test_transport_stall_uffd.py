@@ -236,6 +236,10 @@ def eventually(condition, what):
         time.sleep(0.01)
 
 
+def _loop_threads():
+    return sum(1 for t in threading.enumerate() if t.name == "cuse-vfio-loop" and t.is_alive())
+
+
 @pytest.fixture
 def stall_setup(tmp_path, monkeypatch):
     # A stalled copy is waited for until the test ends the fault, never until a clock runs out.
@@ -275,8 +279,10 @@ def stall_setup(tmp_path, monkeypatch):
                 if not proc.stdin.closed:
                     proc.stdin.close()
                 assert proc.wait(timeout=CLIENT_TIMEOUT) == 0
-            print("nothing is left: no stalled copy, every copier idle, no handle held, group 3 opens again")
+            print("nothing is left: no stalled copy, every copier idle, one thread serving the loop, "
+                  "no handle held, group 3 opens again")
             eventually(lambda: copier.cv_copy_stalled(-1) == 0 and copier.cv_copy_busy() == 0, "copiers left busy")
+            eventually(lambda: _loop_threads() == 1, "a loop thread that stalled did not leave the loop")
             eventually(lambda: len(server.handles) == 0, "handles left open")
             assert flow("3", "status")["status"] == 0
     finally:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import bisect
 import errno
-from typing import Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Iterator, List, Optional, Tuple
 
 from ..errors import VfioError
 from ..uapi import VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE
+
+if TYPE_CHECKING:
+    from ..memory.shared import SharedWindow
 
 #: C's 64-bit unsigned arithmetic: IOVA sums that wrap in the kernel wrap here too
 U64_MASK = (1 << 64) - 1
@@ -22,7 +25,8 @@ U64_MASK = (1 << 64) - 1
 class DmaMapping:
     """One MAP_DMA: ``size`` bytes at ``iova`` backed by ``owner``'s memory at ``vaddr``."""
 
-    __slots__ = ("iova", "size", "vaddr", "prot", "owner", "vaddr_invalid", "dirty", "pinned_in", "iommu_pgsizes")
+    __slots__ = ("iova", "size", "vaddr", "prot", "owner", "vaddr_invalid", "dirty", "pinned_in", "iommu_pgsizes",
+                 "shared")
 
     def __init__(self, iova: int, size: int, vaddr: int, prot: int, owner):
         self.iova = iova
@@ -40,6 +44,22 @@ class DmaMapping:
         self.pinned_in = None
         #: the page sizes the IOMMU's page table may use for it (superpages unless disable_hugepages)
         self.iommu_pgsizes = 0
+        #: the server's own mapping of the pages when they are a shared file of memory
+        #: (``memory.shared.SharedWindow``, addressed by offset in the mapping): DMA goes there
+        self.shared: Optional[SharedWindow] = None
+
+    def memory_at(self, offset: int):
+        """(memory, address) where DMA to ``offset`` in the mapping goes (IOMMU lock held)."""
+        window = self.shared
+        if window is not None:
+            return window, offset
+        return self.owner.memory, self.vaddr + offset
+
+    def drop_shared(self) -> None:
+        """The server's mapping of the pages goes (the IOVA no longer reaches them through it)."""
+        window, self.shared = self.shared, None
+        if window is not None:
+            window.close()
 
     @property
     def end(self) -> int:
@@ -75,6 +95,8 @@ class DmaList:
         self._keys: List[List[int]] = []      # the iovas of each chunk
         self._chunks: List[List[DmaMapping]] = []
         self._len = 0
+        #: the mapping ``containing`` found last (a device's DMA mostly stays in one): never a removed one
+        self._hit: Optional[DmaMapping] = None
 
     def __len__(self) -> int:
         return self._len
@@ -138,8 +160,14 @@ class DmaList:
 
     def containing(self, iova: int) -> Optional[DmaMapping]:
         """The mapping that contains ``iova``."""
+        dma = self._hit
+        if dma is not None and dma.iova <= iova < dma.iova + dma.size:
+            return dma
         dma = self._at(self._floor(iova))
-        return dma if dma is not None and dma.end > iova else None
+        if dma is None or dma.end <= iova:
+            return None
+        self._hit = dma
+        return dma
 
     def successor(self, dma: DmaMapping) -> Optional[DmaMapping]:
         """The mapping after ``dma`` (which must be in the list)."""
@@ -185,6 +213,8 @@ class DmaList:
         pos = self._floor(dma.iova)
         if pos is None or self._at(pos) is not dma:
             raise KeyError(f"{dma!r} is not in this list")
+        if self._hit is dma:
+            self._hit = None
         c, i = pos
         del self._keys[c][i], self._chunks[c][i]
         self._len -= 1
@@ -196,4 +226,5 @@ class DmaList:
     def clear(self) -> List[DmaMapping]:
         gone = list(self)
         self._firsts, self._keys, self._chunks, self._len = [], [], [], 0
+        self._hit = None
         return gone

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable, List, Optional, Tuple
 
+from ..uapi import VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE
 from .dma import U64_MASK, DmaMapping
 from .faults import (
     CLIENT_MEMORY,
@@ -46,11 +47,22 @@ class Type1DmaSpace(FaultLogged):
         """The device reads ``size`` bytes of memory at ``iova`` (needs VFIO_DMA_MAP_FLAG_READ)."""
         iommu = self._iommu
         with iommu.lock:
+            dma = iommu.dmas.containing(iova)
+            if dma is not None and dma.shared is not None and 0 < size <= dma.iova + dma.size - iova and \
+                    dma.prot & VFIO_DMA_MAP_FLAG_READ:
+                # One mapping, served by the server's own window onto the pages (which exists only while
+                # the mapping is in the container with a valid vaddr): what _translate would allow.
+                try:
+                    return dma.shared.read(iova - dma.iova, size)
+                except OSError as e:
+                    self._fault(CLIENT_MEMORY, iova, size, False, device, self._memory_text(dma, iova - dma.iova,
+                                                                                             size, e))
             segments = self._translate(iova, size, False, device)
             chunks = []
             for dma, off, n in segments:
+                memory, addr = dma.memory_at(off)
                 try:
-                    chunks.append(dma.owner.memory.read(dma.vaddr + off, n))
+                    chunks.append(memory.read(addr, n))
                 except OSError as e:
                     self._fault(CLIENT_MEMORY, iova, size, False, device, self._memory_text(dma, off, n, e))
             return b"".join(chunks)
@@ -60,6 +72,17 @@ class Type1DmaSpace(FaultLogged):
         iommu = self._iommu
         data = bytes(data)
         with iommu.lock:
+            dma = iommu.dmas.containing(iova)
+            if dma is not None and dma.shared is not None and 0 < len(data) <= dma.iova + dma.size - iova and \
+                    dma.prot & VFIO_DMA_MAP_FLAG_WRITE:
+                off = iova - dma.iova  # one mapping with a window, as in dma_read
+                try:
+                    dma.shared.write(off, data)
+                except OSError as e:
+                    self._fault(CLIENT_MEMORY, iova, len(data), True, device, self._memory_text(dma, off, len(data), e))
+                if iommu.dirty_page_tracking:
+                    iommu.mark_dirty(dma, off, len(data))
+                return
             # Every segment is translated and permitted, and its memory is there,
             # before a byte moves.  Past that, as on hardware, what is written
             # stays written: memory vanishing part way faults the rest, and
@@ -67,14 +90,16 @@ class Type1DmaSpace(FaultLogged):
             segments = self._translate(iova, len(data), True, device)
             if len(segments) > 1:
                 for dma, off, n in segments:
+                    memory, addr = dma.memory_at(off)
                     try:
-                        dma.owner.memory.read(dma.vaddr + off, 1)
+                        memory.read(addr, 1)
                     except OSError as e:
                         self._fault(CLIENT_MEMORY, iova, len(data), True, device, self._memory_text(dma, off, n, e))
             pos = 0
             for dma, off, n in segments:
+                memory, addr = dma.memory_at(off)
                 try:
-                    dma.owner.memory.write(dma.vaddr + off, data[pos:pos + n])
+                    memory.write(addr, data[pos:pos + n])
                 except OSError as e:
                     self._fault(CLIENT_MEMORY, iova, len(data), True, device, self._memory_text(dma, off, n, e))
                 pos += n
@@ -91,7 +116,13 @@ class Type1DmaSpace(FaultLogged):
         instead of a transfer per page.  An entry the IOMMU
         refuses faults the read, as ``dma_read`` would.
         """
+        segments = segments if isinstance(segments, (list, tuple)) else list(segments)
         with self._iommu.lock:
+            window, dma = self._one_window(segments, False)
+            if window is not None:
+                data = window.readv(segments, dma.iova)
+                if data is not None:
+                    return data
             runs, refused = self._runs(segments, False, device)
             if refused is not None:
                 raise refused
@@ -114,8 +145,15 @@ class Type1DmaSpace(FaultLogged):
         one write of client memory per contiguous run, as ``dma_readv``.
         """
         view = memoryview(data).cast("B")
+        segments = segments if isinstance(segments, (list, tuple)) else list(segments)
         iommu = self._iommu
         with iommu.lock:
+            window, dma = self._one_window(segments, True)
+            if window is not None and window.writev(segments, view, dma.iova):
+                if iommu.dirty_page_tracking:
+                    for iova, n in segments:
+                        iommu.mark_dirty(dma, iova - dma.iova, n)
+                return
             runs, refused = self._runs(segments, True, device)
             pos = 0
             done = self._in_one_copy(runs, "writev", view[:sum(run[2] for run in runs)])
@@ -131,6 +169,16 @@ class Type1DmaSpace(FaultLogged):
                         iommu.mark_dirty(dma, off, n)
             if refused is not None:
                 raise refused
+
+    def _one_window(self, segments, write: bool):
+        """``(window, mapping)`` when the mapping of the scatter list's first entry has a window onto
+        the client's pages (it exists only while the mapping is in the container with a valid vaddr)
+        and allows the direction: the window moves the whole list in one call if every entry is
+        inside that mapping, which it checks before a byte moves; ``(None, None)`` otherwise."""
+        dma = self._iommu.dmas.containing(segments[0][0]) if segments else None
+        if dma is None or dma.shared is None or not (dma.writable if write else dma.readable):
+            return None, None
+        return dma.shared, dma
 
     @staticmethod
     def _in_one_copy(runs, verb: str, *data):
@@ -162,7 +210,7 @@ class Type1DmaSpace(FaultLogged):
                 if translated:
                     held = translated[-1][0]
             for dma, off, n in translated:
-                memory, vaddr = dma.owner.memory, dma.vaddr + off
+                memory, vaddr = dma.memory_at(off)
                 if runs:
                     last = runs[-1]
                     if last[0] is memory and last[1] + last[2] == vaddr:

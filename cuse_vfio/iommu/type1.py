@@ -24,6 +24,8 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import VfioError
+from ..memory import ProcessImage
+from ..memory.shared import SharedWindow, pin_shared, window_for
 from ..uapi import (
     VFIO_CHECK_EXTENSION,
     VFIO_DMA_CC_IOMMU,
@@ -124,7 +126,7 @@ def iova_ranges(aperture: Tuple[int, int], reserved: Sequence[Tuple[int, int]]) 
     return ranges
 
 
-def _pin(owner, vaddr: int, size: int, write: bool) -> None:
+def _pin(owner, vaddr: int, size: int, write: bool) -> Optional[SharedWindow]:
     """Stand-in for ``vfio_pin_map_dma``: the memory must exist now (EFAULT if not).
 
     The kernel pins every page, with FOLL_WRITE when the device may write,
@@ -132,9 +134,14 @@ def _pin(owner, vaddr: int, size: int, write: bool) -> None:
     An address space that can ``probe(addr, size, write)`` without touching
     the bytes is asked that; otherwise the first and the last byte are
     read, and pages unmapped (or read-only) in between fault at DMA time.
+    A client's memory that is a shared file of memory is mapped into the
+    server as well (``memory.shared``, in the same probe): the window is
+    returned, the mapping's DMA goes there.
     """
     memory = owner.memory
     try:
+        if isinstance(memory, ProcessImage):
+            return pin_shared(memory, vaddr, size, write)
         probe = getattr(memory, "probe", None)
         if probe is not None:
             probe(vaddr, size, write)
@@ -146,16 +153,23 @@ def _pin(owner, vaddr: int, size: int, write: bool) -> None:
         raise VfioError(errno.EFAULT, f"MAP_DMA: pid {getattr(owner, 'pid', '?')} has no "
                                       f"{'writable ' if write else ''}memory at vaddr "
                                       f"[0x{vaddr:x}, 0x{vaddr + size:x}): {e.strerror}") from None
+    return None
 
 
-def _account(owner, size: int):
+def _account(owner, size: int, dma: Optional[DmaMapping] = None):
     """vfio_lock_acct: the owner's memory counts ``size`` more pinned bytes (ENOMEM past its
-    RLIMIT_MEMLOCK); returns that memory, or None for memory that keeps no account."""
+    RLIMIT_MEMLOCK); returns that memory, or None for memory that keeps no account.  When it
+    fails, the window ``_pin`` made for ``dma`` goes."""
     memory = owner.memory
     account = getattr(memory, "account_pinned", None)
     if account is None:
         return None
-    account(size)
+    try:
+        account(size)
+    except VfioError:
+        if dma is not None:
+            dma.drop_shared()
+        raise
     return memory
 
 
@@ -490,12 +504,12 @@ class Type1Iommu:
             if not self._iova_valid(iova, iova + size - 1):
                 raise VfioError(errno.EINVAL, f"MAP_DMA: [0x{iova:x}, 0x{iova + size - 1:x}] is not inside one "
                                               f"valid IOVA range {self._ranges_text()}")
-            _pin(owner, vaddr, size, bool(prot & VFIO_DMA_MAP_FLAG_WRITE))
             dma = DmaMapping(iova, size, vaddr, prot, owner)
+            dma.shared = _pin(owner, vaddr, size, bool(prot & VFIO_DMA_MAP_FLAG_WRITE))
             # vfio_pin_pages_remote: with disable_hugepages every page is pinned
             # and given to iommu_map alone, so no superpage ever backs it
             dma.iommu_pgsizes = pgsize if self.driver.disable_hugepages else self.pgsize_bitmap
-            dma.pinned_in = _account(owner, size)
+            dma.pinned_in = _account(owner, size, dma)
             self._recent_memory = dma.pinned_in
             if self.dirty_page_tracking:
                 dma.dirty = dirty.new_bitmap(self, dma)
@@ -518,6 +532,8 @@ class Type1Iommu:
         dma.owner = owner
         dma.vaddr = vaddr
         dma.vaddr_invalid = False
+        # The new vaddr's pages, mapped here if they are a shared file (QEMU's cpr-exec maps its memfd again)
+        dma.shared = window_for(owner.memory, vaddr, dma.size, dma.writable)
         self.vaddr_invalid_count -= 1
 
     def _iova_valid(self, start: int, end: int) -> bool:
@@ -616,6 +632,7 @@ class Type1Iommu:
             raise VfioError(errno.EINVAL, f"UNMAP_DMA with VADDR: {already!r} is already invalidated")
         for dma in victims:
             dma.vaddr_invalid = True
+            dma.drop_shared()  # no DMA reaches it until the vaddr is updated
         self.vaddr_invalid_count += len(victims)
         return sum(dma.size for dma in victims)
 
@@ -641,6 +658,7 @@ class Type1Iommu:
 
     def _forget(self, dmas: List[DmaMapping]) -> None:
         for dma in dmas:
+            dma.drop_shared()
             if dma.vaddr_invalid:
                 self.vaddr_invalid_count -= 1
             if dma.pinned_in is not None:

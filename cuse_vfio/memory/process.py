@@ -20,7 +20,9 @@ except on a thread that must go on serving (``serving_thread``: the loop and
 every thread that runs handlers): there ``CopyStalled`` hands the copy,
 still running, to whoever can wait for it with nothing held, and a DMA
 (``ProcessImage``) faults.  A copy that does not finish fails as a faulting
-copy does (EFAULT) and is left to its copier.
+copy does (EFAULT) and is left to its copier.  The one exception, copies a
+thread makes on its own while it holds nothing, watched by a guard instead,
+is :mod:`.inline`.
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ class _TgidCache:
             return False
         try:
             signal.pidfd_send_signal(fd, 0)
-            os.stat(f"/proc/{tgid}/task/{tid}")
+            if tid != tgid:  # a leader's tid is its tgid as long as the pidfd's process lives
+                os.stat(f"/proc/{tgid}/task/{tid}")
         except OSError:
             return False
         return True
@@ -705,9 +708,14 @@ _capget.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
 
 def has_capability(pid: int, cap: int) -> bool:
     """Whether thread or process ``pid`` has ``cap`` in its effective set now (capget(2))."""
-    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, pid)
-    data = (_CapData * 2)()
-    if _capget(ctypes.addressof(header), ctypes.addressof(data)) != 0:
+    try:
+        header, data, args = _thread.capget
+    except AttributeError:  # this thread's first: its own buffers, made once
+        header, data = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0), (_CapData * 2)()
+        args = (ctypes.addressof(header), ctypes.addressof(data))
+        _thread.capget = header, data, args
+    header.version, header.pid = _LINUX_CAPABILITY_VERSION_3, pid
+    if _capget(*args) != 0:
         return False
     return bool(data[cap // 32].effective >> (cap % 32) & 1)
 

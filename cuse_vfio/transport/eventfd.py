@@ -8,26 +8,31 @@ serves every eventfd with two threads:
 
 * the *watch* thread waits for any watched eventfd to become readable,
   consumes it and calls back;
-* the *writer* thread delivers the signals that cannot be written at once.
-  The client owns the file's blocking mode (``O_NONBLOCK`` is per open file
-  description, shared with the client, so the server must not change it;
-  ``RWF_NOWAIT`` is refused for eventfd writes) and a client that fills the
-  counter to 2^64-2 would block a write for ever.  So ``signal()`` writes
-  inline, from the raising thread, only when the file is non-blocking (QEMU,
-  DPDK and SPDK make theirs so) and nothing is pending for it: a full counter
-  then answers EAGAIN and the count goes to the writer, which polls
-  ``POLLOUT`` and writes only what fits.  A blocking file always goes through
-  the writer.  A client that clears ``O_NONBLOCK`` and fills its counter
-  between the check and the write would block the raising thread: the writer
-  wakes every second, and an inline write older than that has the client's
-  counter consumed (through the server's duplicate) so it completes; a
-  client that races its own writes can at worst stall the writer thread and
+* the *guard* thread watches over signals.  ``signal()`` is the kernel's
+  ``eventfd_signal``: it adds to the counter at once, from the raising
+  thread, never blocks, and at the top of the counter it saturates (what
+  does not fit is dropped; the client's counter is not zero, so it has its
+  interrupt).  The kernel's counter tops out at 2^64-1, one more than a
+  write can reach, so a full counter here reads 2^64-2.  The client owns the
+  file's blocking mode (``O_NONBLOCK`` is per open file description, shared
+  with the client, so the server must not change it; ``RWF_NOWAIT`` is
+  refused for eventfd writes): a non-blocking file is written at once, a
+  full counter answering EAGAIN; a blocking one is asked first whether it
+  has room (``POLLOUT``: room for 1; a larger count reads the room from
+  fdinfo).  A client that clears ``O_NONBLOCK`` (or fills its counter)
+  between the check and the write would block the raising thread: the guard
+  wakes every second, and a write older than that has the client's counter
+  consumed so it completes; a client that races its own writes can at worst
   lose its count, never hold the serving loop or a device lock.
 
-Each thread works on its own duplicate of the eventfd and is the only one to
-close it, so ``release()`` and ``cancel()`` close nothing another thread may
-still be polling or writing, never wait, and a number reused by a later open
-is never touched.
+The signal is the interrupt's hot path: no thread hop, no lock but the
+eventfd's own, two system calls (``F_GETFL``, the write) for a non-blocking
+file, nothing allocated but the write's start time.
+
+The watch thread works on its own duplicate of each watched eventfd and is
+the only one to close it, so ``release()`` and ``cancel()`` close nothing it
+may still be polling, never wait, and a number reused by a later open is
+never touched.
 """
 
 from __future__ import annotations
@@ -46,9 +51,12 @@ from ..errors import VfioError
 
 log = logging.getLogger(__name__)
 _COUNT = struct.Struct("<Q")
+_ONE = _COUNT.pack(1)
+_F_GETFL = fcntl.F_GETFL
+_O_NONBLOCK = os.O_NONBLOCK
 #: The largest counter an eventfd holds; a write that would pass it blocks.
 _EFD_MAX = (1 << 64) - 2
-#: How long an inline write may block before the writer consumes the counter it waits on.
+#: How long a signal's write may block before the guard consumes the counter it waits on.
 _INLINE_PATIENCE = 1.0
 
 
@@ -87,19 +95,51 @@ class ClientEventfd:
         self.owner = owner
         self._watches: List[Callable[[], None]] = []
         self._lock = threading.Lock()
+        self._room_poll: Optional[select.poll] = None
 
     def __repr__(self) -> str:
         return f"ClientEventfd(fd={self.fd}{', ' + self.owner if self.owner else ''})"
 
     def signal(self, value: int = 1) -> None:
-        """Add ``value`` to the client's counter, soon; never blocks."""
+        """Add ``value`` to the client's counter now, saturating at its top; never blocks (eventfd_signal)."""
         with self._lock:
-            if self.fd < 0:
+            fd = self.fd
+            if fd < 0 or value <= 0:
                 return
+            poller = self.poller
+            if not poller.guarding and not poller.start_guard():
+                return  # the server is stopping
+            # Listed while the write is under way, for the guard to unblock (see the module).
+            inline = poller.inline
+            inline[self] = time.monotonic()
             try:
-                self.poller.signal(self, self.fd, value)
+                if fcntl.fcntl(fd, _F_GETFL) & _O_NONBLOCK:
+                    try:
+                        os.write(fd, _ONE if value == 1 else _COUNT.pack(value))
+                        return
+                    except BlockingIOError:
+                        if value == 1:
+                            return  # full: saturated
+                elif value == 1:
+                    if self._has_room(fd):
+                        os.write(fd, _ONE)
+                    return
+                room = min(value, _room(fd))  # a count larger than the room: what fits
+                if room:
+                    os.write(fd, _COUNT.pack(room))
+            except BlockingIOError:
+                pass  # the client filled it meanwhile: saturated
             except OSError as e:
                 log.warning("%r: signal failed: %s", self, e.strerror)
+            finally:
+                del inline[self]
+
+    def _has_room(self, fd: int) -> bool:
+        """A blocking file: whether a write of 1 would not block (eventfd's POLLOUT)."""
+        if self._room_poll is None:
+            self._room_poll = select.poll()
+            self._room_poll.register(fd, select.POLLOUT)
+        return bool(self._room_poll.poll(0))
 
     def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` each time the client writes the eventfd; returns the cancel function.
@@ -127,33 +167,22 @@ class ClientEventfd:
         for cancel in watches:
             cancel()
         if fd >= 0:
-            self.poller.forget(self)
+            self.poller.forget(self)  # the guard no longer reads it once this returns
             os.close(fd)
 
 
 class _Watched:
-    """One watched eventfd: the watch thread's duplicate and the callbacks."""
+    """One watched eventfd: the watch thread's duplicate and the callbacks (replaced, never changed)."""
 
     __slots__ = ("fd", "callbacks")
 
     def __init__(self, fd: int):
         self.fd = fd
-        self.callbacks: List[Callable[[], None]] = []
-
-
-class _Signalled:
-    """One signalled eventfd: the writer thread's duplicate and the count not yet written."""
-
-    __slots__ = ("fd", "count", "released")
-
-    def __init__(self, fd: int):
-        self.fd = fd
-        self.count = 0
-        self.released = False
+        self.callbacks: Tuple[Callable[[], None], ...] = ()
 
 
 class EventfdPoller:
-    """The watch thread and the writer thread of a server's eventfds (see the module)."""
+    """The watch thread and the guard thread of a server's eventfds (see the module)."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -164,13 +193,16 @@ class EventfdPoller:
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._thread: Optional[threading.Thread] = None
         self._watch_exited = False
-        # The writer thread.
-        self._signalled: Dict[object, _Signalled] = {}
-        self._wwake_r, self._wwake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._writer: Optional[threading.Thread] = None
-        self._writer_exited = False
-        #: inline writes under way: key -> (fd, when it started)
-        self._inline: Dict[object, Tuple[int, float]] = {}
+        self._watch_set_changed = False  # for the watch thread to update its poll set
+        # The guard thread.
+        self._gwake_r, self._gwake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._guard: Optional[threading.Thread] = None
+        #: signals under way: eventfd -> when its write started.  Signalling threads add and
+        #: remove entries without the lock (the eventfd's own lock orders them); the guard reads
+        #: it under the lock, which keeps a listed fd open (release() forgets under it first).
+        self.inline: Dict[ClientEventfd, float] = {}
+        #: the guard thread runs (until the server stops)
+        self.guarding = False
 
     # -- watches -----------------------------------------------------------------------
     def add(self, fd: int, callback: Callable[[], None], key: object = None) -> Callable[[], None]:
@@ -182,7 +214,8 @@ class EventfdPoller:
             watched = self._watched.get(key)
             if watched is None:
                 watched = self._watched[key] = _Watched(os.dup(fd))
-            watched.callbacks.append(callback)
+                self._watch_set_changed = True
+            watched.callbacks += (callback,)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="cuse-vfio-eventfd", daemon=True)
                 self._thread.start()
@@ -194,10 +227,12 @@ class EventfdPoller:
             with self._lock:
                 if self._watched.get(key) is not watched or callback not in watched.callbacks:
                     return
-                watched.callbacks.remove(callback)
+                i = watched.callbacks.index(callback)
+                watched.callbacks = watched.callbacks[:i] + watched.callbacks[i + 1:]
                 if watched.callbacks:
                     return
                 del self._watched[key]
+                self._watch_set_changed = True
                 if self._watch_exited:
                     _close(watched.fd)
                     return
@@ -207,19 +242,28 @@ class EventfdPoller:
         return cancel
 
     def _run(self) -> None:
+        # One poll set, changed only when the watched eventfds change (not each interrupt).
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        by_fd: Dict[int, _Watched] = {}
         try:
             while True:
                 with self._lock:
                     closing, self._unwatched = self._unwatched, []
                     if self._stopping:
                         break
-                    by_fd = {w.fd: w for w in self._watched.values()}
-                for fd in closing:  # not in this round's poll set, nor any later one
+                    now = None
+                    if self._watch_set_changed:
+                        self._watch_set_changed = False
+                        now = {w.fd: w for w in self._watched.values()}
+                if now is not None:
+                    for fd in by_fd.keys() - now.keys():
+                        poller.unregister(fd)
+                    for fd in now.keys() - by_fd.keys():
+                        poller.register(fd, select.POLLIN)
+                    by_fd = now
+                for fd in closing:  # out of the poll set above, nor in any later one
                     _close(fd)
-                poller = select.poll()
-                poller.register(self._wake_r, select.POLLIN)
-                for fd in by_fd:
-                    poller.register(fd, select.POLLIN)
                 for fd, mask in poller.poll():
                     if fd == self._wake_r:
                         _drain(self._wake_r)
@@ -230,7 +274,7 @@ class EventfdPoller:
                         # returned, a later write stays unread by the server.
                         if watched.fd in self._unwatched or not self._consume(fd):
                             continue
-                        callbacks = list(watched.callbacks)
+                        callbacks = watched.callbacks
                     for callback in callbacks:
                         try:
                             callback()
@@ -261,162 +305,67 @@ class EventfdPoller:
                 return True
             return False
 
-    # -- signals -----------------------------------------------------------------------
-    def signal(self, key: object, fd: int, value: int = 1) -> None:
-        """Add ``value`` to eventfd ``fd`` (identified by ``key``): inline when it cannot block, else later."""
-        if value <= 0:
-            return
+    # -- the guard of signals ------------------------------------------------------------
+    def start_guard(self) -> bool:
+        """The guard thread runs from the first signal on; False once the server is stopping."""
         with self._lock:
-            if self._stopping:
-                return
-            entry = self._signalled.get(key)
-            inline = entry is None or entry.count == 0
-            if inline:
-                self._inline[key] = (fd, time.monotonic())
-                if self._writer is None:
-                    self._start_writer()  # it watches over inline writes too
-        if inline:
-            try:
-                if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK:
-                    os.write(fd, _COUNT.pack(value))
-                    return
-            except BlockingIOError:
-                pass  # the counter is full: the writer waits for room
-            finally:
-                with self._lock:
-                    self._inline.pop(key, None)
-        self._later(key, fd, value)
+            if not self._stopping and self._guard is None:
+                self._guard = threading.Thread(target=self._guard_run, name="cuse-vfio-eventfd-guard", daemon=True)
+                self._guard.start()
+                self.guarding = True
+            return self.guarding
 
-    def _later(self, key: object, fd: int, value: int) -> None:
-        """Add ``value`` to what the writer thread delivers to ``fd`` once it has room."""
+    def forget(self, key: "ClientEventfd") -> None:
+        """``key`` is being released: once this returns, the guard no longer reads its fd."""
         with self._lock:
-            if self._stopping:
-                return
-            entry = self._signalled.get(key)
-            if entry is None or entry.released:
-                entry = self._signalled[key] = _Signalled(os.dup(fd))
-            entry.count = min(entry.count + value, _EFD_MAX)
-            self._start_writer()
-        _wake(self._wwake_w)
+            self.inline.pop(key, None)  # (its signal returned already: nothing is listed)
 
-    def _start_writer(self) -> None:
-        if self._writer is None:  # lock held
-            self._writer = threading.Thread(target=self._write_run, name="cuse-vfio-eventfd-signal", daemon=True)
-            self._writer.start()
-
-    def forget(self, key: object) -> None:
-        """The eventfd is released: the writer delivers what fits now, then closes its duplicate."""
-        with self._lock:
-            entry = self._signalled.pop(key, None)
-            if entry is None:
-                return
-            entry.released = True
-            if self._writer_exited:
-                _close(entry.fd)
-                return
-            self._signalled[(_Released, id(entry))] = entry
-        _wake(self._wwake_w)
-
-    def _write_run(self) -> None:
-        try:
-            while True:
-                with self._lock:
-                    if self._stopping:
-                        break
-                    for k, e in list(self._signalled.items()):
-                        if e.released and e.count == 0:
-                            del self._signalled[k]
-                            _close(e.fd)
-                    due = [(k, e) for k, e in self._signalled.items() if e.count > 0]
-                poller = select.poll()
-                poller.register(self._wwake_r, select.POLLIN)
-                for _, e in due:
-                    poller.register(e.fd, select.POLLOUT)
-                writable = set()
-                # A timeout, so an inline write a client blocks is seen (see the module).
-                ready = poller.poll(_INLINE_PATIENCE * 1000)
-                if self._inline:
-                    self._unblock_inline()
-                for fd, mask in ready:
-                    if fd == self._wwake_r:
-                        _drain(self._wwake_r)
-                    elif mask & select.POLLOUT:
-                        writable.add(fd)
-                    # POLLERR/POLLHUP do not happen on an eventfd; anything else is retried
-                for key, e in due:
-                    if e.fd in writable:
-                        self._deliver(e)
-                    if e.released:
-                        # One chance after release: what did not fit is dropped (the
-                        # counter is not zero then, so the client has its interrupt).
-                        with self._lock:
-                            e.count = 0
-        finally:
-            with self._lock:
-                self._writer_exited = True
-                entries = list(self._signalled.values())
-                self._signalled.clear()
-            for e in entries:
-                _close(e.fd)
+    def _guard_run(self) -> None:
+        wake = select.poll()
+        wake.register(self._gwake_r, select.POLLIN)
+        while not self._stopping:
+            # A timeout, so a signal a client blocks is seen (see the module).
+            if wake.poll(_INLINE_PATIENCE * 1000):
+                _drain(self._gwake_r)
+            if self.inline:
+                self._unblock_inline()
 
     def _unblock_inline(self) -> None:
-        """Consume the counter an inline write has waited on too long, so the write completes."""
+        """Consume the counter a signal has waited on too long, so its write completes."""
         stale = time.monotonic() - _INLINE_PATIENCE
-        # Under the lock: an fd still listed is still open (signal() unlists it
-        # before it returns, and only then can the eventfd be released).  The
-        # read never blocks.
+        # Under the lock: an fd listed now stays open until it is released (release()
+        # forgets its eventfd under this lock before it closes the fd).  The read never
+        # blocks.  A snapshot: signalling threads add and remove entries without the lock.
         with self._lock:
-            for key, (fd, since) in self._inline.items():
-                if since < stale:
+            for key, since in list(self.inline.items()):
+                fd = key.fd  # -1: released since, so that write is over
+                if since < stale and fd >= 0:
                     log.warning("%r: a signal waited on a full counter for over %.0f s (the client made its "
                                 "eventfd blocking and filled it); its count is consumed", key, _INLINE_PATIENCE)
                     self._consume(fd)
-
-    def _deliver(self, e: _Signalled) -> None:
-        # POLLOUT guarantees room for 1; more only as far as the counter shows room.
-        with self._lock:
-            n = e.count
-        if n > 1:
-            n = max(1, min(n, _room(e.fd)))
-        with self._lock:
-            e.count -= n
-        try:
-            os.write(e.fd, _COUNT.pack(n))  # blocks only if the client raced us to the top
-        except BlockingIOError:
-            with self._lock:  # the client's file is non-blocking and it raced us: retry later
-                e.count = min(e.count + n, _EFD_MAX)
-        except OSError as err:
-            log.warning("eventfd: signal failed: %s", err.strerror)
 
     # -- teardown ----------------------------------------------------------------------
     def stop(self) -> None:
         with self._lock:
             self._stopping = True
-            threads = [(self._thread, self._wake_r, self._wake_w), (self._writer, self._wwake_r, self._wwake_w)]
+            self.guarding = False
+            threads = [(self._thread, self._wake_r, self._wake_w), (self._guard, self._gwake_r, self._gwake_w)]
         for _, _, w in threads:
             _wake(w)
         for thread, r, w in threads:
             if thread is not None:
                 thread.join(timeout=5)
                 if thread.is_alive():
-                    # Stuck in a callback or a raced write: it still uses its pipe.
+                    # Stuck in a callback: it still uses its pipe.
                     log.warning("%s did not stop; leaving it", thread.name)
                     continue
             _close(r)
             _close(w)
-        with self._lock:  # duplicates of a thread that never started
+        with self._lock:  # duplicates of a watch thread that never started
             if self._thread is None:
                 for watched in self._watched.values():
                     _close(watched.fd)
                 self._watched.clear()
-            if self._writer is None:
-                for e in self._signalled.values():
-                    _close(e.fd)
-                self._signalled.clear()
-
-
-class _Released:
-    """Key tag of released eventfds still in the writer's hands."""
 
 
 def _wake(fd: int) -> None:

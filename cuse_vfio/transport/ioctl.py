@@ -9,7 +9,9 @@ closed and its hold on the open is dropped first (``_ReplyLast``), as the
 kernel's fdputs precede the return of its ioctl.
 
 FUSE ioctls are restricted: the argument is read where it lies, through the
-calling thread (``ProcessMemory``).  No thread that runs handlers (the loop,
+calling thread (``ProcessMemory``); an argument struct is first read inline
+by the loop, with nothing held, and written back after the handler
+(:mod:`.argwindow`).  No thread that runs handlers (the loop,
 the workers, the stall pool: ``memory.serving_thread``) waits for a client's
 memory past ``STALL_CHECK``, since a handler may hold the model's lock; a
 copy still running then costs only its own request, which the runtime's stall
@@ -40,6 +42,7 @@ from ..dispatch import Dispatcher, RetryRequest
 from ..errors import VfioError
 from ..memory import CopyStalled, ProcessMemory, ResumedMemory, tgid_of
 from ..uapi.ioctls import VFIO_DEVICE_PCI_HOT_RESET, VFIO_GROUP_GET_DEVICE_FD, VFIO_GROUP_SET_CONTAINER, NodeKind
+from .argwindow import WINDOWED, Answered, ArgWindow, InlineArgs
 from .handles import Handle, HandleTable
 from .retry import CuseIoctlArg, RetryMemory, RetryState
 from .shim import Request, payload
@@ -136,6 +139,10 @@ class IoctlPath:
         self.secret = secret
         self._lock = threading.Lock()
         self._retries: Dict[Tuple[int, int], RetryState] = {}
+        self.args = InlineArgs(runtime)
+
+    def close(self) -> None:
+        self.args.close()
 
     # -- entry points ----------------------------------------------------------------------
     def restricted(self, rq: Request, r, handle: Handle) -> None:
@@ -145,14 +152,20 @@ class IoctlPath:
             self.submit(IoctlRequest.from_kernel(rq, r, handle, cuse=False))
             return
         tid = r.pid
-        caller = self.make_caller(tid, r.uid)
-        memory = ProcessMemory(tid)
         try:
-            result = self.dispatch(handle, cmd, r.arg, caller, memory)
-        finally:
-            caller.done()
-        if memory.stalled is None and not memory.pending:
-            rq.ioctl(result)
+            memory = self.args.fetch(rq, tid, r.arg) if cmd in WINDOWED[handle.kind] else ProcessMemory(tid)
+            caller = self.make_caller(tid, r.uid)
+            try:
+                result = self.dispatch(handle, cmd, r.arg, caller, memory)
+            finally:
+                caller.done()
+            if memory.stalled is None and not memory.pending:
+                if type(memory) is ArgWindow:
+                    result = self.args.write_back(rq, memory, result)
+                if not memory.pending:
+                    rq.ioctl(result)
+                    return
+        except Answered:
             return
         self.stalled(IoctlRequest.from_kernel(rq, r, handle, cuse=False), memory, result)
 

@@ -43,6 +43,8 @@ class Runtime:
         self._workers_count = workers
         self.loop: Optional[Loop] = None
         self.loop_thread: Optional[threading.Thread] = None
+        #: every thread that served the loop and may still be in a request (one stalled in a client's memory)
+        self._loop_threads: List[threading.Thread] = []
         self.workers: Optional[ThreadPoolExecutor] = None
         #: where requests whose client memory stalled are finished (a thread can wait for each
         #: stalled copy, so a stalling client never takes the workers from the others)
@@ -114,7 +116,13 @@ class Runtime:
         self.loop.add(session)
 
     def run_loop(self) -> None:
+        self.start_loop_thread()
+
+    def start_loop_thread(self) -> None:
+        """A thread that serves the loop: the first, or one that takes over from a thread that stalled
+        in a request (which leaves the loop once that request ends: ``retire_loop_thread``)."""
         self.loop_thread = threading.Thread(target=self._serve, name="cuse-vfio-loop", daemon=True)
+        self._loop_threads = [t for t in self._loop_threads if t.is_alive()] + [self.loop_thread]
         self.loop_thread.start()
 
     def _serve(self) -> None:
@@ -124,11 +132,21 @@ class Runtime:
             rc = self.loop.run()
         finally:
             serving_thread(False)
-        if rc != 0 and not self.stopping:
+        if rc < 0 and not self.stopping:
             log.error("the serving loop stopped: %s", os.strerror(-rc))
 
     def on_loop_thread(self) -> bool:
         return self.loop is not None and threading.get_ident() == self.loop.thread_ident
+
+    def leave_loop(self) -> None:
+        """No thread serves the loop until the next ``start_loop_thread`` runs."""
+        if self.loop is not None:
+            self.loop.thread_ident = None
+
+    def retire_loop_thread(self) -> None:
+        """This thread (another serves the loop now) leaves the loop once its request ends."""
+        if self.loop is not None:
+            self.loop.retire()
 
     def accepts_work(self) -> bool:
         return not self.stopping and self.workers is not None
@@ -167,11 +185,21 @@ class Runtime:
                 log.error("the serving loop did not stop; its mounts are detached, sessions left to process exit")
                 self.detach_mounts()
                 return
-        for session in reversed(self.sessions):
-            session.free()
+        for thread in self._loop_threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        stuck = [t for t in self._loop_threads if t.is_alive()]
+        if stuck:
+            # A thread the loop left is still in a request, waiting in a client's memory: it would
+            # answer through its session when the copy ends, so the sessions outlive this server.
+            log.error("%d thread(s) still wait in a client's memory; their mounts are detached, "
+                      "their sessions left to process exit", len(stuck))
+            self.detach_mounts()
+        else:
+            for session in reversed(self.sessions):
+                session.free()
+            if self.loop is not None:
+                self.loop.free()
         self.sessions.clear()
-        if self.loop is not None:
-            self.loop.free()
         # 4. Whatever clients still hold is gone now: release it like their exit would.
         release_all()
         if self.eventfd_poller is not None:

@@ -204,6 +204,7 @@ class Server:
     def stop(self) -> None:
         """Unmount, end every session, release every open; safe to call twice or after a failed start."""
         self.runtime.stop(self.STOP_TIMEOUT, self._release_all)
+        self.ioctls.close()
 
     def _release_all(self) -> None:
         self.device_files.drop_pending()

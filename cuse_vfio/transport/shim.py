@@ -258,7 +258,8 @@ class Session:
 
 
 class Loop:
-    """The one serving loop; ``run`` blocks (without the GIL) until ``stop``."""
+    """The one serving loop; ``run`` blocks (without the GIL) until ``stop``, or until a handler on
+    its thread calls ``retire`` (another thread took over): 0, 1 when retired, -errno."""
 
     def __init__(self):
         err = ffi.new("char[]", 256)
@@ -279,6 +280,11 @@ class Loop:
 
     def stop(self) -> None:
         lib.cv_loop_stop(self.ptr)
+
+    @staticmethod
+    def retire() -> None:
+        """From a handler: the calling thread leaves the loop once its request ends."""
+        lib.cv_loop_retire()
 
     def drain(self, session: Session) -> int:
         """Process what ``session`` has queued now; only from a handler on the loop thread."""

@@ -28,7 +28,7 @@ PARTS = (
     ("cuse_vfio/devices/virtio/backends.py", "loopback backend"),
     ("cuse_vfio/devices/virtio/", "virtio PCI transport: registers, notify, interrupts"),
     ("cuse_vfio/iommu/", "IOMMU (type1): translating every DMA"),
-    ("cuse_vfio/memory/", "client memory: process_vm_readv/writev"),
+    ("cuse_vfio/memory/", "client memory: the copier, shared windows"),
     ("cuse_vfio/devices/pci.py", "PCI framework: the DMA port (bus mastering checked in config space)"),
     ("cuse_vfio/devices/vfio_pci.py", "vfio-pci: the region access (split, guarded, routed to the BAR)"),
     ("cuse_vfio/devices/", "other device code"),

@@ -11,6 +11,14 @@
  * bytes as the range in and out, the kernel sends it again with them, and the
  * reply carries the 8 bytes back.
  *
+ * The floor of an interrupt on the same transport: NULL_SERVER_SET_EVENTFD
+ * (an ioctl on the FUSE file whose argument is an eventfd number of the
+ * caller) fetches that eventfd with pidfd_getfd, as cuse-vfio fetches the
+ * ones VFIO_DEVICE_SET_IRQS names, and from then on a pwrite at
+ * NULL_SERVER_SIGNAL_OFFSET signals it before the reply (edu's raise-IRQ
+ * write, answered by a null server); -1 lets it go.  The caller is one thread
+ * (the FUSE request names the calling thread; pidfd_open needs a process).
+ *
  *   null-server fuse MOUNTPOINT      serves MOUNTPOINT/node until SIGINT/SIGTERM
  *   null-server cuse NAME            serves /dev/NAME until SIGINT/SIGTERM
  */
@@ -22,16 +30,55 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
+#include <unistd.h>
 #include <linux/vfio.h>
 
 #define NODE_INO 2
+/* The same two in tests/bench/vfio-loop.c. */
+#define NULL_SERVER_SET_EVENTFD _IO('N', 1)
+#define NULL_SERVER_SIGNAL_OFFSET 0x60 /* edu's raise-IRQ register */
+
+/* The eventfd a pwrite at NULL_SERVER_SIGNAL_OFFSET signals, or -1. */
+static int signal_efd = -1;
+
+/* NULL_SERVER_SET_EVENTFD: the caller's eventfd FD fetched, or let go (FD -1); 0 or an errno. */
+static int set_eventfd(pid_t pid, int fd)
+{
+	int pidfd, mine;
+
+	if (signal_efd >= 0) {
+		close(signal_efd);
+		signal_efd = -1;
+	}
+	if (fd < 0)
+		return 0;
+	if ((pidfd = (int)syscall(SYS_pidfd_open, pid, 0)) < 0)
+		return errno;
+	mine = (int)syscall(SYS_pidfd_getfd, pidfd, fd, 0);
+	close(pidfd);
+	if (mine < 0)
+		return errno;
+	signal_efd = mine;
+	return 0;
+}
 
 static void null_ioctl(fuse_req_t req, fuse_ino_t ino, unsigned int cmd, void *arg, struct fuse_file_info *fi,
 		       unsigned flags, const void *in_buf, size_t in_bufsz, size_t out_bufsz)
 {
 	(void)ino; (void)fi; (void)flags; (void)in_buf; (void)in_bufsz; (void)out_bufsz;
+	if (cmd == NULL_SERVER_SET_EVENTFD && ino) {
+		int err = set_eventfd(fuse_req_ctx(req)->pid, (int)(intptr_t)arg);
+
+		if (err)
+			fuse_reply_err(req, err);
+		else
+			fuse_reply_ioctl(req, 0, NULL, 0);
+		return;
+	}
 	if (cmd == VFIO_GROUP_GET_STATUS && ino) {
 		/* A restricted FUSE ioctl: the argument is in the caller (pid is its thread). */
 		struct vfio_group_status st;
@@ -62,7 +109,11 @@ static void null_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, st
 static void null_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
 		       struct fuse_file_info *fi)
 {
-	(void)ino; (void)buf; (void)off; (void)fi;
+	(void)ino; (void)buf; (void)fi;
+	if (off == NULL_SERVER_SIGNAL_OFFSET && signal_efd >= 0 && eventfd_write(signal_efd, 1)) {
+		fuse_reply_err(req, errno);
+		return;
+	}
 	fuse_reply_write(req, size);
 }
 

@@ -28,11 +28,18 @@
  *             are not timed                          |
  *   intx_cycle the whole of it: raise, eventfd, ack, | msi's, a null pwrite and a null ioctl
  *             unmask (VFIO_DEVICE_SET_IRQS)          |
+ *   msi_fuse, the same as msi and intx, against the  | a pwrite of the raise-IRQ register to the
+ *   intx_fuse same transport's floor                 |   null server (NULL_RW), which signals an
+ *                                                    |   eventfd of the client's (fetched as
+ *                                                    |   cuse-vfio fetches SET_IRQS's) before it
+ *                                                    |   answers; the eventfd polled and read
  *   dma_*     one command of dma-bench: COUNT DMA    | the same copies of the client's buffer by
  *             copies of SIZE bytes of the client's   |   another process, process_vm_readv or
  *             buffer (MAP_DMA'd), read (memory to    |   _writev (a scatter list: one remote
  *             the model) or write, one transfer or   |   iovec an entry), on a byte on a pipe,
  *             a scatter list of 4 KiB entries        |   answered by a byte when done
+ *   dma_*_shm the same on a second buffer, a shared   | the same on that buffer
+ *             memfd (QEMU's memory-backend-memfd)    |
  *   (bytes=B: the bytes one command moves, for bandwidth)
  *
  * VFIO_LOOP_ONLY=PREFIX measures only the operations whose name starts with
@@ -60,6 +67,8 @@
 #define EDU_IRQ_RAISE 0x60
 #define EDU_IRQ_ACK 0x64
 #define MAPPINGS 65535 /* type1's default dma_entry_limit */
+/* The null server's interrupt: its eventfd set by this ioctl (the same in tests/bench/null-server.c). */
+#define NULL_SERVER_SET_EVENTFD _IO('N', 1)
 /* dma-bench's registers (tests/bench/dma_model.py) */
 #define DMA_IOVA_LO 0x00
 #define DMA_IOVA_HI 0x04
@@ -70,16 +79,17 @@
 #define DMA_DONE 0x18
 #define DMA_BUF_SIZE (1 << 20)
 #define DMA_BUF_IOVA ((uint64_t)1 << 32) /* above what the other mappings take */
+#define DMA_SHM_IOVA (DMA_BUF_IOVA + 2 * DMA_BUF_SIZE)
 #define DMA_MAX_SEGMENTS (DMA_BUF_SIZE / 4096)
 
-static int null_fd, null_rw_fd, container, group, device, efd, floor_efd, floor_pipe;
+static int null_fd, null_rw_fd, container, group, device, efd, floor_efd, floor_pipe, fuse_efd;
 static int dma_device, dma_cmd_pipe, dma_done_pipe;
-static void *page, *dma_buf;
+static void *page, *dma_buf, *dma_shm;
 /* Time an operation spent on what it does but is not measuring (the INTx ack and unmask). */
 static double untimed_ns;
 /* The DMA command now measured: what dma-bench is set to, and what the floor's process is sent. */
 static struct dma_cmd {
-	uint32_t write, size, count, segment;
+	uint32_t write, size, count, segment, shared;
 } dma_now;
 
 static void die(const char *what)
@@ -165,6 +175,7 @@ static int wait_eventfd(int fd)
 
 static int msi(void) { return write4(device, EDU_IRQ_RAISE, 1) || wait_eventfd(efd); }
 static int null_msi(void) { return write(floor_pipe, "x", 1) != 1 || wait_eventfd(floor_efd); }
+static int null_fuse_msi(void) { return write4(null_rw_fd, EDU_IRQ_RAISE, 1) || wait_eventfd(fuse_efd); }
 
 /* What a client does after an INTx: the device's interrupt acknowledged (its
  * line lowered), then VFIO's automask lifted, as QEMU does without KVM. */
@@ -233,15 +244,39 @@ static void open_vfio(const char *cpath, const char *gpath, const char *bdf)
 	set_irq(VFIO_PCI_MSI_IRQ_INDEX, efd, "VFIO_DEVICE_SET_IRQS (MSI)");
 }
 
+/* The client's DMA buffer: anonymous memory, or a shared memfd (as QEMU's guest RAM with
+ * memory-backend-memfd), filled with 0x5a and mapped for DMA both ways at iova. */
+static void *dma_buffer(int shared, uint64_t iova)
+{
+	struct vfio_iommu_type1_dma_map map = {
+		.argsz = sizeof(map), .flags = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
+		.iova = iova, .size = DMA_BUF_SIZE,
+	};
+	int fd = -1;
+	void *buf;
+
+	if (shared && ((fd = memfd_create("dma-bench", MFD_CLOEXEC)) < 0 || ftruncate(fd, DMA_BUF_SIZE)))
+		die("memfd_create");
+	buf = mmap(NULL, DMA_BUF_SIZE, PROT_READ | PROT_WRITE, shared ? MAP_SHARED : MAP_PRIVATE | MAP_ANONYMOUS,
+		   fd, 0);
+	/* Not in the processes forked later (as QEMU and DPDK keep DMA memory): no copy-on-write
+	 * sharing with them, so neither the floor's copies nor the model's ever break it. */
+	if (buf == MAP_FAILED || madvise(buf, DMA_BUF_SIZE, MADV_DONTFORK))
+		die("mmap");
+	if (fd >= 0)
+		close(fd);
+	memset(buf, 0x5a, DMA_BUF_SIZE);
+	map.vaddr = (uintptr_t)buf;
+	if (ioctl(container, VFIO_IOMMU_MAP_DMA, &map))
+		die("MAP_DMA (a DMA buffer)");
+	return buf;
+}
+
 /* dma-bench: its group in the same container, memory decoding and bus mastering on,
- * and the client's buffer mapped for DMA both ways. */
+ * and the client's two buffers mapped for DMA both ways. */
 static void open_dma(const char *gpath, const char *bdf)
 {
 	uint16_t cmd = 0x0006; /* PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER */
-	struct vfio_iommu_type1_dma_map map = {
-		.argsz = sizeof(map), .flags = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
-		.iova = DMA_BUF_IOVA, .size = DMA_BUF_SIZE,
-	};
 	int g;
 
 	if ((g = open(gpath, O_RDWR)) < 0)
@@ -252,25 +287,16 @@ static void open_dma(const char *gpath, const char *bdf)
 		die("VFIO_GROUP_GET_DEVICE_FD (dma-bench)");
 	if (pwrite(dma_device, &cmd, 2, CONFIG_OFFSET + 4) != 2)
 		die("enabling dma-bench's bus mastering");
-	dma_buf = mmap(NULL, DMA_BUF_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	/* Not in the processes forked later (as QEMU and DPDK keep DMA memory): no copy-on-write
-	 * sharing with them, so neither the floor's copies nor the model's ever break it. */
-	if (dma_buf == MAP_FAILED || madvise(dma_buf, DMA_BUF_SIZE, MADV_DONTFORK))
-		die("mmap");
-	memset(dma_buf, 0x5a, DMA_BUF_SIZE);
-	map.vaddr = (uintptr_t)dma_buf;
-	if (ioctl(container, VFIO_IOMMU_MAP_DMA, &map))
-		die("MAP_DMA (the DMA buffer)");
-	if (write4(dma_device, DMA_IOVA_LO, (uint32_t)DMA_BUF_IOVA) || write4(dma_device, DMA_IOVA_HI, DMA_BUF_IOVA >> 32))
-		die("dma-bench IOVA");
+	dma_buf = dma_buffer(0, DMA_BUF_IOVA);
+	dma_shm = dma_buffer(1, DMA_SHM_IOVA);
 }
 
-static void unmap_dma_buf(void)
+static void unmap_dma_buf(uint64_t iova)
 {
-	struct vfio_iommu_type1_dma_unmap unmap = { .argsz = sizeof(unmap), .iova = DMA_BUF_IOVA, .size = DMA_BUF_SIZE };
+	struct vfio_iommu_type1_dma_unmap unmap = { .argsz = sizeof(unmap), .iova = iova, .size = DMA_BUF_SIZE };
 
 	if (ioctl(container, VFIO_IOMMU_UNMAP_DMA, &unmap) || unmap.size != DMA_BUF_SIZE)
-		die("UNMAP_DMA (the DMA buffer)");
+		die("UNMAP_DMA (a DMA buffer)");
 }
 
 /* The DMA floor's other process: each command on the pipe is COUNT copies of the client's
@@ -302,7 +328,7 @@ static void start_dma_floor(void)
 			struct iovec l = { local, c.size };
 
 			for (uint32_t pos = 0; pos < c.size && n < DMA_MAX_SEGMENTS; pos += seg, n++) {
-				remote[n].iov_base = (char *)dma_buf + pos;
+				remote[n].iov_base = (char *)(c.shared ? dma_shm : dma_buf) + pos;
 				remote[n].iov_len = c.size - pos < seg ? c.size - pos : seg;
 			}
 			for (uint32_t i = 0; i < c.count; i++)
@@ -382,17 +408,19 @@ static void measure(const char *name, int (*floor)(void), int (*op)(void), long 
 	fflush(stdout);
 }
 
-/* One DMA line: dma-bench set to COUNT copies of SIZE (SEGMENT: scatter-list entries), the
- * copies it completed checked against those asked for. */
+/* One DMA line: dma-bench set to COUNT copies of SIZE (SEGMENT: scatter-list entries) of the
+ * anonymous buffer or (shared) the memfd one, the copies it completed checked against those asked for. */
 static void measure_dma(const char *name, int write, uint32_t size, uint32_t count, uint32_t segment,
-			long n, int rounds)
+			int shared, long n, int rounds)
 {
+	uint64_t iova = shared ? DMA_SHM_IOVA : DMA_BUF_IOVA;
 	uint32_t before, after;
 
 	if (!wanted(name))
 		return;
-	dma_now = (struct dma_cmd){ .write = write, .size = size, .count = count, .segment = segment };
-	if (write4(dma_device, DMA_SIZE, size) || write4(dma_device, DMA_COUNT, count) ||
+	dma_now = (struct dma_cmd){ .write = write, .size = size, .count = count, .segment = segment, .shared = shared };
+	if (write4(dma_device, DMA_IOVA_LO, (uint32_t)iova) || write4(dma_device, DMA_IOVA_HI, iova >> 32) ||
+	    write4(dma_device, DMA_SIZE, size) || write4(dma_device, DMA_COUNT, count) ||
 	    write4(dma_device, DMA_SEGMENT, segment) || pread(dma_device, &before, 4, DMA_DONE) != 4)
 		die("setting dma-bench up");
 	measure(name, null_dma, dma, n, rounds);
@@ -429,31 +457,50 @@ int main(int argc, char **argv)
 	open_dma(argv[8], argv[9]);
 	start_signaller();
 	start_dma_floor();
+	if ((fuse_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) < 0)
+		die("eventfd");
+	if (ioctl(null_rw_fd, NULL_SERVER_SET_EVENTFD, fuse_efd))
+		die("NULL_SERVER_SET_EVENTFD");
 
 	measure("api", null_ioctl, api, n, rounds);
 	measure("status", null_status, status, n, rounds);
 	measure("cfg_read", null_read, cfg_read, n, rounds);
 	measure("bar_write", null_write, bar_write, n, rounds);
 	measure("msi", null_msi, msi, n, rounds);
+	measure("msi_fuse", null_fuse_msi, msi, n, rounds);
 	set_irq(VFIO_PCI_MSI_IRQ_INDEX, -1, "VFIO_DEVICE_SET_IRQS (MSI off)");
 	set_irq(VFIO_PCI_INTX_IRQ_INDEX, efd, "VFIO_DEVICE_SET_IRQS (INTx)");
 	measure("intx", null_msi, intx, n, rounds);
+	measure("intx_fuse", null_fuse_msi, intx, n, rounds);
 	measure("intx_cycle", null_intx_cycle, intx_cycle, n, rounds);
 	/* DMA: 1 MiB a command at 4 KiB a copy, 4 MiB at 1 MiB. */
 	long nd = n / 100 > 5 ? n / 100 : 5;
-	measure_dma("dma_read_4k", 0, 4096, 256, 0, nd, rounds);
-	measure_dma("dma_write_4k", 1, 4096, 256, 0, nd, rounds);
-	measure_dma("dma_read_1m", 0, DMA_BUF_SIZE, 4, 0, nd, rounds);
-	measure_dma("dma_write_1m", 1, DMA_BUF_SIZE, 4, 0, nd, rounds);
-	measure_dma("dma_readv_1m", 0, DMA_BUF_SIZE, 4, 4096, nd, rounds);
-	measure_dma("dma_writev_1m", 1, DMA_BUF_SIZE, 4, 4096, nd, rounds);
-	unmap_dma_buf();
+	for (int shared = 0; shared < 2; shared++) {
+		char name[32];
+		static const struct { const char *name; int write; uint32_t size, count, segment; } lines[] = {
+			{ "dma_read_4k", 0, 4096, 256, 0 },
+			{ "dma_write_4k", 1, 4096, 256, 0 },
+			{ "dma_read_1m", 0, DMA_BUF_SIZE, 4, 0 },
+			{ "dma_write_1m", 1, DMA_BUF_SIZE, 4, 0 },
+			{ "dma_readv_1m", 0, DMA_BUF_SIZE, 4, 4096 },
+			{ "dma_writev_1m", 1, DMA_BUF_SIZE, 4, 4096 },
+		};
+		for (size_t i = 0; i < sizeof(lines) / sizeof(lines[0]); i++) {
+			snprintf(name, sizeof(name), "%s%s", lines[i].name, shared ? "_shm" : "");
+			measure_dma(name, lines[i].write, lines[i].size, lines[i].count, lines[i].segment, shared,
+				    nd, rounds);
+		}
+	}
+	unmap_dma_buf(DMA_BUF_IOVA);
+	unmap_dma_buf(DMA_SHM_IOVA);
 	measure("map", null_two, map_unmap, n / 4, rounds);
 	/* 65,534 more mappings of the same page, 4 KiB apart below 1 << 31 (not timed). */
 	for (uint64_t i = 0; i < MAPPINGS - 1 && wanted("map_full"); i++)
 		if (map_at(0x10000000 + (i << 12)))
 			die("MAP_DMA (filling the container)");
 	measure("map_full", null_two, map_unmap, n / 4, rounds);
+	if (ioctl(null_rw_fd, NULL_SERVER_SET_EVENTFD, -1))
+		die("NULL_SERVER_SET_EVENTFD (-1)");
 	close(floor_pipe);
 	close(dma_cmd_pipe);
 	while (wait(NULL) > 0)

@@ -152,7 +152,8 @@ class MsiCapability(Capability):
         return self._config.get(self.offset + PCI_MSI_FLAGS, 2)
 
     def enabled(self) -> bool:
-        return bool(self._config.get(self.offset + PCI_MSI_FLAGS, 2) & PCI_MSI_FLAGS_ENABLE)
+        # MSI Enable is in the flags' low byte (as Multiple Message Enable is)
+        return bool(self._config.data[self.offset + PCI_MSI_FLAGS] & PCI_MSI_FLAGS_ENABLE)
 
     def enabled_vectors(self) -> int:
         return self._vectors_of(self.flags())
@@ -164,14 +165,19 @@ class MsiCapability(Capability):
         return self.per_vector_mask and bool(self._config.get(self._mask_reg, 4) >> vector & 1)
 
     def notify(self, vector: int) -> None:
-        flags = self._config.get(self.offset + PCI_MSI_FLAGS, 2)  # read once: enabled, and how many vectors
-        if not flags & PCI_MSI_FLAGS_ENABLE or vector >= self._vectors_of(flags):
+        # The flags' low byte, read once: enabled, and how many vectors (Multiple Message Enable)
+        flags = self._config.data[self.offset + PCI_MSI_FLAGS]
+        if not flags & PCI_MSI_FLAGS_ENABLE or vector >= self.vectors \
+                or vector >= 1 << ((flags & PCI_MSI_FLAGS_QSIZE) >> 4):
             return
         if self.per_vector_mask and self._masked(vector):
             pending = self._config.get(self._mask_reg + 4, 4)
             self._config.set(self._mask_reg + 4, 4, pending | (1 << vector))
             return
-        self._fn._send_msi(IrqIndex.MSI, vector)
+        fn = self.device
+        assert fn is not None, "only an added capability sends"
+        if fn.irq_sink is not None:
+            fn.irq_sink.msi_message(IrqIndex.MSI, vector)
 
     def _deliver_pending(self) -> None:
         if not self.per_vector_mask or not self.enabled():
@@ -250,13 +256,19 @@ class MsixCapability(Capability):
         return bool(self.flags() & PCI_MSIX_FLAGS_MASKALL) or self.entry_masked(vector)
 
     def notify(self, vector: int) -> None:
-        flags = self._config.get(self.offset + PCI_MSIX_FLAGS, 2)  # read once: enabled, and the function mask
+        # The flags' high byte, read once: enabled, and the function mask
+        flags = self._config.data[self.offset + PCI_MSIX_FLAGS + 1] << 8
         if not flags & PCI_MSIX_FLAGS_ENABLE or vector >= self.vectors:
             return
-        if flags & PCI_MSIX_FLAGS_MASKALL or self.entry_masked(vector):
+        # Vector Control's Mask Bit is bit 0 of the entry's last dword
+        if flags & PCI_MSIX_FLAGS_MASKALL or self.table[vector * PCI_MSIX_ENTRY_SIZE + PCI_MSIX_ENTRY_VECTOR_CTRL] \
+                & PCI_MSIX_ENTRY_CTRL_MASKBIT:
             self.pending |= 1 << vector
             return
-        self._fn._send_msi(IrqIndex.MSIX, vector)
+        fn = self.device
+        assert fn is not None, "only an added capability sends"
+        if fn.irq_sink is not None:
+            fn.irq_sink.msi_message(IrqIndex.MSIX, vector)
 
     def _deliver_pending(self) -> None:
         if not self.enabled():

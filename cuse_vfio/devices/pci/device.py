@@ -52,6 +52,18 @@ from .regs import (
 
 log = logging.getLogger(__name__)
 
+
+def _flag_byte(reg: int, flag: int):
+    """A one-bit flag of a little-endian config register: (the byte holding it, its mask there)."""
+    shift = (flag.bit_length() - 1) // 8
+    return reg + shift, flag >> 8 * shift
+
+
+#: the INTx bits of config space, read and set byte-wise on the interrupt path
+_INTR_AT, _INTR_BIT = _flag_byte(PCI_STATUS, PCI_STATUS_INTERRUPT)
+_INTX_DISABLE_AT, _INTX_DISABLE_BIT = _flag_byte(PCI_COMMAND, PCI_COMMAND_INTX_DISABLE)
+
+
 # -- deferred work ---------------------------------------------------------------
 class DeferredWork:
     """Work a device does later (QEMU's edu computes in a thread and DMAs on a timer).
@@ -176,7 +188,7 @@ class PciDevice:
         c = self.config
         c.init(PCI_VENDOR_ID, 2, self.vendor_id)
         c.init(PCI_DEVICE_ID, 2, self.device_id)
-        c.on_write(PCI_COMMAND, 2, lambda o, s: self._update_intx())
+        c.on_write(PCI_COMMAND, 2, self._update_intx)
         c.init(PCI_COMMAND, 2, 0, wmask=self._command_wmask())
         c.init(PCI_STATUS, 2, 0, w1c=PCI_STATUS_RW1C)
         c.init(PCI_REVISION_ID, 1, self.revision)
@@ -377,43 +389,63 @@ class PciDevice:
         A message for a disabled mechanism is dropped, as the hardware would;
         the host's masks and automasking are vfio-pci's business.
         """
-        # Messages first, and without the enum conversion: they are the hot path.
+        # Messages, then INTx, without the enum conversion: they are the hot path.
         if index == IrqIndex.MSI or index == IrqIndex.MSIX:
             cap = self.msi if index == IrqIndex.MSI else self.msix
             if cap is not None:
                 cap.notify(vector)
             return
-        index = IrqIndex(index)
-        if index is IrqIndex.INTX:
+        if index == IrqIndex.INTX:
             if not self.interrupt_pin:
                 raise ValueError(f"{self.name} has no INTx pin")
-            self._intx_level = True
-            self._update_intx()
-        elif index is IrqIndex.ERR:
+            if not self._intx_level:  # a level: raising it again changes nothing
+                self._intx_level = True
+                self._update_intx()
+        elif IrqIndex(index) is IrqIndex.ERR:
             self.signal_error()
         else:
             raise ValueError("a device cannot raise the REQ interrupt: the host does")
 
     def lower_irq(self, index: int = IrqIndex.INTX) -> None:
         """Deassert INTx (messages have nothing to lower)."""
-        if IrqIndex(index) is IrqIndex.INTX:
-            self._intx_level = False
-            self._update_intx()
+        if index == IrqIndex.INTX:
+            if self._intx_level:
+                self._intx_level = False
+                self._update_intx()
+        else:
+            IrqIndex(index)  # ValueError for what is no interrupt index
 
     def signal_error(self) -> None:
         """An uncorrectable error the host would learn about through AER (the ERR index)."""
         if self.irq_sink is not None:
             self.irq_sink.error_signal()
 
-    def _update_intx(self) -> None:
-        status = self.config.get(PCI_STATUS, 2)
-        self.config.set(PCI_STATUS, 2, (status | PCI_STATUS_INTERRUPT) if self._intx_level
-                        else (status & ~PCI_STATUS_INTERRUPT))
-        out = self._intx_level and not (self.command() & PCI_COMMAND_INTX_DISABLE)
+    def _update_intx(self, offset: int = PCI_COMMAND, size: int = 2) -> None:
+        # The Interrupt Status bit is the level; the line is the level unless INTx is disabled.
+        # (Also the hook of a command register write: offset and size say which.)
+        data = self.config.data
+        if self._intx_level:
+            data[_INTR_AT] |= _INTR_BIT
+            out = not data[_INTX_DISABLE_AT] & _INTX_DISABLE_BIT
+        else:
+            data[_INTR_AT] &= ~_INTR_BIT
+            out = False
         if out != self._intx_out:
             self._intx_out = out
             if self.irq_sink is not None:
                 self.irq_sink.intx_line(out)
+
+    def check_and_set_intx_mask(self, mask: bool) -> bool:
+        """The host's pci_check_and_{mask,unmask}_intx: set (``mask``) or clear INTx-disable,
+        only when the Interrupt Status bit says an interrupt is (or is not) pending; else False."""
+        data = self.config.data
+        if mask != bool(data[_INTR_AT] & _INTR_BIT):
+            return False
+        cmd = data[PCI_COMMAND] | data[PCI_COMMAND + 1] << 8
+        new = cmd | PCI_COMMAND_INTX_DISABLE if mask else cmd & ~PCI_COMMAND_INTX_DISABLE
+        if new != cmd:
+            self.config_write(PCI_COMMAND, 2, new)
+        return True
 
     def intx_asserted(self) -> bool:
         """The INTx line as the interrupt controller sees it."""

@@ -340,8 +340,11 @@ class VfioPciDevice:
     # -- DeviceOps: ioctl ----------------------------------------------------------
     def ioctl(self, cmd: int, arg) -> int:
         handler = self._ioctls.get(cmd)
-        # vfio_device_fops_unl_ioctl wakes the device around every ioctl (runtime PM)
-        with self.awake():
+        # vfio_device_fops_unl_ioctl wakes the device around every ioctl (runtime PM): awake(),
+        # spelled out as vfio_pci_rw does (SET_IRQS's INTx unmask is on the interrupt path)
+        pm = self.runtime_pm
+        with self.lock:
+            pm.get()
             try:
                 if handler is None:
                     raise VfioError(errno.ENOTTY, f"{self.name}: vfio-pci has no ioctl 0x{cmd:x}")
@@ -351,6 +354,8 @@ class VfioPciDevice:
             except Exception:
                 log.exception("%s: ioctl 0x%x failed unexpectedly", self.name, cmd)
                 raise VfioError(errno.EIO, f"{self.name}: ioctl failed (see the server log)") from None
+            finally:
+                pm.put()
 
     def _feature(self, arg) -> int:
         # Through a device fd the core routes VFIO_DEVICE_FEATURE itself (DeviceFile.ioctl);

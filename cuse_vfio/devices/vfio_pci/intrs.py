@@ -58,8 +58,6 @@ from ..pci import (
     PCI_COMMAND,
     PCI_COMMAND_INTX_DISABLE,
     PCI_INTERRUPT_PIN,
-    PCI_STATUS,
-    PCI_STATUS_INTERRUPT,
     MsiCapability,
     MsixCapability,
     PciDevice,
@@ -69,6 +67,9 @@ if TYPE_CHECKING:
     from .core import VfioPciDevice
 
 log = logging.getLogger(__name__)
+#: the minsz of GET_IRQ_INFO and SET_IRQS (offsetofend(..., count), as the kernel's)
+_IRQ_INFO_MINSZ = offsetofend(vfio_irq_info, "count")
+_IRQ_SET_MINSZ = offsetofend(vfio_irq_set, "count")
 
 
 # MSI and MSI-X vectors exist only with the capability: SET_IRQS checked the count against irq_count().
@@ -280,17 +281,21 @@ class IntxMasking:
             ctx.trigger.signal()
 
     def intx_fire(self) -> None:
-        """The line went up (vfio_intx_handler): mask it in the function, tell the user once."""
+        """The line went up (vfio_intx_handler): mask it, then tell the user once.
+
+        pci_2_3: only when the function says the interrupt is its own
+        (pci_check_and_mask_intx sets its INTx-disable bit); otherwise the line
+        is disabled at once (disable_irq_nosync).  The handler runs only while
+        the line is unmasked.
+        """
         ctx = self.intx
-        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX or ctx is None or ctx.trigger is None:
-            return  # no handler registered
-        if not self.pci_2_3:
-            if not ctx.masked:  # an enabled line: disable_irq_nosync, then tell the user
-                ctx.masked = True
-                self._send_intx_eventfd()
-        elif not ctx.masked and self._check_and_set_intx_mask(True):
-            ctx.masked = True
-            self._send_intx_eventfd()
+        if ctx is None or ctx.trigger is None or ctx.masked:
+            return  # no handler registered, or the line is masked
+        if self.pci_2_3 and not self.function.check_and_set_intx_mask(True):
+            return  # not its interrupt after all
+        ctx.masked = True
+        if not self.virq_disabled:  # vfio_send_intx_eventfd
+            ctx.trigger.signal()
 
     def intx_mask(self) -> bool:
         """vfio_pci_intx_mask: True when this masked INTx (it was not masked before)."""
@@ -308,18 +313,18 @@ class IntxMasking:
 
     def intx_unmask(self) -> None:
         """vfio_pci_intx_unmask: unmask, or re-send when the function still has an interrupt pending."""
-        if self.irq_type != VFIO_PCI_INTX_IRQ_INDEX:
+        ctx = self.intx
+        if ctx is None:  # INTx not in use
             if self.pci_2_3:
                 self._pci_intx(True)
             return
-        ctx = self._intx_ctx()
         if not ctx.masked or self.virq_disabled:
             return
         if not self.pci_2_3:
             ctx.masked = False  # enable_irq: a line still asserted runs the handler again at once
             if self.function.intx_asserted():
                 self.intx_fire()
-        elif self._check_and_set_intx_mask(False):
+        elif self.function.check_and_set_intx_mask(False):
             ctx.masked = False
         else:
             self._send_intx_eventfd()  # stays masked
@@ -331,16 +336,6 @@ class IntxMasking:
         new = (cmd & ~PCI_COMMAND_INTX_DISABLE) | (0 if enable else PCI_COMMAND_INTX_DISABLE)
         if new != cmd:
             fn.config_write(PCI_COMMAND, 2, new)
-
-    def _check_and_set_intx_mask(self, mask: bool) -> bool:
-        """pci_check_and_{mask,unmask}_intx: act only when the Interrupt Status bit agrees."""
-        fn = self.function
-        pending = bool(fn.config_read(PCI_STATUS, 2) & PCI_STATUS_INTERRUPT)
-        if mask != pending:
-            return False
-        self._pci_intx(not mask)
-        return True
-
 
 
 class Interrupts(IntxMasking):
@@ -363,6 +358,16 @@ class Interrupts(IntxMasking):
         self.pci_2_3 = True
         self.err_trigger = None
         self.req_trigger = None
+        #: (index, action) -> what SET_IRQS does (MSI and MSI-X cannot be masked; ERR is PCIe's)
+        self._actions: Dict[tuple, Callable[..., None]] = {
+            (VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_MASK): self._set_intx_mask,
+            (VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_UNMASK): self._set_intx_unmask,
+            (VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER): self._set_intx_trigger,
+            (VFIO_PCI_MSI_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER): self._set_msi_trigger,
+            (VFIO_PCI_MSIX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER): self._set_msi_trigger,
+            (VFIO_PCI_ERR_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER): self._set_err_trigger,
+            (VFIO_PCI_REQ_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER): self._set_req_trigger,
+        }
 
     # -- what the rest of vfio-pci asks -------------------------------------------
     def set_virq_disabled(self, disabled: bool) -> None:
@@ -415,7 +420,7 @@ class Interrupts(IntxMasking):
         return 0
 
     def get_irq_info(self, arg) -> int:
-        minsz = offsetofend(vfio_irq_info, "count")
+        minsz = _IRQ_INFO_MINSZ
         info = arg.fetch_struct(vfio_irq_info, minsz)
         if info.index >= VFIO_PCI_NUM_IRQS:
             raise VfioError(errno.EINVAL, f"{self.name}: no irq index {info.index}")
@@ -432,7 +437,7 @@ class Interrupts(IntxMasking):
 
     # -- SET_IRQS ------------------------------------------------------------------
     def set_irqs(self, arg) -> int:
-        minsz = offsetofend(vfio_irq_set, "count")
+        minsz = _IRQ_SET_MINSZ
         hdr = arg.fetch_struct(vfio_irq_set, minsz)
         size = set_irqs_validate_and_prepare(hdr, self.irq_count(hdr.index), VFIO_PCI_NUM_IRQS, minsz)
         data = arg.read(minsz, hdr.count * size) if size else b""
@@ -441,18 +446,8 @@ class Interrupts(IntxMasking):
     def _set_irqs_ioctl(self, flags: int, index: int, start: int, count: int, data: bytes, caller) -> int:
         """vfio_pci_set_irqs_ioctl: the action for this index, or ENOTTY."""
         action = flags & VFIO_IRQ_SET_ACTION_TYPE_MASK
-        func = None
-        if index == VFIO_PCI_INTX_IRQ_INDEX:
-            func = {VFIO_IRQ_SET_ACTION_MASK: self._set_intx_mask, VFIO_IRQ_SET_ACTION_UNMASK: self._set_intx_unmask,
-                    VFIO_IRQ_SET_ACTION_TRIGGER: self._set_intx_trigger}.get(action)
-        elif index in (VFIO_PCI_MSI_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX):
-            func = self._set_msi_trigger if action == VFIO_IRQ_SET_ACTION_TRIGGER else None  # no MSI masking
-        elif index == VFIO_PCI_ERR_IRQ_INDEX:
-            if action == VFIO_IRQ_SET_ACTION_TRIGGER and self.function.express is not None:
-                func = self._set_err_trigger
-        elif index == VFIO_PCI_REQ_IRQ_INDEX:
-            func = self._set_req_trigger if action == VFIO_IRQ_SET_ACTION_TRIGGER else None
-        if func is None:
+        func = self._actions.get((index, action))
+        if func is None or (index == VFIO_PCI_ERR_IRQ_INDEX and self.function.express is None):
             raise VfioError(errno.ENOTTY, f"{self.name}: action 0x{action:x} is not supported on irq index {index}")
         func(index, start, count, flags, data, caller)
         return 0
