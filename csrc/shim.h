@@ -46,7 +46,8 @@ enum cv_op {
 
 enum cv_kind { CV_KIND_FUSE = 0, CV_KIND_CUSE = 1 };
 
-/* One request, flattened; only the fields of its op are meaningful.
+/* One request, flattened; only the fields of its op are meaningful (reads and
+ * writes never come as one: cv_py_read, cv_py_write).
  * Valid only during the cv_py_request call: Python copies what it keeps. */
 struct cv_request {
 	int sid;               /* the session id Python gave */
@@ -59,11 +60,11 @@ struct cv_request {
 	uint64_t arg;          /* ioctl: the raw argument (a pointer into the caller) */
 	unsigned int ioctl_flags;
 	const char *name;      /* lookup */
-	const void *in_buf;    /* ioctl in data (CUSE retry), write data */
+	const void *in_buf;    /* ioctl in data (CUSE retry) */
 	size_t in_size;
 	size_t out_size;       /* ioctl: bytes the kernel will copy out */
-	int64_t size;          /* read size; SESSION_END: -errno */
-	int64_t off;           /* read/write offset, readdir offset */
+	int64_t size;          /* readdir size; SESSION_END: -errno */
+	int64_t off;           /* readdir offset */
 	int32_t pid;           /* the calling thread (a tid) */
 	uint32_t uid;
 	uint32_t gid;
