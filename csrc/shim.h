@@ -48,7 +48,7 @@ enum cv_kind { CV_KIND_FUSE = 0, CV_KIND_CUSE = 1 };
 
 /* One request, flattened; only the fields of its op are meaningful (reads and
  * writes never come as one: cv_py_read, cv_py_write).
- * Valid only during the cv_py_request call: Python copies what it keeps. */
+ * Valid only during the call that hands it over: Python copies what it keeps. */
 struct cv_request {
 	int sid;               /* the session id Python gave */
 	int op;
