@@ -35,7 +35,7 @@ import resource
 import signal
 import threading
 import weakref
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..errors import RetryRequest, VfioError
 from ._copier import ffi as _ffi
@@ -363,8 +363,9 @@ class ProcessImage:
         if not self.current(addr):
             raise self._gone()
 
-    def _query(self, addr: int, size: int, write: bool) -> bool:
-        """The probe through PROCMAP_QUERY; False if this kernel has none."""
+    def _query(self, addr: int, size: int, write: bool,
+               each: Optional[Callable[["_ProcmapQuery"], None]] = None) -> bool:
+        """The probe through PROCMAP_QUERY, ``each(q)`` told every VMA it walks; False if this kernel has none."""
         maps_fd = self._maps_fd
         assert maps_fd is not None  # probe() asks only with one
         q = _ProcmapQuery()
@@ -382,6 +383,8 @@ class ProcessImage:
             if not q.vma_flags & need:
                 raise VfioError(errno.EFAULT, f"pid {self.pid}: 0x{pos:x} (in [0x{addr:x}, 0x{end:x})) is not "
                                               "mapped" + (" writable" if write else " readable"))
+            if each is not None:
+                each(q)
             pos = q.vma_end
         return True
 

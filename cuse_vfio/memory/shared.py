@@ -41,7 +41,7 @@ from ..errors import VfioError
 from . import process
 from ._copier import ffi as _ffi
 from ._copier import lib as _lib
-from .process import PAGE_SIZE, PROCMAP_QUERY_VMA_READABLE, PROCMAP_QUERY_VMA_WRITABLE, ProcessImage, _ProcmapQuery
+from .process import PAGE_SIZE, ProcessImage
 
 log = logging.getLogger(__name__)
 
@@ -200,33 +200,23 @@ def window_for(image: object, vaddr: int, size: int, write: bool) -> Optional[Sh
 def _probe(image: ProcessImage, addr: int, size: int, write: bool) -> Optional[List[Vma]]:
     """``ProcessImage``'s PROCMAP_QUERY probe, keeping what a window needs of each VMA: [] once one is
     not a shared file; None when this kernel has no PROCMAP_QUERY (nothing is checked then)."""
-    maps_fd = image._maps_fd  # the image's own maps fd: fails (ESRCH) once the image is gone
-    if maps_fd is None or not process._have_procmap_query or size <= 0:
+    if image._maps_fd is None or not process._have_procmap_query or size <= 0:
         return None
-    q = _ProcmapQuery()
-    end = addr + size
-    pos = addr
-    need = PROCMAP_QUERY_VMA_WRITABLE if write else PROCMAP_QUERY_VMA_READABLE
-    vmas: Optional[List[Vma]] = []
-    while pos < end:
-        err = ProcessImage._ask(maps_fd, q, pos)
-        if err in (errno.ENOTTY, errno.EINVAL):
-            return None
-        if err == errno.ESRCH:
-            raise image._gone()
-        if err:
-            q.vma_flags = 0  # ENOENT: no mapping covers pos
-        if not q.vma_flags & need:
-            raise VfioError(errno.EFAULT, f"pid {image.pid}: 0x{pos:x} (in [0x{addr:x}, 0x{end:x})) is not "
-                                          "mapped" + (" writable" if write else " readable"))
-        if vmas is not None:
-            if q.vma_flags & PROCMAP_QUERY_VMA_SHARED and q.inode:
-                vmas.append((q.vma_start, q.vma_end, q.vma_offset, q.inode, q.dev_major, q.dev_minor,
-                             max(q.vma_page_size, PAGE_SIZE)))
-            else:
-                vmas = None  # one private or anonymous VMA: the copier serves the range, only the probe goes on
-        pos = q.vma_end
-    return vmas if vmas is not None else []
+    vmas: List[Vma] = []
+    shared = [True]
+
+    def keep(q) -> None:
+        if not shared[0]:
+            return  # one private or anonymous VMA: the copier serves the range, only the probe goes on
+        if q.vma_flags & PROCMAP_QUERY_VMA_SHARED and q.inode:
+            vmas.append((q.vma_start, q.vma_end, q.vma_offset, q.inode, q.dev_major, q.dev_minor,
+                         max(q.vma_page_size, PAGE_SIZE)))
+        else:
+            shared[0] = False
+
+    if not image._query(addr, size, write, keep):
+        return None
+    return vmas if shared[0] else []
 
 
 def _probe_maps(image: ProcessImage, addr: int, size: int, write: bool) -> List[Vma]:
