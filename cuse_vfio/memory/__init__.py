@@ -1,5 +1,10 @@
-"""Client processes as the kernel reaches them: memory (process_vm_readv/writev), fds (pidfd_getfd), tid -> tgid."""
+"""Client processes as the kernel reaches them.
 
+Memory: :mod:`.process` (through the copier), :mod:`.inline`, :mod:`.shared`;
+fds, tid -> tgid, capabilities and limits: :mod:`.pids`.
+"""
+
+from .pids import fetch_fd, pidfd_getfd, pidfd_open, tgid_of
 from .process import (
     PAGE_SIZE,
     STALL_POOL_SIZE,
@@ -8,12 +13,8 @@ from .process import (
     ProcessMemory,
     ResumedMemory,
     StalledCopy,
-    fetch_fd,
-    pidfd_getfd,
-    pidfd_open,
     process_image,
     serving_thread,
-    tgid_of,
 )
 
 __all__ = ["PAGE_SIZE", "STALL_POOL_SIZE", "CopyStalled", "ProcessImage", "ProcessMemory", "ResumedMemory",
