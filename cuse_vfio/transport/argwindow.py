@@ -166,9 +166,6 @@ class InlineArgs:
         self._stall: Optional[_Stall] = None
         #: a stalled thread came back before the guard's hand-over: nothing to take over
         self._early = False
-        #: > 0 while the loop serves requests inside another one's (a drain): those never copy
-        #: inline, since a stall would hold both
-        self.depth = 0
         self.owner = inline.watch(self._on_stall)
 
     def close(self) -> None:
@@ -207,7 +204,7 @@ class InlineArgs:
         return result
 
     def _copy(self, rq: "Request", op: int, pid: int, remote: int, local, size: int) -> int:
-        if self.depth or not self.runtime.on_loop_thread():  # nested, or a thread the loop left
+        if not self.runtime.holds_nothing():  # a request inside another's, or a thread the loop left
             return inline.NOT_MADE
         self._inflight = (rq, pid, remote, size, op == inline.WRITE)
         n = inline.copy(op, pid, remote, local, size, self.owner)

@@ -152,12 +152,7 @@ class FileOps:
         """Serve the releases queued on the device-file mount now (only from a node's handler)."""
         loop, device_session = self.server.runtime.loop, self.server.device_files.session
         assert loop is not None and device_session is not None  # both exist while serving
-        args = self.server.ioctls.args
-        args.depth += 1  # what is drained is served inside this request: no inline copy (a stall would hold both)
-        try:
-            loop.drain(device_session)
-        finally:
-            args.depth -= 1
+        loop.drain(device_session)
 
     def open_node(self, rq: Request, r, session: Session, inode: Inode) -> None:
         """OPEN of the container node or a group node: the core's open, then a handle."""

@@ -138,6 +138,12 @@ class Runtime:
     def on_loop_thread(self) -> bool:
         return self.loop is not None and threading.get_ident() == self.loop.thread_ident
 
+    def holds_nothing(self) -> bool:
+        """The calling thread serves the loop, and no request but the one it is in: a request the
+        loop serves inside another one's (a drain) would hold that one too while it waits."""
+        loop = self.loop
+        return loop is not None and not loop.nested and threading.get_ident() == loop.thread_ident
+
     def leave_loop(self) -> None:
         """No thread serves the loop until the next ``start_loop_thread`` runs."""
         if self.loop is not None:

@@ -268,6 +268,8 @@ class Loop:
             raise TransportError(f"cannot create the serving loop: {_error(err)}")
         self.sessions: List[Session] = []
         self.thread_ident: Optional[int] = None
+        #: > 0 while the loop thread serves requests inside another one's (``drain``)
+        self.nested = 0
 
     def add(self, session: Session) -> None:
         if lib.cv_loop_add(self.ptr, session.ptr) != 0:
@@ -290,7 +292,11 @@ class Loop:
         """Process what ``session`` has queued now; only from a handler on the loop thread."""
         if session.ptr is None:
             return 0
-        return lib.cv_loop_drain(self.ptr, session.ptr)
+        self.nested += 1
+        try:
+            return lib.cv_loop_drain(self.ptr, session.ptr)
+        finally:
+            self.nested -= 1
 
     def free(self) -> None:
         if self.ptr is not None:
